@@ -1,0 +1,1 @@
+"""The server side: settings, strategies, the round loop, the split server, checkpoints, CLI."""

@@ -1,0 +1,60 @@
+"""Every number a user would ask the aggregator about, as Prometheus metrics.
+
+Metrics live in a registry made per service (not the global default), so that tests and the
+one-machine runner can make several. `serve(registry, port)` exposes /metrics over HTTP.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_ROUND_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+_FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class AggregatorMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        p = "edgetune_aggregator_"
+        self.rounds_completed = Counter(p + "rounds_completed", "Federated rounds completed", registry=r)
+        self.round_duration = Histogram(
+            p + "round_duration_seconds", "Wall time of a round, announce to publish", buckets=_ROUND_BUCKETS, registry=r
+        )
+        self.current_round = Gauge(p + "current_round", "Round in progress or last completed", registry=r)
+        self.global_version = Gauge(p + "global_adapter_version", "Version of the published global adapter", registry=r)
+        self.agents_connected = Gauge(p + "agents_connected", "Agents whose retained status is online", registry=r)
+        self.agents_selected = Gauge(p + "agents_selected", "Agents selected for the current round", registry=r)
+        self.agents_answered = Counter(p + "agents_answered", "Selected agents whose update was accepted", registry=r)
+        self.agents_dropped = Counter(p + "agents_dropped", "Selected agents that did not answer by the deadline", registry=r)
+        self.update_bytes_received = Counter(p + "update_bytes_received", "Bytes of agent updates received", registry=r)
+        self.global_bytes_published = Counter(p + "global_bytes_published", "Bytes of global adapters published", registry=r)
+        self.aggregation_seconds = Histogram(
+            p + "aggregation_seconds", "Time to aggregate one round's updates", buckets=_FAST_BUCKETS, registry=r
+        )
+        self.global_accuracy = Gauge(p + "global_accuracy_ratio", "Held-out accuracy of the global model", registry=r)
+        self.global_loss = Gauge(p + "global_loss", "Held-out loss of the global model", registry=r)
+        self.global_perplexity = Gauge(p + "global_perplexity", "Held-out perplexity (split mode)", registry=r)
+        self.rejected = Counter(p + "rejected_messages", "Messages refused, by reason", ["reason"], registry=r)
+        self.broker_connected = Gauge(p + "broker_connected", "1 while connected to the MQTT broker", registry=r)
+        # split learning
+        self.activation_bytes = Counter(p + "split_activation_bytes_received", "Activation bytes received", registry=r)
+        self.gradient_bytes = Counter(p + "split_gradient_bytes_sent", "Gradient bytes sent back", registry=r)
+        self.split_step_seconds = Histogram(
+            p + "split_step_seconds", "Server forward+backward of one micro-batch", buckets=_FAST_BUCKETS, registry=r
+        )
+        self.split_microbatch_size = Histogram(
+            p + "split_microbatch_agents", "Agent requests served in one micro-batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,
+        )
+        self.split_queue_depth = Gauge(p + "split_queue_depth", "Split requests waiting to be served", registry=r)
+        self.split_steps = Counter(p + "split_steps", "Server-side optimiser steps", registry=r)
+        # pre-create the common reasons so that dashboards show zeros, not "no data"
+        for reason in ("malformed_frame", "bad_checksum", "wrong_version", "bad_schema", "bad_topic",
+                       "wrong_round", "duplicate", "not_selected", "bad_tensors", "non_finite", "late"):
+            self.rejected.labels(reason=reason)
+
+
+def serve(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0"):
+    """Start the /metrics HTTP server in a daemon thread; port 0 picks a free one."""
+    server, thread = start_http_server(port, addr=addr, registry=registry)
+    return server, thread

@@ -1,0 +1,98 @@
+"""Every message type that crosses the wire, as pydantic models with a protocol version.
+
+A message travels as the JSON header of a frame (broker.codec); its tensors, if any, travel in
+the same frame's safetensors payload. `parse(frame_header, Model)` is the one way in.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from broker.errors import SchemaError, UnsupportedVersion
+
+PROTOCOL_VERSION = 1
+
+AGENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    protocol: int = PROTOCOL_VERSION
+    kind: str
+
+
+class AgentState(str, enum.Enum):
+    online = "online"
+    training = "training"
+    idle = "idle"
+    offline = "offline"
+
+
+class AgentStatus(Message):
+    """Retained per-agent status; the broker publishes `offline` as the agent's last will."""
+
+    kind: Literal["status"] = "status"
+    agent_id: str = Field(pattern=AGENT_ID_PATTERN)
+    state: AgentState
+    ts: float = Field(default_factory=time.time)
+    global_version: int = -1
+    num_examples: int = 0
+
+
+class RoundAnnouncement(Message):
+    """Retained on the round topic: who trains in this round, until when, from which global."""
+
+    kind: Literal["round"] = "round"
+    round: int = Field(ge=1)
+    selected: list[str]
+    deadline: float  # unix time after which updates for this round are refused
+    global_version: int = Field(ge=0)
+    local_epochs: int = Field(default=1, ge=1)
+    max_local_steps: int = Field(default=0, ge=0)  # 0: no cap
+    final: bool = False  # the run is over: agents may disconnect
+
+
+class ModelUpdate(Message):
+    """An agent's trained adapter for one round. Tensors: the peft adapter state dict."""
+
+    kind: Literal["update"] = "update"
+    agent_id: str = Field(pattern=AGENT_ID_PATTERN)
+    round: int = Field(ge=1)
+    base_version: int = Field(ge=0)
+    num_examples: int = Field(ge=1)
+    nonce: str = Field(min_length=8, max_length=64)
+    train_loss: float | None = None
+    train_seconds: float | None = None
+
+
+class GlobalAdapter(Message):
+    """Retained global adapter. Tensors: the peft adapter state dict."""
+
+    kind: Literal["global"] = "global"
+    version: int = Field(ge=0)
+    round: int = Field(ge=0)
+    accuracy: float | None = None
+    loss: float | None = None
+
+
+M = TypeVar("M", bound=Message)
+
+
+def parse(header: dict, model: type[M]) -> M:
+    """Validate a frame header as `model`; a wrong protocol version or schema is a typed error."""
+    proto = header.get("protocol")
+    if proto != PROTOCOL_VERSION:
+        raise UnsupportedVersion(
+            f"protocol version {proto!r}; this build speaks {PROTOCOL_VERSION}: upgrade the older side"
+        )
+    try:
+        return model.model_validate(header)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(message)"
+        raise SchemaError(f"{model.__name__}: field {loc}: {first['msg']}") from None

@@ -1,0 +1,90 @@
+"""The versioned topic scheme. Nothing else in the project builds a topic string.
+
+    edgetune/v1/<fleet>/round                    retained round announcement (aggregator)
+    edgetune/v1/<fleet>/global                   retained global adapter (aggregator)
+    edgetune/v1/<fleet>/agents/<agent>/status    retained agent status, last will "offline"
+    edgetune/v1/<fleet>/agents/<agent>/update    an agent's update for a round
+    edgetune/v1/<fleet>/agents/<agent>/split/fwd split-learning activations (request)
+    edgetune/v1/<fleet>/agents/<agent>/split/grad split-learning gradients (response)
+
+The ACL (deploy/ and broker/mosquitto.acl) relies on every per-agent topic living under
+`agents/<agent>/`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from broker.errors import TopicError
+
+TOPIC_ROOT = "edgetune"
+TOPIC_VERSION = "v1"
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _check_segment(value: str, what: str) -> str:
+    if not _SEGMENT.match(value):
+        raise ValueError(
+            f"{what} {value!r} is not a valid topic segment: use letters, digits, '_', '.', '-' "
+            "(at most 64, starting with a letter or digit)"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    fleet: str = "default"
+
+    def __post_init__(self) -> None:
+        _check_segment(self.fleet, "fleet name")
+
+    @property
+    def base(self) -> str:
+        return f"{TOPIC_ROOT}/{TOPIC_VERSION}/{self.fleet}"
+
+    @property
+    def round(self) -> str:
+        return f"{self.base}/round"
+
+    @property
+    def global_adapter(self) -> str:
+        return f"{self.base}/global"
+
+    def agent(self, agent_id: str) -> str:
+        return f"{self.base}/agents/{_check_segment(agent_id, 'agent id')}"
+
+    def status(self, agent_id: str) -> str:
+        return f"{self.agent(agent_id)}/status"
+
+    def update(self, agent_id: str) -> str:
+        return f"{self.agent(agent_id)}/update"
+
+    def split_forward(self, agent_id: str) -> str:
+        return f"{self.agent(agent_id)}/split/fwd"
+
+    def split_gradient(self, agent_id: str) -> str:
+        return f"{self.agent(agent_id)}/split/grad"
+
+    # wildcard filters the aggregator subscribes to
+    @property
+    def all_status(self) -> str:
+        return f"{self.base}/agents/+/status"
+
+    @property
+    def all_updates(self) -> str:
+        return f"{self.base}/agents/+/update"
+
+    @property
+    def all_split_forward(self) -> str:
+        return f"{self.base}/agents/+/split/fwd"
+
+    def parse_agent_topic(self, topic: str) -> tuple[str, str]:
+        """`.../agents/<agent>/<rest>` -> (agent, rest). Raises TopicError otherwise."""
+        prefix = f"{self.base}/agents/"
+        if not topic.startswith(prefix):
+            raise TopicError(f"topic {topic!r} is not an agent topic of fleet {self.fleet!r}")
+        agent, _, rest = topic[len(prefix) :].partition("/")
+        if not _SEGMENT.match(agent) or not rest:
+            raise TopicError(f"topic {topic!r} has no valid agent segment")
+        return agent, rest

@@ -1,0 +1,237 @@
+"""The MQTT transport: paho-mqtt v2, MQTT 5, QoS 1, callbacks that only enqueue.
+
+One `MqttTransport` per process. Subscriptions are registered with `subscribe()` and renewed in
+`on_connect`, so they survive reconnects; paho reconnects by itself with exponential backoff
+(`reconnect_delay_set`). TCP_NODELAY is set on the socket after every connect (paho does not).
+Incoming messages land in `self.inbox` (a queue.Queue); the service loops read it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+log = logging.getLogger(__name__)
+
+
+class BrokerError(Exception):
+    """The broker could not be reached or refused us; the message says what to check."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> "BrokerAddress":
+        u = urlparse(url if "://" in url else f"mqtt://{url}")
+        if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+        if not u.hostname:
+            raise ValueError(f"broker URL {url!r} has no host; expected mqtt://host:port")
+        tls = u.scheme in ("mqtts", "ssl")
+        return cls(u.hostname, u.port or (8883 if tls else 1883), tls)
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass
+class Incoming:
+    topic: str
+    payload: bytes
+    retain: bool
+    correlation: bytes | None = None
+    response_topic: str | None = None
+    received: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Will:
+    topic: str
+    payload: bytes
+    retain: bool = True
+
+
+class MqttTransport:
+    def __init__(
+        self,
+        client_id: str,
+        broker_url: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: str | None = None,
+        will: Will | None = None,
+        persistent_session: bool = False,
+        session_expiry_s: int = 3600,
+        keepalive: int = 30,
+        on_state: "callable | None" = None,
+    ) -> None:
+        self.client_id = client_id
+        self.address = BrokerAddress.parse(broker_url)
+        self.inbox: queue.Queue[Incoming] = queue.Queue()
+        self._filters: dict[str, int] = {}
+        self._connected = threading.Event()
+        self._refused: str | None = None
+        self._on_state = on_state
+        self._keepalive = keepalive
+        self._persistent = persistent_session
+        self._session_expiry = session_expiry_s
+        self.username = username
+        self.reconnects = 0
+        self._ever_connected = False
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+        )
+        if username:
+            c.username_pw_set(username, password)
+        if self.address.tls or ca_file:
+            c.tls_set(ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED)
+        if will is not None:
+            c.will_set(will.topic, will.payload, qos=1, retain=will.retain)
+        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.max_inflight_messages_set(100)
+        c.max_queued_messages_set(0)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        self._client = c
+
+    # -- paho callbacks: record and enqueue only --------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._refused = str(reason_code)
+            log.error("broker %s refused %s: %s", self.address, self.client_id, reason_code)
+            return
+        sock = client.socket()
+        try:
+            if sock is not None and hasattr(sock, "setsockopt"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # e.g. an SSL socket wrapper that forwards nothing
+            pass
+        for filt, qos in self._filters.items():
+            client.subscribe(filt, qos=qos)
+        if self._ever_connected:
+            self.reconnects += 1
+        self._ever_connected = True
+        self._refused = None
+        self._connected.set()
+        if self._on_state:
+            self._on_state(True)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+        if self._on_state:
+            self._on_state(False)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        props = getattr(msg, "properties", None)
+        corr = getattr(props, "CorrelationData", None) if props is not None else None
+        resp = getattr(props, "ResponseTopic", None) if props is not None else None
+        self.inbox.put(Incoming(msg.topic, msg.payload, bool(msg.retain), corr, resp))
+
+    # -- API ---------------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        self._filters[topic_filter] = qos
+        if self.connected:
+            self._client.subscribe(topic_filter, qos=qos)
+
+    def connect(self, timeout: float = 30.0) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        if self._persistent:
+            props.SessionExpiryInterval = self._session_expiry
+        try:
+            self._client.connect_async(
+                self.address.host,
+                self.address.port,
+                keepalive=self._keepalive,
+                clean_start=not self._persistent,
+                properties=props,
+            )
+        except (OSError, ValueError) as e:
+            raise BrokerError(f"cannot reach the broker at {self.address}: {e}") from None
+        self._client.loop_start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._connected.wait(0.1):
+                return
+            if self._refused:
+                self.close()
+                raise BrokerError(self._refusal_advice(self._refused))
+        self.close()
+        raise BrokerError(
+            f"no connection to the broker at {self.address} within {timeout:.0f}s: is it running "
+            "and reachable? check EDGETUNE_BROKER_URL"
+        )
+
+    def _refusal_advice(self, reason: str) -> str:
+        who = f"client {self.client_id}" + (f" (user {self.username})" if self.username else "")
+        low = reason.lower()
+        if "not authorized" in low or "bad user" in low or "password" in low:
+            return (
+                f"broker {self.address} refused the connection: bad credentials for {who}; "
+                "check EDGETUNE_MQTT_USERNAME and EDGETUNE_MQTT_PASSWORD"
+            )
+        return f"broker {self.address} refused the connection for {who}: {reason}"
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        qos: int = 1,
+        correlation: bytes | None = None,
+        response_topic: str | None = None,
+        wait: bool = False,
+        timeout: float = 30.0,
+    ) -> mqtt.MQTTMessageInfo:
+        props = None
+        if correlation is not None or response_topic is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            if correlation is not None:
+                props.CorrelationData = correlation
+            if response_topic is not None:
+                props.ResponseTopic = response_topic
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if wait:
+            info.wait_for_publish(timeout)
+        return info
+
+    def get(self, timeout: float | None = None) -> Incoming | None:
+        try:
+            return self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self, *, final: tuple[str, bytes] | None = None) -> None:
+        """Disconnect cleanly; `final` is a last (topic, payload) to publish retained first."""
+        try:
+            if final is not None and self.connected:
+                self._client.publish(final[0], final[1], qos=1, retain=True).wait_for_publish(5)
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()

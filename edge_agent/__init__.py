@@ -1,0 +1,1 @@
+"""The device side: settings, local sample store, trainer, runner, CLI."""

@@ -1,0 +1,45 @@
+"""Every number a user would ask an edge agent about, as Prometheus metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_TRAIN_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+_FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class AgentMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        p = "edgetune_agent_"
+        self.rounds_participated = Counter(p + "rounds_participated", "Rounds this agent sent an update for", registry=r)
+        self.update_bytes_sent = Counter(p + "update_bytes_sent", "Bytes of adapter updates published", registry=r)
+        self.global_bytes_received = Counter(p + "global_bytes_received", "Bytes of global adapters received", registry=r)
+        self.global_version = Gauge(p + "global_adapter_version", "Version of the global adapter loaded", registry=r)
+        self.local_train_seconds = Histogram(
+            p + "local_train_seconds", "Time of one local training run", buckets=_TRAIN_BUCKETS, registry=r
+        )
+        self.local_loss = Gauge(p + "local_train_loss", "Mean training loss of the last local run", registry=r)
+        self.local_examples = Gauge(p + "local_examples", "Labelled examples available for local training", registry=r)
+        self.samples_stored = Gauge(p + "samples_stored", "User inputs held in the local store", registry=r)
+        self.incremental_runs = Counter(p + "incremental_training_runs", "Incremental fine-tuning runs", registry=r)
+        self.predictions = Counter(p + "predictions", "Predictions served", ["backend"], registry=r)
+        self.predict_seconds = Histogram(
+            p + "predict_seconds", "Latency of one prediction request", buckets=_FAST_BUCKETS, registry=r
+        )
+        self.broker_connected = Gauge(p + "broker_connected", "1 while connected to the MQTT broker", registry=r)
+        self.rejected = Counter(p + "rejected_messages", "Messages refused, by reason", ["reason"], registry=r)
+        # split learning
+        self.activation_bytes = Counter(p + "split_activation_bytes_sent", "Activation bytes sent", registry=r)
+        self.gradient_bytes = Counter(p + "split_gradient_bytes_received", "Gradient bytes received", registry=r)
+        self.split_round_trip = Histogram(
+            p + "split_round_trip_seconds", "Activation publish to gradient arrival", buckets=_FAST_BUCKETS, registry=r
+        )
+        self.split_resends = Counter(p + "split_resends", "Split requests resent after a timeout", registry=r)
+        for reason in ("malformed_frame", "bad_checksum", "wrong_version", "bad_schema"):
+            self.rejected.labels(reason=reason)
+
+
+def serve(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0"):
+    server, thread = start_http_server(port, addr=addr, registry=registry)
+    return server, thread

