@@ -80,6 +80,7 @@ class MqttTransport:
         session_expiry_s: int = 3600,
         keepalive: int = 30,
         on_state: "callable | None" = None,
+        protocol: int = 5,
     ) -> None:
         self.client_id = client_id
         self.address = BrokerAddress.parse(broker_url)
@@ -94,11 +95,14 @@ class MqttTransport:
         self.username = username
         self.reconnects = 0
         self._ever_connected = False
-        c = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv5,
-        )
+        if protocol not in (4, 5):
+            raise ValueError("MQTT protocol must be 5 (MQTT 5) or 4 (MQTT 3.1.1)")
+        self.protocol = protocol
+        if protocol == 5:
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        else:  # MQTT 3.1.1, for brokers without MQTT 5 (e.g. the amqtt fallback)
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                            clean_session=not persistent_session)
         if username:
             c.username_pw_set(username, password)
         if self.address.tls or ca_file:
@@ -157,17 +161,14 @@ class MqttTransport:
             self._client.subscribe(topic_filter, qos=qos)
 
     def connect(self, timeout: float = 30.0) -> None:
-        props = Properties(PacketTypes.CONNECT)
-        if self._persistent:
-            props.SessionExpiryInterval = self._session_expiry
+        kwargs = {}
+        if self.protocol == 5:
+            props = Properties(PacketTypes.CONNECT)
+            if self._persistent:
+                props.SessionExpiryInterval = self._session_expiry
+            kwargs = {"clean_start": not self._persistent, "properties": props}
         try:
-            self._client.connect_async(
-                self.address.host,
-                self.address.port,
-                keepalive=self._keepalive,
-                clean_start=not self._persistent,
-                properties=props,
-            )
+            self._client.connect_async(self.address.host, self.address.port, keepalive=self._keepalive, **kwargs)
         except (OSError, ValueError) as e:
             raise BrokerError(f"cannot reach the broker at {self.address}: {e}") from None
         self._client.loop_start()
@@ -210,7 +211,7 @@ class MqttTransport:
         timeout: float = 30.0,
     ) -> mqtt.MQTTMessageInfo:
         props = None
-        if correlation is not None or response_topic is not None:
+        if self.protocol == 5 and (correlation is not None or response_topic is not None):
             props = Properties(PacketTypes.PUBLISH)
             if correlation is not None:
                 props.CorrelationData = correlation

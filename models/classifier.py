@@ -81,8 +81,10 @@ def prune_heads(model: nn.Module, heads_per_layer: dict[int, list[int]]) -> nn.M
 
 
 def load_base(spec: ClassifierSpec):
+    import transformers
     from transformers import AutoModelForSequenceClassification
 
+    transformers.logging.set_verbosity_error()  # the "classifier.* newly initialized" report is expected
     path = resolve_model(spec.model)
     torch.manual_seed(spec.seed)  # the new classifier head: same init on every process
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=spec.num_labels)

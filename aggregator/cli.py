@@ -1,0 +1,62 @@
+"""edgetune-aggregator: run the aggregator service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, help="EdgeTune aggregator: rounds, FedAvg, checkpoints, metrics.")
+
+
+@app.callback()
+def main() -> None:
+    pass
+
+
+@app.command()
+def run(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="settings file (.json/.toml/.yaml)"),
+    broker: Optional[str] = typer.Option(None, help="broker URL, e.g. mqtt://127.0.0.1:1883"),
+    fleet: Optional[str] = typer.Option(None),
+    rounds: Optional[int] = typer.Option(None),
+    min_agents: Optional[int] = typer.Option(None, help="quorum of updates per round"),
+    expected_agents: Optional[int] = typer.Option(None, help="agents to wait for before round 1"),
+    round_timeout: Optional[float] = typer.Option(None, help="seconds from announcement to deadline"),
+    local_epochs: Optional[int] = typer.Option(None),
+    max_local_steps: Optional[int] = typer.Option(None),
+    strategy: Optional[str] = typer.Option(None),
+    output_dir: Optional[Path] = typer.Option(None),
+    eval_limit: Optional[int] = typer.Option(None),
+    metrics_port: Optional[int] = typer.Option(None),
+) -> None:
+    """Run federated rounds until --rounds are done (Ctrl-C stops cleanly after a checkpoint)."""
+    from broker.settings import SettingsError, load_settings
+    from edgetune.logs import setup_logging
+
+    from aggregator.settings import AggregatorSettings
+
+    try:
+        s = load_settings(
+            AggregatorSettings, config, broker_url=broker, fleet=fleet, rounds=rounds, min_agents=min_agents,
+            expected_agents=expected_agents, round_timeout_s=round_timeout, local_epochs=local_epochs,
+            max_local_steps=max_local_steps, strategy=strategy, output_dir=output_dir, eval_limit=eval_limit,
+            metrics_port=metrics_port,
+        )
+    except SettingsError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    setup_logging(s.log_level, "aggregator")
+    from aggregator.service import AggregatorService
+    from broker.transport import BrokerError
+
+    try:
+        AggregatorService(s).run()
+    except BrokerError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(3)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,303 @@
+"""The aggregator service: the thin I/O shell around `rounds.Round` and a strategy.
+
+It owns the transport, the model used for evaluation, the checkpoints and the metrics file.
+Everything that decides (accept or reject, when a round is over, how to combine) lives in pure
+code: rounds.py and strategies.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from aggregator.checkpoint import latest_checkpoint, load_checkpoint_state, save_base, save_checkpoint
+from aggregator.metrics import AggregatorMetrics, serve
+from aggregator.rounds import Outcome, Rejection, Round, select_agents
+from aggregator.settings import AggregatorSettings
+from aggregator.strategies import ClientUpdate, make_strategy
+from broker import codec
+from broker.errors import WireError
+from broker.messages import AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement, parse
+from broker.settings import dump_settings
+from broker.topics import Topics
+from broker.transport import Incoming, MqttTransport
+from data.sentiment import train_test_split
+from models.classifier import adapter_state, build_classifier, load_adapter_state, load_tokenizer, set_threads
+from models.train import evaluate
+
+log = logging.getLogger("edgetune.aggregator")
+
+
+class Stop(Exception):
+    pass
+
+
+class AggregatorService:
+    def __init__(self, settings: AggregatorSettings, metrics: AggregatorMetrics | None = None) -> None:
+        self.s = settings
+        self.topics = Topics(settings.fleet)
+        self.metrics = metrics or AggregatorMetrics()
+        self.out = Path(settings.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.online: dict[str, AgentStatus] = {}
+        self.round: Round | None = None
+        self.version = 0
+        self.round_number = 0
+        self.seen_nonces: set[tuple[str, int, str]] = set()
+        self._stop = False
+        self.transport: MqttTransport | None = None
+
+    # -- setup ------------------------------------------------------------------------------
+    def _build(self) -> None:
+        set_threads(self.s.threads)
+        spec = self.s.classifier_spec()
+        self.spec = spec
+        self.model = build_classifier(spec)
+        self.model.eval()
+        self.tokenizer = load_tokenizer(spec)
+        _, test = train_test_split()
+        if self.s.eval_limit and self.s.eval_limit < len(test):  # a fixed random subset, all domains
+            import random
+
+            test = random.Random(self.s.seed).sample(test, self.s.eval_limit)
+        self.test = test
+        self.strategy = make_strategy(self.s.strategy)
+        self.base_path = save_base(self.model, self.tokenizer, self.out)
+        ck = latest_checkpoint(self.out)
+        if ck is not None:
+            load_adapter_state(self.model, load_checkpoint_state(ck.path))
+            self.round_number, self.version = ck.round, ck.version
+            log.info("resuming from %s: round %d, global v%d", ck.path, ck.round, ck.version)
+            if hasattr(self.strategy, "load_state_dict") and ck.extra.get("strategy_state"):
+                self.strategy.load_state_dict(ck.extra["strategy_state"])
+        self.global_state = adapter_state(self.model)
+
+    def _connect(self) -> None:
+        t = MqttTransport(
+            f"edgetune-aggregator-{self.s.fleet}",
+            self.s.broker_url,
+            username=self.s.mqtt_username,
+            password=self.s.password(),
+            ca_file=self.s.ca_file,
+            protocol=self.s.mqtt_protocol,
+            persistent_session=True,
+            on_state=lambda up: self.metrics.broker_connected.set(1 if up else 0),
+        )
+        t.subscribe(self.topics.all_status)
+        t.subscribe(self.topics.all_updates)
+        t.connect()
+        self.transport = t
+
+    # -- incoming ---------------------------------------------------------------------------
+    def _reject(self, reason: str, msg: str) -> None:
+        self.metrics.rejected.labels(reason=reason).inc()
+        log.warning("rejected (%s): %s", reason, msg)
+
+    def _handle(self, m: Incoming) -> None:
+        try:
+            agent, rest = self.topics.parse_agent_topic(m.topic)
+        except WireError as e:
+            return self._reject(e.reason, str(e))
+        if rest == "status":
+            if not m.payload:  # a cleared retained status
+                self.online.pop(agent, None)
+            else:
+                try:
+                    st = parse(codec.decode(m.payload, max_size=64 * 1024).header, AgentStatus)
+                except WireError as e:
+                    return self._reject(e.reason, f"status on {m.topic}: {e}")
+                if st.agent_id != agent:
+                    return self._reject("bad_topic", f"status for {st.agent_id} on {agent}'s topic")
+                if st.state == AgentState.offline:
+                    self.online.pop(agent, None)
+                else:
+                    self.online[agent] = st
+            self.metrics.agents_connected.set(len(self.online))
+        elif rest == "update":
+            self.metrics.update_bytes_received.inc(len(m.payload))
+            self._handle_update(agent, m)
+
+    def _handle_update(self, agent: str, m: Incoming) -> None:
+        try:
+            frame = codec.decode(m.payload, max_size=self.s.max_update_bytes)
+            meta = parse(frame.header, ModelUpdate)
+        except WireError as e:
+            return self._reject(e.reason, f"update on {m.topic}: {e}")
+        if meta.agent_id != agent:
+            return self._reject("bad_topic", f"update claims {meta.agent_id} but came on {agent}'s topic")
+        key = (meta.agent_id, meta.round, meta.nonce)
+        if key in self.seen_nonces:
+            return self._reject("duplicate", f"replayed update {key}")
+        if self.round is None:
+            return self._reject("wrong_round", f"update from {agent} while no round is open")
+        try:
+            self.round.offer(meta, frame.tensors, time.time())
+        except Rejection as e:
+            return self._reject(e.reason, str(e))
+        self.seen_nonces.add(key)
+        self.metrics.agents_answered.inc()
+        log.info("round %d: update from %s (%d examples, loss %.4f)", meta.round, agent, meta.num_examples,
+                 meta.train_loss if meta.train_loss is not None else math.nan)
+
+    def _pump(self, until: float) -> None:
+        """Handle incoming messages until `until` (monotonic) or until one arrives and is handled."""
+        assert self.transport is not None
+        while not self._stop:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            m = self.transport.get(timeout=min(remaining, 0.5))
+            if m is not None:
+                self._handle(m)
+                return
+        raise Stop
+
+    # -- publishing -------------------------------------------------------------------------
+    def _publish_global(self, accuracy: float | None, loss: float | None) -> None:
+        msg = GlobalAdapter(version=self.version, round=self.round_number, accuracy=accuracy, loss=loss)
+        payload = codec.encode(msg, self.global_state)
+        self.transport.publish(self.topics.global_adapter, payload, retain=True, wait=True)
+        self.metrics.global_bytes_published.inc(len(payload))
+        self.metrics.global_version.set(self.version)
+
+    def _announce(self, rnd: Round, final: bool = False) -> None:
+        ann = RoundAnnouncement(
+            round=max(rnd.number, 1) if rnd else 1,
+            selected=list(rnd.selected) if rnd else [],
+            deadline=rnd.deadline if rnd else time.time(),
+            global_version=self.version,
+            local_epochs=self.s.local_epochs,
+            max_local_steps=self.s.max_local_steps,
+            final=final,
+        )
+        self.transport.publish(self.topics.round, codec.encode(ann), retain=True, wait=True)
+
+    def _evaluate(self) -> dict:
+        t0 = time.perf_counter()
+        r = evaluate(self.model, self.tokenizer, self.test, batch_size=self.s.eval_batch_size, max_length=self.s.max_length)
+        self.metrics.global_accuracy.set(r.accuracy)
+        self.metrics.global_loss.set(r.loss)
+        return {"accuracy": r.accuracy, "loss": r.loss, "eval_examples": r.n, "eval_seconds": time.perf_counter() - t0}
+
+    def _record(self, row: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _checkpoint(self, row: dict) -> None:
+        extra = {k: row[k] for k in ("accuracy", "loss") if k in row}
+        if hasattr(self.strategy, "state_dict"):
+            extra["strategy_state"] = self.strategy.state_dict()
+        save_checkpoint(self.model, self.out, round_number=self.round_number, version=self.version,
+                        extra=extra, base_path=self.base_path)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _wait_for_agents(self) -> None:
+        need = self.s.expected_agents or self.s.min_agents
+        deadline = time.monotonic() + self.s.wait_for_agents_s
+        last_log = 0.0
+        while len(self.online) < need:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(self.online)} of {need} agents came online within {self.s.wait_for_agents_s:.0f}s: "
+                    "check that agents use the same broker and fleet (EDGETUNE_BROKER_URL, EDGETUNE_FLEET)"
+                )
+            if time.monotonic() - last_log > 10:
+                log.info("waiting for agents: %d of %d online", len(self.online), need)
+                last_log = time.monotonic()
+            self._pump(time.monotonic() + 0.5)
+
+    def _run_round(self) -> dict:
+        number = self.round_number + 1
+        selected = select_agents(list(self.online), self.s.agents_per_round, number, self.s.seed)
+        if len(selected) < self.s.min_agents:
+            self._wait_for_agents()
+            selected = select_agents(list(self.online), self.s.agents_per_round, number, self.s.seed)
+        t0 = time.time()
+        rnd = Round(number, selected, t0 + self.s.round_timeout_s, self.version, self.s.min_agents, self.global_state)
+        self.round = rnd
+        self.metrics.current_round.set(number)
+        self.metrics.agents_selected.set(len(selected))
+        self._announce(rnd)
+        log.info("round %d: announced to %d agents (%s), deadline in %.0fs", number, len(selected),
+                 ", ".join(selected), self.s.round_timeout_s)
+        while rnd.status(time.time()) is Outcome.collecting:
+            self._pump(time.monotonic() + 0.5)
+        outcome = rnd.status(time.time())
+        self.round = None
+        self.metrics.agents_dropped.inc(len(rnd.dropped))
+        row = {"round": number, "outcome": outcome.value, "selected": list(selected),
+               "answered": sorted(rnd.accepted), "dropped": rnd.dropped}
+        if outcome is Outcome.failed:
+            log.error("round %d failed: %d of %d answered, quorum %d; the global adapter stays v%d",
+                      number, len(rnd.accepted), len(selected), self.s.min_agents, self.version)
+            row.update(version=self.version, duration_s=time.time() - t0)
+            self.round_number = number
+            return row
+        ta = time.perf_counter()
+        updates = [
+            ClientUpdate(a.meta.agent_id, a.tensors, a.meta.num_examples)
+            for a in sorted(rnd.accepted.values(), key=lambda a: a.meta.agent_id)
+        ]
+        new_state = self.strategy.aggregate(self.global_state, updates)
+        self.metrics.aggregation_seconds.observe(time.perf_counter() - ta)
+        load_adapter_state(self.model, new_state)
+        self.global_state = adapter_state(self.model)
+        self.version += 1
+        self.round_number = number
+        row.update(self._evaluate())
+        row.update(version=self.version, num_examples=sum(u.num_examples for u in updates),
+                   train_loss=_mean([a.meta.train_loss for a in rnd.accepted.values()]),
+                   aggregation_s=time.perf_counter() - ta)
+        self._publish_global(row["accuracy"], row["loss"])
+        row["duration_s"] = time.time() - t0
+        self._checkpoint(row)
+        self.metrics.rounds_completed.inc()
+        self.metrics.round_duration.observe(row["duration_s"])
+        log.info("round %d: %s, global v%d, accuracy %.4f, loss %.4f (%.1fs)", number, outcome.value,
+                 self.version, row["accuracy"], row["loss"], row["duration_s"])
+        return row
+
+    def run(self) -> None:
+        def _on_signal(signum, frame):
+            self._stop = True
+
+        old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self._build()
+            dump_settings(self.s, self.out / "settings.json")
+            if self.s.metrics_port is not None:
+                self.metrics_server, _ = serve(self.metrics.registry, self.s.metrics_port, self.s.metrics_addr)
+            self._connect()
+            if self.round_number == 0:
+                row = {"round": 0, "version": 0, **self._evaluate()}
+                self._record(row)
+                self._checkpoint(row)
+                log.info("round 0 (initial global): accuracy %.4f, loss %.4f", row["accuracy"], row["loss"])
+            self.metrics.current_round.set(self.round_number)
+            self._publish_global(None, None)
+            self._wait_for_agents()
+            while self.round_number < self.s.rounds:
+                row = self._run_round()
+                self._record(row)
+            self._announce(Round(self.round_number, (), time.time(), self.version, 0, {}), final=True)
+            log.info("done: %d rounds, global v%d in %s", self.round_number, self.version, self.out)
+        except Stop:
+            log.info("stopping: the last checkpoint is round %d (v%d)", self.round_number, self.version)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            if self.transport is not None:
+                self.transport.close()
+            if getattr(self, "metrics_server", None) is not None:
+                self.metrics_server.shutdown()
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None

@@ -1,0 +1,33 @@
+"""The aggregator's settings (EDGETUNE_ prefix; see broker.settings for the loader)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from broker.settings import ConnectionSettings, EdgeTuneSettings
+from models.settings import ModelSettings
+
+
+class AggregatorSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings):
+    rounds: int = Field(5, ge=1, description="federated rounds to run")
+    min_agents: int = Field(1, ge=1, description="quorum: a round needs this many updates")
+    expected_agents: int = Field(0, ge=0, description="wait for this many agents before round 1 (0: min_agents)")
+    wait_for_agents_s: float = Field(600, gt=0, description="how long to wait for them")
+    agents_per_round: int = Field(0, ge=0, description="agents selected per round (0: every online agent)")
+    round_timeout_s: float = Field(600, gt=0, description="deadline of a round, from its announcement")
+    local_epochs: int = Field(1, ge=1)
+    max_local_steps: int = Field(0, ge=0, description="cap on an agent's steps per round (0: none)")
+    strategy: str = Field("fedavg", description="aggregation strategy (see aggregator.strategies)")
+    output_dir: Path = Field(Path("runs/aggregator"), description="checkpoints, metrics.jsonl, settings.json")
+    eval_limit: int = Field(0, ge=0, description="evaluate on the first N held-out examples (0: all)")
+    eval_batch_size: int = Field(64, ge=1)
+    max_update_bytes: int = Field(16 * 1024 * 1024, gt=0, description="refuse larger update frames")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _quorum(self):
+        if self.expected_agents and self.expected_agents < self.min_agents:
+            raise ValueError(f"expected_agents ({self.expected_agents}) is below min_agents ({self.min_agents})")
+        return self

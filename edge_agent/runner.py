@@ -1,0 +1,180 @@
+"""The agent's service loop: status, rounds, global adapters, local training, updates.
+
+paho's network thread only enqueues (broker.transport); this loop, on the main thread, reads
+the queue, trains and publishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+import uuid
+
+from broker import codec
+from broker.errors import WireError
+from broker.messages import AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement, parse
+from broker.topics import Topics
+from broker.transport import MqttTransport, Will
+from data.partition import partition
+from data.sentiment import train_test_split
+from edge_agent.metrics import AgentMetrics, serve
+from edge_agent.settings import AgentSettings
+from edge_agent.trainer import Trainer
+from models.classifier import AdapterMismatch, set_threads
+
+log = logging.getLogger("edgetune.agent")
+
+
+def local_examples(s: AgentSettings) -> list:
+    """The demo agent's shard of the shipped training split (never the held-out split)."""
+    train, _ = train_test_split()
+    parts = partition(
+        s.partition, labels=[e.label for e in train], domains=[e.domain for e in train],
+        k=s.num_partitions, seed=s.partition_seed, alpha=s.dirichlet_alpha,
+    )
+    mine = [train[i] for i in parts[s.partition_index]]
+    if s.data_limit:
+        import random
+
+        random.Random(s.partition_seed).shuffle(mine)
+        mine = mine[: s.data_limit]
+    return mine
+
+
+class AgentRunner:
+    def __init__(self, settings: AgentSettings, metrics: AgentMetrics | None = None, examples: list | None = None) -> None:
+        self.s = settings
+        self.topics = Topics(settings.fleet)
+        self.metrics = metrics or AgentMetrics()
+        self.examples = examples
+        self.pending: RoundAnnouncement | None = None
+        self.done_rounds: set[int] = set()
+        self._stop = False
+        self.finished = False
+        self.transport: MqttTransport | None = None
+        self._announce_needed = False
+
+    def _status(self, state: AgentState) -> bytes:
+        return codec.encode(AgentStatus(
+            agent_id=self.s.agent_id, state=state,
+            global_version=self.trainer.global_version if hasattr(self, "trainer") else -1,
+            num_examples=len(self.examples or []),
+        ))
+
+    def _publish_status(self, state: AgentState) -> None:
+        self.transport.publish(self.topics.status(self.s.agent_id), self._status(state), retain=True)
+
+    def _connect(self) -> None:
+        t = MqttTransport(
+            f"edgetune-agent-{self.s.agent_id}",
+            self.s.broker_url,
+            username=self.s.mqtt_username,
+            password=self.s.password(),
+            ca_file=self.s.ca_file,
+            protocol=self.s.mqtt_protocol,
+            will=Will(self.topics.status(self.s.agent_id), self._status(AgentState.offline)),
+            on_state=self._on_state,
+        )
+        t.subscribe(self.topics.round)
+        t.subscribe(self.topics.global_adapter)
+        self.transport = t
+        t.connect()
+
+    def _on_state(self, up: bool) -> None:
+        # called from paho's thread: only record; the loop re-announces us after a reconnect
+        self.metrics.broker_connected.set(1 if up else 0)
+        if up:
+            self._announce_needed = True
+
+    def _reject(self, reason: str, msg: str) -> None:
+        self.metrics.rejected.labels(reason=reason).inc()
+        log.warning("rejected (%s): %s", reason, msg)
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained message
+        try:
+            frame = codec.decode(payload)
+            if topic == self.topics.global_adapter:
+                msg = parse(frame.header, GlobalAdapter)
+                self.metrics.global_bytes_received.inc(len(payload))
+                if msg.version > self.trainer.global_version:
+                    self.trainer.load_global(frame.tensors, msg.version)
+                    self.metrics.global_version.set(msg.version)
+                    log.info("loaded global adapter v%d (round %d)", msg.version, msg.round)
+            elif topic == self.topics.round:
+                ann = parse(frame.header, RoundAnnouncement)
+                if ann.final:
+                    self.finished = True
+                elif self.s.agent_id in ann.selected and ann.round not in self.done_rounds:
+                    self.pending = ann
+        except WireError as e:
+            self._reject(e.reason, f"{topic}: {e}")
+        except AdapterMismatch as e:
+            self._reject(e.reason, f"global adapter refused: {e}")
+
+    def _train_and_publish(self, ann: RoundAnnouncement) -> None:
+        log.info("round %d: training on %d examples (from global v%d)", ann.round, len(self.examples), ann.global_version)
+        self._publish_status(AgentState.training)
+        with self.metrics.local_train_seconds.time():
+            upd = self.trainer.train(
+                self.examples, epochs=ann.local_epochs, max_steps=ann.max_local_steps, round_number=ann.round,
+                should_stop=lambda: self._stop,
+            )
+        if self._stop:
+            return
+        msg = ModelUpdate(
+            agent_id=self.s.agent_id, round=ann.round, base_version=ann.global_version,
+            num_examples=max(upd.num_examples, 1), nonce=uuid.uuid4().hex,
+            train_loss=upd.result.mean_loss, train_seconds=upd.result.seconds,
+        )
+        payload = codec.encode(msg, upd.tensors)
+        self.transport.publish(self.topics.update(self.s.agent_id), payload, wait=True, timeout=60)
+        self.metrics.update_bytes_sent.inc(len(payload))
+        self.metrics.rounds_participated.inc()
+        self.metrics.local_loss.set(upd.result.mean_loss)
+        self.done_rounds.add(ann.round)
+        self._publish_status(AgentState.idle)
+        log.info("round %d: sent update (%d steps, loss %.4f, %.1fs, %d bytes)", ann.round, upd.result.steps,
+                 upd.result.mean_loss, upd.result.seconds, len(payload))
+
+    def run(self) -> None:
+        def _on_signal(signum, frame):
+            self._stop = True
+
+        old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            set_threads(self.s.threads)
+            if self.examples is None:
+                self.examples = local_examples(self.s)
+            self.metrics.local_examples.set(len(self.examples))
+            self.trainer = Trainer(self.s.classifier_spec(), lr=self.s.lr, batch_size=self.s.batch_size,
+                                   prox_mu=self.s.prox_mu, seed=self.s.train_seed)
+            if self.s.metrics_port is not None:
+                self.metrics_server, _ = serve(self.metrics.registry, self.s.metrics_port, self.s.metrics_addr)
+            self._connect()
+            log.info("agent %s online with %d local examples", self.s.agent_id, len(self.examples))
+            while not self._stop and not self.finished:
+                if self._announce_needed:
+                    self._announce_needed = False
+                    self._publish_status(AgentState.online)
+                m = self.transport.get(timeout=0.5)
+                if m is not None:
+                    self._handle(m.topic, m.payload)
+                ann = self.pending
+                if ann is not None and self.trainer.global_version >= ann.global_version:
+                    self.pending = None
+                    if self.trainer.global_version > ann.global_version:
+                        log.info("round %d is older than global v%d: skipped", ann.round, self.trainer.global_version)
+                        continue
+                    self._train_and_publish(ann)
+            if self.finished:
+                log.info("the run is over (global v%d)", self.trainer.global_version)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            if self.transport is not None:
+                self.transport.close(final=(self.topics.status(self.s.agent_id), self._status(AgentState.offline)))
+            if getattr(self, "metrics_server", None) is not None:
+                self.metrics_server.shutdown()

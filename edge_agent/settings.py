@@ -1,0 +1,37 @@
+"""The edge agent's settings (EDGETUNE_ prefix; see broker.settings for the loader)."""
+
+from __future__ import annotations
+
+import socket
+
+from pydantic import Field, model_validator
+
+from broker.messages import AGENT_ID_PATTERN
+from broker.settings import ConnectionSettings, EdgeTuneSettings
+from data.partition import PARTITIONERS
+from models.settings import ModelSettings
+
+
+class AgentSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings):
+    agent_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0][:64], pattern=AGENT_ID_PATTERN)
+    # where the demo agent's examples come from: one shard of the shipped data set
+    partition: str = Field("by-domain", description=f"one of {', '.join(PARTITIONERS)}")
+    num_partitions: int = Field(1, ge=1)
+    partition_index: int = Field(0, ge=0)
+    partition_seed: int = 0
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    data_limit: int = Field(0, ge=0, description="use at most N local examples (0: all)")
+    # training
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    prox_mu: float = Field(0.0, ge=0, description="FedProx proximal weight (0: plain FedAvg)")
+    train_seed: int = 0
+    state_dir: str | None = Field(None, description="outbox and local store; unset: no durable state")
+
+    @model_validator(mode="after")
+    def _index(self):
+        if self.partition_index >= self.num_partitions:
+            raise ValueError(f"partition_index {self.partition_index} must be below num_partitions {self.num_partitions}")
+        if self.partition not in PARTITIONERS:
+            raise ValueError(f"partition {self.partition!r}: choose one of {', '.join(PARTITIONERS)}")
+        return self

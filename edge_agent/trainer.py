@@ -1,0 +1,57 @@
+"""The agent's trainer: holds the model, loads globals, trains locally, hands out its update."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from models.classifier import ClassifierSpec, adapter_state, build_classifier, load_adapter_state, load_tokenizer
+from models.train import TrainResult, train_local, trainable_parameters
+
+
+@dataclass
+class LocalUpdate:
+    tensors: dict[str, torch.Tensor]
+    num_examples: int
+    result: TrainResult
+
+
+class Trainer:
+    def __init__(self, spec: ClassifierSpec, *, lr: float = 1e-3, batch_size: int = 32, prox_mu: float = 0.0,
+                 seed: int = 0) -> None:
+        self.spec = spec
+        self.model = build_classifier(spec)
+        self.model.eval()
+        self.tokenizer = load_tokenizer(spec)
+        self.lr, self.batch_size, self.prox_mu, self.seed = lr, batch_size, prox_mu, seed
+        self.global_version = -1
+
+    def load_global(self, state: dict[str, torch.Tensor], version: int) -> None:
+        load_adapter_state(self.model, state)  # raises AdapterMismatch on a wrong adapter
+        self.global_version = version
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return adapter_state(self.model)
+
+    def _proximal(self) -> Callable[[], torch.Tensor] | None:
+        if not self.prox_mu:
+            return None
+        anchors = [p.detach().clone() for p in trainable_parameters(self.model)]
+        params = trainable_parameters(self.model)
+        mu = self.prox_mu
+
+        def term() -> torch.Tensor:
+            return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+
+        return term
+
+    def train(self, examples: Sequence, *, epochs: int, max_steps: int, round_number: int,
+              should_stop: Callable[[], bool] | None = None) -> LocalUpdate:
+        result = train_local(
+            self.model, self.tokenizer, examples, epochs=epochs, max_steps=max_steps, batch_size=self.batch_size,
+            lr=self.lr, max_length=self.spec.max_length, seed=self.seed * 100_003 + round_number,
+            proximal=self._proximal(), should_stop=should_stop,
+        )
+        return LocalUpdate(self.state(), min(result.examples_seen, len(examples)), result)

@@ -1,0 +1,10 @@
+import logging
+import sys
+import warnings
+
+
+def setup_logging(level: str = "INFO", name: str = "") -> None:
+    fmt = f"%(asctime)s %(levelname).1s {name + ' ' if name else ''}%(name)s: %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt, datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    logging.getLogger("paho").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")

@@ -1,0 +1,186 @@
+"""The one-machine job: a broker, the aggregator and N agents as separate processes.
+
+Used by `edgetune run` (the README's main command). It starts an embedded broker unless given
+one, streams the aggregator's per-round metrics to the terminal, and plots accuracy per round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from broker.local import LocalBroker, start_local_broker
+
+
+@dataclass
+class RunOptions:
+    agents: int = 4
+    rounds: int = 5
+    local_epochs: int = 1
+    max_local_steps: int = 40
+    partition: str = "by-domain"
+    strategy: str = "fedavg"
+    broker_url: str | None = None
+    output: Path = Path("runs/latest")
+    eval_limit: int = 0
+    round_timeout_s: float = 900
+    threads_per_process: int = 1
+    lr: float = 1e-3
+    batch_size: int = 32
+    seed: int = 0
+    fleet: str = "local"
+    extra_env: dict = field(default_factory=dict)
+
+
+def _env(opts: RunOptions, broker_url: str, protocol: int) -> dict:
+    env = dict(os.environ)
+    env.update({
+        "EDGETUNE_BROKER_URL": broker_url,
+        "EDGETUNE_FLEET": opts.fleet,
+        "EDGETUNE_MQTT_PROTOCOL": str(protocol),
+        "EDGETUNE_THREADS": str(opts.threads_per_process),
+        "OMP_NUM_THREADS": str(opts.threads_per_process),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(opts.extra_env)
+    return env
+
+
+def _progress(row: dict) -> str:
+    if row.get("outcome") == "failed":
+        return f"round {row['round']}: FAILED ({len(row.get('answered', []))} answered, dropped {row.get('dropped')})"
+    line = f"round {row['round']:>2}: accuracy {row['accuracy']:.4f}  loss {row['loss']:.4f}  global v{row['version']}"
+    if row["round"]:
+        line += f"  ({len(row['answered'])}/{len(row['selected'])} agents, {row['duration_s']:.0f}s)"
+    else:
+        line += "  (initial global: untrained head)"
+    return line
+
+
+def plot_accuracy(metrics_file: Path, png: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "accuracy" in r]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], marker="o")
+    ax.set_xlabel("round")
+    ax.set_ylabel("global held-out accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "EdgeTune: global accuracy per round")
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
+def run_local(opts: RunOptions, echo=print) -> dict:
+    out = Path(opts.output)
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    broker: LocalBroker | None = None
+    procs: list[tuple[str, subprocess.Popen]] = []
+    if opts.broker_url:
+        url, protocol = opts.broker_url, int(opts.extra_env.get("EDGETUNE_MQTT_PROTOCOL", 5))
+    else:
+        broker = start_local_broker(out / "broker")
+        url, protocol = broker.url, broker.mqtt_protocol
+        echo(f"broker: {broker.kind} on {url}")
+    env = _env(opts, url, protocol)
+    agg_dir = out / "aggregator"
+    metrics_file = agg_dir / "metrics.jsonl"
+    if metrics_file.exists():
+        metrics_file.unlink()
+    import shutil
+
+    shutil.rmtree(agg_dir / "checkpoints", ignore_errors=True)
+    agg_env = dict(env, EDGETUNE_OUTPUT_DIR=str(agg_dir))
+    agg_cmd = [
+        sys.executable, "-m", "aggregator.cli", "run", "--rounds", str(opts.rounds),
+        "--min-agents", str(max(1, opts.agents // 2)), "--expected-agents", str(opts.agents),
+        "--local-epochs", str(opts.local_epochs), "--max-local-steps", str(opts.max_local_steps),
+        "--strategy", opts.strategy, "--round-timeout", str(opts.round_timeout_s),
+    ]
+    if opts.eval_limit:
+        agg_cmd += ["--eval-limit", str(opts.eval_limit)]
+    stopping = False
+
+    def _stop(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    old = signal.signal(signal.SIGINT, _stop)
+    t0 = time.time()
+    try:
+        procs.append(("aggregator", subprocess.Popen(agg_cmd, env=agg_env, stdout=open(logs / "aggregator.log", "w"),
+                                                    stderr=subprocess.STDOUT, start_new_session=True)))
+        for i in range(opts.agents):
+            aid = f"agent-{i + 1}"
+            a_env = dict(env, EDGETUNE_AGENT_ID=aid, EDGETUNE_PARTITION=opts.partition,
+                         EDGETUNE_NUM_PARTITIONS=str(opts.agents), EDGETUNE_PARTITION_INDEX=str(i),
+                         EDGETUNE_PARTITION_SEED=str(opts.seed), EDGETUNE_LR=str(opts.lr),
+                         EDGETUNE_BATCH_SIZE=str(opts.batch_size), EDGETUNE_TRAIN_SEED=str(opts.seed + i))
+            procs.append((aid, subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "run"], env=a_env,
+                                                stdout=open(logs / f"{aid}.log", "w"), stderr=subprocess.STDOUT,
+                                                start_new_session=True)))
+        echo(f"started the aggregator and {opts.agents} agents ({opts.partition} partition); logs in {logs}")
+        seen = 0
+        agg = procs[0][1]
+        while True:
+            if metrics_file.exists():
+                rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
+                for row in rows[seen:]:
+                    echo(_progress(row))
+                seen = len(rows)
+            if agg.poll() is not None:
+                break
+            dead = [n for n, p in procs[1:] if p.poll() not in (None, 0)]
+            if dead and len(dead) > opts.agents - max(1, opts.agents // 2):
+                echo(f"agents {dead} exited with errors; see {logs}")
+            if stopping:
+                echo("stopping: the aggregator writes its checkpoint, agents go offline")
+                for _, p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.5)
+        deadline = time.monotonic() + 60
+        for name, p in procs:
+            try:
+                p.wait(max(1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                echo(f"{name} did not stop in time; killing it")
+                p.kill()
+                p.wait()
+        if agg.returncode not in (0, None) and not stopping:
+            tail = (logs / "aggregator.log").read_text()[-3000:]
+            raise RuntimeError(f"the aggregator failed (exit {agg.returncode}):\n{tail}")
+    finally:
+        signal.signal(signal.SIGINT, old)
+        for _, p in procs:
+            if p.poll() is None:
+                p.kill()
+        if broker is not None:
+            broker.close()
+    rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()] if metrics_file.exists() else []
+    summary = {"rounds": rows, "seconds": time.time() - t0, "output": str(out)}
+    if rows:
+        png = plot_accuracy(metrics_file, out / "accuracy.png",
+                            f"{opts.agents} agents, {opts.partition}, {opts.strategy}")
+        summary["plot"] = str(png)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,123 @@
+"""Training and evaluation loops for the edge classifier: plain torch over lists of examples.
+
+Used by the agent (local epochs), the aggregator (held-out evaluation) and the centralized
+baseline, so that all three see the same batching, loss and metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    examples_seen: int
+    mean_loss: float
+    seconds: float
+
+
+def _encode(tokenizer, texts: Sequence[str], max_length: int):
+    return tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train_local(
+    model,
+    tokenizer,
+    examples: Sequence,  # objects with .text and .label
+    *,
+    epochs: int = 1,
+    max_steps: int = 0,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    max_length: int = 64,
+    seed: int = 0,
+    proximal: Callable[[], torch.Tensor] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """`epochs` passes over `examples` (shuffled by `seed`), at most `max_steps` steps (0: no cap).
+
+    `proximal`, when given, returns a term added to each step's loss (FedProx).
+    """
+    if not examples:
+        raise ValueError("no examples to train on")
+    model.train()
+    params = trainable_parameters(model)
+    opt = torch.optim.AdamW(params, lr=lr)
+    rng = random.Random(seed)
+    steps = seen = 0
+    total = 0.0
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for i in range(0, len(order), batch_size):
+            batch = [examples[j] for j in order[i : i + batch_size]]
+            enc = _encode(tokenizer, [e.text for e in batch], max_length)
+            labels = torch.tensor([e.label for e in batch], dtype=torch.long)
+            out = model(**enc)
+            loss = F.cross_entropy(out.logits, labels)
+            if proximal is not None:
+                loss = loss + proximal()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            seen += len(batch)
+            total += float(loss.detach())
+            if (max_steps and steps >= max_steps) or (should_stop and should_stop()):
+                break
+        else:
+            continue
+        break
+    model.eval()
+    return TrainResult(steps, seen, total / max(steps, 1), time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def predict_logits(model, tokenizer, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 64) -> torch.Tensor:
+    model.eval()
+    outs = []
+    for i in range(0, len(texts), batch_size):
+        enc = _encode(tokenizer, texts[i : i + batch_size], max_length)
+        outs.append(model(**enc).logits.float())
+    return torch.cat(outs) if outs else torch.empty(0, 2)
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    loss: float
+    n: int
+
+    def as_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "loss": self.loss, "n": self.n}
+
+
+def evaluate(model, tokenizer, examples: Sequence, *, batch_size: int = 64, max_length: int = 64) -> EvalResult:
+    if not examples:
+        return EvalResult(math.nan, math.nan, 0)
+    logits = predict_logits(model, tokenizer, [e.text for e in examples], batch_size=batch_size, max_length=max_length)
+    labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+    loss = float(F.cross_entropy(logits, labels))
+    acc = float((logits.argmax(-1) == labels).float().mean())
+    return EvalResult(acc, loss, len(examples))
+
+
+def evaluate_by(model, tokenizer, examples: Sequence, key: Callable, **kw) -> Mapping[str, EvalResult]:
+    """Evaluate separately on each group (e.g. by domain)."""
+    groups: dict[str, list] = {}
+    for e in examples:
+        groups.setdefault(key(e), []).append(e)
+    return {k: evaluate(model, tokenizer, v, **kw) for k, v in sorted(groups.items())}
