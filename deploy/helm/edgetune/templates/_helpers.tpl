@@ -1,0 +1,140 @@
+{{/*
+Names and labels shared by the templates.
+*/}}
+
+{{/* The chart name, or nameOverride. */}}
+{{- define "edgetune.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The resource name prefix: fullnameOverride, else <release>-<chart> (just <release> when it
+already holds the chart name). Truncated to leave room for suffixes such as "-mosquitto".
+*/}}
+{{- define "edgetune.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* chart name and version, for the helm.sh/chart label */}}
+{{- define "edgetune.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every resource. */}}
+{{- define "edgetune.labels" -}}
+helm.sh/chart: {{ include "edgetune.chart" . }}
+app.kubernetes.io/name: {{ include "edgetune.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: edgetune
+{{- end }}
+
+{{/* Selector labels of the aggregator. */}}
+{{- define "edgetune.aggregator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "edgetune.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: aggregator
+{{- end }}
+
+{{/* Selector labels of Mosquitto. */}}
+{{- define "edgetune.mosquitto.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "edgetune.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: mosquitto
+{{- end }}
+
+{{/* Names of the resources. */}}
+{{- define "edgetune.aggregator.fullname" -}}
+{{- printf "%s-aggregator" (include "edgetune.fullname" .) }}
+{{- end }}
+
+{{- define "edgetune.mosquitto.fullname" -}}
+{{- printf "%s-mosquitto" (include "edgetune.fullname" .) }}
+{{- end }}
+
+{{- define "edgetune.settings.fullname" -}}
+{{- printf "%s-settings" (include "edgetune.fullname" .) }}
+{{- end }}
+
+{{- define "edgetune.checkpoints.fullname" -}}
+{{- printf "%s-checkpoints" (include "edgetune.fullname" .) }}
+{{- end }}
+
+{{/* The Secret with the broker credentials: broker.existingSecret or the chart's own. */}}
+{{- define "edgetune.broker.secretName" -}}
+{{- if .Values.broker.existingSecret }}
+{{- .Values.broker.existingSecret }}
+{{- else }}
+{{- printf "%s-broker" (include "edgetune.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* The broker URL the aggregator connects to (EDGETUNE_BROKER_URL). */}}
+{{- define "edgetune.brokerUrl" -}}
+{{- if .Values.mosquitto.enabled }}
+{{- printf "mqtt://%s:%d" (include "edgetune.mosquitto.fullname" .) (int .Values.mosquitto.port) }}
+{{- else if .Values.externalBroker.url }}
+{{- .Values.externalBroker.url }}
+{{- else }}
+{{- fail "set externalBroker.url (e.g. mqtts://mqtt.example.com:8883) when mosquitto.enabled is false" }}
+{{- end }}
+{{- end }}
+
+{{/* The aggregator image reference. */}}
+{{- define "edgetune.aggregator.image" -}}
+{{- printf "%s:%s" .Values.aggregator.image.repository (default .Chart.AppVersion .Values.aggregator.image.tag) }}
+{{- end }}
+
+{{/* The Mosquitto image reference. */}}
+{{- define "edgetune.mosquitto.image" -}}
+{{- printf "%s:%s" .Values.mosquitto.image.repository (toString .Values.mosquitto.image.tag) }}
+{{- end }}
+
+{{/* Where the checkpoints go inside the aggregator container (EDGETUNE_OUTPUT_DIR). */}}
+{{- define "edgetune.outputDir" -}}
+/var/lib/edgetune/checkpoints
+{{- end }}
+
+{{/*
+storageClassName for a claim: nothing when empty (the cluster default), "" when "-".
+Call with the persistence dict.
+*/}}
+{{- define "edgetune.storageClass" -}}
+{{- if .storageClass }}
+{{- if eq "-" .storageClass }}
+storageClassName: ""
+{{- else }}
+storageClassName: {{ .storageClass | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Broker passwords: the value from values.yaml, else the one in the release's existing Secret
+(so that upgrades keep it), else a new random one. Call with (list $ "<secret key>" "<value>").
+*/}}
+{{- define "edgetune.password" -}}
+{{- $root := index . 0 }}
+{{- $key := index . 1 }}
+{{- $value := index . 2 }}
+{{- if $value }}
+{{- $value }}
+{{- else }}
+{{- $secret := lookup "v1" "Secret" $root.Release.Namespace (printf "%s-broker" (include "edgetune.fullname" $root)) }}
+{{- if and $secret $secret.data (hasKey $secret.data $key) }}
+{{- index $secret.data $key | b64dec }}
+{{- else }}
+{{- randAlphaNum 32 }}
+{{- end }}
+{{- end }}
+{{- end }}

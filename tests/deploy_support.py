@@ -1,0 +1,93 @@
+"""Helpers shared by the deployment tests (tests/test_deploy_*.py).
+
+A tool the tests need and do not find fails the test with what to install: these checks never
+skip silently.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import socket
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+CHART = DEPLOY / "helm" / "edgetune"
+DASHBOARD = CHART / "dashboards" / "edgetune.json"
+COMPOSE = DEPLOY / "compose.yaml"
+MOSQUITTO_DIR = DEPLOY / "mosquitto"
+
+
+def need_module(name: str, install: str) -> ModuleType:
+    """Import `name`, or fail the test saying what to install."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        pytest.fail(f"the deployment tests need the Python module {name!r} ({e}); install it: {install}")
+
+
+def need_executable(name: str, install: str, *candidates: str) -> str:
+    """The path of an executable on PATH (or at one of `candidates`), or fail saying what to install."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for c in candidates:
+        if Path(c).is_file():
+            return c
+    pytest.fail(f"the deployment tests need the program {name!r}, which is not on PATH; install it: {install}")
+
+
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser: many times faster
+
+
+class UniqueKeyLoader(_SafeLoader):  # type: ignore[misc, valid-type]
+    """A safe loader that refuses duplicate mapping keys (PyYAML keeps the last one silently;
+    Kubernetes and Docker Compose refuse them)."""
+
+
+def _construct_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *anchor` may bring keys that the mapping then overrides: allowed
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+            )
+        seen[key] = True
+    return yaml.constructor.SafeConstructor.construct_mapping(loader, node, deep=deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def load_yaml_all(text: str) -> list[Any]:
+    return [d for d in yaml.load_all(text, Loader=UniqueKeyLoader) if d]  # noqa: S506
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config_lines(text: str) -> list[str]:
+    """The directive lines of a Mosquitto config or ACL file: no comments, no blank lines,
+    whitespace collapsed."""
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            out.append(" ".join(line.split()))
+    return out

@@ -1,0 +1,405 @@
+"""The Helm chart (deploy/helm/edgetune): lints, renders offline with its defaults and with each
+optional part switched, and every rendered manifest validates against the Kubernetes schemas.
+
+Helm runs in-process through the PyPI package helm-python-sdk (Helm v4's Go library behind a C
+ABI, loaded with ctypes): no helm binary, cluster or network. (helm-sdkpy, the other such
+package, needs Python >= 3.12.) Schemas: kubernetes-validate, which ships them.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import functools
+import json
+import re
+from typing import Any
+
+import pytest
+
+from tests.deploy_support import CHART, DASHBOARD, MOSQUITTO_DIR, config_lines, load_yaml_all, need_module
+
+HELM_HINT = "pip install helm-python-sdk==0.2.2 (linux x86_64 wheel; Python >= 3.10)"
+KV_HINT = "pip install kubernetes-validate==1.37.0"
+
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schema set
+# that kubernetes-validate ships.
+KUBE_VERSIONS = ("1.25.0", "latest")
+
+RELEASE = "demo"
+NAMESPACE = "fleet"
+
+# ServiceMonitor is a CRD (Prometheus Operator) that kubernetes-validate has no schema for:
+# checked against this minimal schema of the fields the chart sets.
+SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 253},
+                "namespace": {"type": "string"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        },
+        "spec": {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": {
+                    "type": "object",
+                    "required": ["matchLabels"],
+                    "properties": {"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}},
+                },
+                "namespaceSelector": {
+                    "type": "object",
+                    "properties": {"matchNames": {"type": "array", "items": {"type": "string"}}},
+                },
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["port"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                            "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+# name -> values overriding the defaults
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "service-monitor": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}},
+    "external-broker": {"mosquitto": {"enabled": False}, "externalBroker": {"url": "mqtts://mqtt.example.com:8883"}},
+    "persistence-off": {"persistence": {"enabled": False}, "mosquitto": {"persistence": {"enabled": False}}},
+    "grafana-dashboard": {"grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "EdgeTune"}}},
+    "existing-secret-and-claim": {
+        "broker": {"existingSecret": "my-broker-credentials"},
+        "persistence": {"existingClaim": "my-checkpoints", "storageClass": "-"},
+    },
+    "everything": {
+        "serviceMonitor": {"enabled": True},
+        "grafanaDashboard": {"enabled": True, "namespace": "monitoring"},
+        "aggregator": {"extraSettings": {"EDGETUNE_ROUNDS": 20}, "runtimeClassName": "nvidia",
+                       "nodeSelector": {"nvidia.com/gpu.present": "true"}},
+        "persistence": {"storageClass": "fast"},
+        "mosquitto": {"service": {"type": "LoadBalancer"}, "persistence": {"storageClass": "-"}},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def helm():
+    mod = need_module("helm_python", HELM_HINT)
+    mod.disable_logging()
+    return mod
+
+
+@pytest.fixture(scope="module")
+def kv():
+    return need_module("kubernetes_validate", KV_HINT)
+
+
+@pytest.fixture(scope="module")
+def chart(helm):
+    c = helm.Chart.load(str(CHART))
+    yield c
+    c.close()
+
+
+def jsonschema_best_match(validator, doc):
+    import jsonschema
+
+    return jsonschema.exceptions.best_match(validator.iter_errors(doc))
+
+
+def render(chart, values: dict[str, Any]) -> dict[str, str]:
+    return chart.render(values=copy.deepcopy(values), name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def manifests(rendered: dict[str, str]) -> list[dict[str, Any]]:
+    docs = []
+    for path, text in sorted(rendered.items()):
+        if path.endswith(".yaml"):
+            try:
+                docs.extend(load_yaml_all(text))
+            except Exception as e:  # noqa: BLE001 - say which template
+                pytest.fail(f"{path} does not render to valid YAML: {e}")
+    return docs
+
+
+def by_kind(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for d in docs:
+        out.setdefault(d["kind"], []).append(d)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _kube_validator(kind: str, api_version: str, version: str):
+    """A cached validator for one kind: what kubernetes_validate.validate(strict=True) builds on
+    every call (it re-reads the multi-megabyte definitions file each time)."""
+    import jsonschema
+    import referencing
+    from kubernetes_validate import utils
+
+    # rbac.authorization.k8s.io/v1 -> rbac-v1, apps/v1 -> apps-v1, v1 -> v1
+    api = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
+    version = [v for v in utils.all_versions() if utils.major_minor(v) <= utils.major_minor(version)][-1]
+    folder = f"kubernetes-json-schema/v{version}-local-strict"
+    try:
+        schema = utils.schema_contents(f"{folder}/{kind.lower()}-{api}.json", version)
+    except FileNotFoundError:
+        pytest.fail(f"kubernetes-validate has no schema for {kind} {api_version} (Kubernetes {version})")
+    definitions = _kube_definitions(folder, version)
+    registry = referencing.Resource.from_contents(schema) @ (definitions @ referencing.Registry())
+    return jsonschema.validators.Draft202012Validator(schema, registry=registry)
+
+
+@functools.lru_cache(maxsize=None)
+def _kube_definitions(folder: str, version: str):
+    import referencing
+    from kubernetes_validate import utils
+
+    return referencing.Resource.from_contents(utils.schema_contents(f"{folder}/_definitions.json", version))
+
+
+def validate(kv, doc: dict[str, Any]) -> None:
+    where = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+    if doc.get("kind") == "ServiceMonitor":
+        import jsonschema
+
+        try:
+            jsonschema.validate(doc, SERVICE_MONITOR_SCHEMA)
+        except jsonschema.ValidationError as e:
+            pytest.fail(f"{where}: {e.message} at {'/'.join(map(str, e.absolute_path))}")
+        return
+    for version in KUBE_VERSIONS:
+        version = kv.latest_version() if version == "latest" else version
+        error = jsonschema_best_match(_kube_validator(doc["kind"], doc["apiVersion"], version), doc)
+        if error is not None:
+            pytest.fail(f"{where} is not valid Kubernetes {version}: {error.message} at {'.'.join(map(str, error.path))}")
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_chart_lints(helm, scenario):
+    report = helm.lint(str(CHART), copy.deepcopy(SCENARIOS[scenario]), strict=True, namespace=NAMESPACE)
+    # severity 1 (info: "icon is recommended") is fine; warnings and errors are not
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report["errors"], f"helm lint ({scenario}): {problems} {report['errors']}"
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_chart_renders_valid_manifests(chart, kv, scenario):
+    rendered = render(chart, SCENARIOS[scenario])
+    docs = manifests(rendered)
+    assert docs, "the chart rendered nothing"
+    names = set()
+    for doc in docs:
+        validate(kv, doc)
+        key = (doc["kind"], doc["metadata"]["name"])
+        assert key not in names, f"{key} rendered twice"
+        names.add(key)
+        assert doc["metadata"].get("labels", {}).get("app.kubernetes.io/instance") == RELEASE, key
+    # one resource per template
+    for path, text in rendered.items():
+        if path.endswith(".yaml"):
+            assert len(load_yaml_all(text)) <= 1, f"{path} renders more than one resource"
+    assert "NOTES.txt" in " ".join(rendered), "NOTES.txt is missing"
+
+
+def test_validator_refuses_a_bad_manifest(chart, kv):
+    """The schema check is real: an unknown field in a container fails it, with the cached
+    validator as with kubernetes_validate.validate itself."""
+    deployment = by_kind(manifests(render(chart, {})))["Deployment"][0]
+    kv.validate(deployment, "1.25.0", strict=True)
+    deployment["spec"]["template"]["spec"]["containers"][0]["imagePolicy"] = "Always"
+    with pytest.raises(kv.ValidationError):
+        kv.validate(deployment, "1.25.0", strict=True)
+    assert jsonschema_best_match(_kube_validator("Deployment", "apps/v1", "1.25.0"), deployment) is not None
+
+
+def _settings(kinds) -> dict[str, str]:
+    [cm] = [c for c in kinds["ConfigMap"] if c["metadata"]["name"].endswith("-settings")]
+    return cm["data"]
+
+
+def _secret_data(secret) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+
+
+def test_defaults(chart):
+    kinds = by_kind(manifests(render(chart, {})))
+    assert sorted(kinds) == ["ConfigMap", "Deployment", "PersistentVolumeClaim", "Secret", "Service", "StatefulSet"]
+    [deployment] = kinds["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    [checkpoints] = [v for v in pod["volumes"] if v["name"] == "checkpoints"]
+    assert checkpoints["persistentVolumeClaim"]["claimName"] == kinds["PersistentVolumeClaim"][0]["metadata"]["name"]
+
+    settings = _settings(kinds)
+    assert settings["EDGETUNE_BROKER_URL"] == f"mqtt://{RELEASE}-edgetune-mosquitto:1883"
+    assert settings["EDGETUNE_METRICS_PORT"] == "9100"
+    assert settings["EDGETUNE_OUTPUT_DIR"] == "/var/lib/edgetune/checkpoints"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["EDGETUNE_MQTT_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "mqtt-password"
+
+    # the broker's password file holds the aggregator and every agent, with the passwords the
+    # Secret hands out
+    [secret] = kinds["Secret"]
+    data = _secret_data(secret)
+    plain = dict(line.split(":", 1) for line in data["passwd.plain"].splitlines())
+    assert plain["aggregator"] == data["mqtt-password"]
+    for agent in ("agent-1", "agent-2", "agent-3"):
+        assert plain[agent] == data[f"agent-{agent}-password"] and len(plain[agent]) >= 16
+
+    [statefulset] = kinds["StatefulSet"]
+    assert statefulset["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    services = {s["metadata"]["name"]: s for s in kinds["Service"]}
+    assert services[f"{RELEASE}-edgetune-aggregator"]["spec"]["ports"][0]["port"] == 9100
+    assert services[f"{RELEASE}-edgetune-mosquitto"]["spec"]["ports"][0]["port"] == 1883
+
+
+def test_mosquitto_config_matches_compose(chart):
+    """The chart's Mosquitto settings and ACL are those of deploy/mosquitto/ (the compose demo)."""
+    kinds = by_kind(manifests(render(chart, {})))
+    [cm] = [c for c in kinds["ConfigMap"] if c["metadata"]["name"].endswith("-mosquitto")]
+    chart_conf = config_lines(cm["data"]["mosquitto.conf"])
+    compose_conf = config_lines((MOSQUITTO_DIR / "mosquitto.conf").read_text())
+    assert chart_conf == compose_conf
+    for setting in ("max_packet_size 4194304", "set_tcp_nodelay true", "persistence true", "allow_anonymous false",
+                    "max_queued_messages 1000", "password_file /mosquitto/auth/passwd", "acl_file /mosquitto/auth/acl"):
+        assert setting in chart_conf
+    assert config_lines(cm["data"]["acl"]) == config_lines((MOSQUITTO_DIR / "acl").read_text())
+
+
+def test_service_monitor(chart):
+    kinds = by_kind(manifests(render(chart, SCENARIOS["service-monitor"])))
+    [sm] = kinds["ServiceMonitor"]
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    [service] = [s for s in kinds["Service"] if s["metadata"]["name"].endswith("-aggregator")]
+    selector = sm["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items(), "the ServiceMonitor does not select the Service"
+    assert sm["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+    assert "ServiceMonitor" not in by_kind(manifests(render(chart, {})))
+
+
+def test_external_broker(chart, helm):
+    kinds = by_kind(manifests(render(chart, SCENARIOS["external-broker"])))
+    assert "StatefulSet" not in kinds
+    assert not [c for c in kinds["ConfigMap"] if c["metadata"]["name"].endswith("-mosquitto")]
+    assert all(not s["metadata"]["name"].endswith("-mosquitto") for s in kinds["Service"])
+    assert _settings(kinds)["EDGETUNE_BROKER_URL"] == "mqtts://mqtt.example.com:8883"
+    assert set(kinds["Secret"][0]["data"]) == {"mqtt-username", "mqtt-password"}
+    # no broker at all is a mistake the chart names
+    with pytest.raises(helm.HelmError, match="externalBroker.url"):
+        render(chart, {"mosquitto": {"enabled": False}})
+
+
+def test_persistence_off(chart):
+    kinds = by_kind(manifests(render(chart, SCENARIOS["persistence-off"])))
+    assert "PersistentVolumeClaim" not in kinds
+    pod = kinds["Deployment"][0]["spec"]["template"]["spec"]
+    [checkpoints] = [v for v in pod["volumes"] if v["name"] == "checkpoints"]
+    assert checkpoints == {"name": "checkpoints", "emptyDir": {}}
+    assert "volumeClaimTemplates" not in kinds["StatefulSet"][0]["spec"]
+
+
+def test_existing_secret_and_claim(chart):
+    kinds = by_kind(manifests(render(chart, SCENARIOS["existing-secret-and-claim"])))
+    assert "Secret" not in kinds and "PersistentVolumeClaim" not in kinds
+    pod = kinds["Deployment"][0]["spec"]["template"]["spec"]
+    assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "my-checkpoints"}} in pod["volumes"]
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in pod["containers"][0]["env"] if "valueFrom" in e}
+    assert refs == {"my-broker-credentials"}
+
+
+def test_grafana_dashboard(chart):
+    kinds = by_kind(manifests(render(chart, SCENARIOS["grafana-dashboard"])))
+    [cm] = [c for c in kinds["ConfigMap"] if c["metadata"]["name"].endswith("-dashboard")]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "EdgeTune"}
+    # the chart ships the one dashboard file, unchanged
+    assert json.loads(cm["data"]["edgetune.json"]) == json.loads(DASHBOARD.read_text())
+    other = by_kind(manifests(render(chart, SCENARIOS["everything"])))
+    [cm] = [c for c in other["ConfigMap"] if c["metadata"]["name"].endswith("-dashboard")]
+    assert cm["metadata"]["namespace"] == "monitoring"
+
+
+def test_bad_values_are_refused_with_a_reason(chart, helm):
+    with pytest.raises(helm.HelmError, match="not a valid agent id"):
+        render(chart, {"mosquitto": {"agents": [{"username": "kiosk/17", "password": ""}]}})
+    with pytest.raises(helm.HelmError, match="not an EdgeTune setting"):
+        render(chart, {"aggregator": {"extraSettings": {"ROUNDS": "3"}}})
+
+
+def _values_keys(text: str):
+    """(line number, indent, key, has a value on the line, comment right above, that comment is
+    a helm-docs "# --" one) of every mapping key in values.yaml; keys inside list items count as
+    children of the list's key."""
+    lines = text.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\s*)([A-Za-z0-9_.\-/\"]+):(\s*(.*))?$", line)
+        if not m:
+            continue
+        j = i - 1
+        while j >= 0 and not lines[j].strip():
+            j -= 1
+        commented = j >= 0 and lines[j].strip().startswith("#")
+        # a helm-docs comment ("# -- ...") documents the key's whole value
+        while j > 0 and lines[j - 1].strip().startswith("#"):
+            j -= 1
+        documents_value = commented and lines[j].strip().startswith("# --")
+        value = (m.group(4) or "").split("#")[0].strip()
+        out.append((i + 1, len(m.group(1)), m.group(2), bool(value), commented, documents_value))
+    return out
+
+
+def test_every_values_key_is_commented():
+    """prometheus-community style: every key of values.yaml says what it does. A key without a
+    comment is fine only as a plain parent whose own keys are all commented; what lies under a
+    key with a helm-docs comment ("# -- ...", e.g. resources:) is that key's value."""
+    keys = _values_keys((CHART / "values.yaml").read_text())
+    missing = []
+    for n, (line, indent, key, has_value, commented, _) in enumerate(keys):
+        if commented:
+            continue
+        # inside the value of a "# --" documented ancestor
+        want, covered = indent, False
+        for prev in reversed(keys[:n]):
+            if prev[1] < want:
+                covered = covered or prev[5]
+                want = prev[1]
+        if covered:
+            continue
+        has_children = n + 1 < len(keys) and keys[n + 1][1] > indent
+        if has_value or not has_children:
+            missing.append(f"line {line}: {key}")
+    assert not missing, "values.yaml keys without a comment: " + ", ".join(missing)
+
+
+def test_chart_packages(helm, tmp_path):
+    """helm package works (no symlinks or files outside the chart), and the package holds the dashboard."""
+    archive = helm.package(str(CHART), destination=str(tmp_path))
+    with helm.Chart.load(archive) as packaged:
+        files = {f["name"] for f in packaged.files}
+        assert "dashboards/edgetune.json" in files
