@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import shutil
 import socket
+import sys
+import sysconfig
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -37,6 +39,12 @@ def need_executable(name: str, install: str, *candidates: str) -> str:
     found = shutil.which(name)
     if found:
         return found
+    # a pip-installed tool sits beside the interpreter, which need not be on PATH
+    # (scripts/test runs .venv/bin/python without activating the venv)
+    for scripts in {sysconfig.get_path("scripts"), str(Path(sys.executable).parent)}:
+        found = shutil.which(name, path=scripts)
+        if found:
+            return found
     for c in candidates:
         if Path(c).is_file():
             return c
