@@ -158,28 +158,29 @@ WRITER = textwrap.dedent(
 def _write_then_kill(db: Path, sync: str, rows_before_kill: int) -> list[int]:
     """Run the writer until it has reported `rows_before_kill` ids, SIGKILL it, return the ids."""
     code = WRITER.format(root=str(ROOT), db=str(db), sync=sync)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err_path = db.with_name("writer.err")
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=err, text=True)
     committed: list[int] = []
     deadline = time.monotonic() + 30
     try:
         while len(committed) < rows_before_kill and time.monotonic() < deadline:
             line = proc.stdout.readline()
-            if not line:
+            if not line.endswith("\n"):  # EOF: the writer died on its own
                 break
             committed += [int(x) for x in line.split()]
-        assert proc.poll() is None, proc.stderr.read()
+        assert proc.poll() is None, err_path.read_text()
         os.kill(proc.pid, signal.SIGKILL)
-        rest, _ = proc.communicate(timeout=10)
+        proc.wait(timeout=10)
+        rest = proc.stdout.read()  # what the writer printed before it died (buffered here or in the pipe)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
-    for line in rest.splitlines():  # lines printed before the kill but not read yet
-        try:
-            committed += [int(x) for x in line.split()]
-        except ValueError:  # a line cut by the kill
-            pass
+    for line in rest.split("\n")[:-1]:  # the part after the last newline may be cut by the kill
+        committed += [int(x) for x in line.split()]
     assert len(committed) >= rows_before_kill
     return committed
 
@@ -205,6 +206,7 @@ def test_sigkill_mid_writes_loses_no_committed_row(tmp_path, sync):
             assert sorted(present) == list(range(1, max(present) + 1))
             # at most one transaction per kill committed but not yet reported
             assert len(present) - len(set(committed)) <= 20 * (kill_round + 1)
+            assert len(committed) == len(set(committed))
     with SampleStore(db, max_samples=1_000_000) as s:
         last = s.last_id()
         assert s.add("after the crashes", 1) == last + 1
