@@ -38,6 +38,8 @@ class AgentMetrics:
         self.split_resends = Counter(p + "split_resends", "Split requests resent after a timeout", registry=r)
         for reason in ("malformed_frame", "bad_checksum", "wrong_version", "bad_schema"):
             self.rejected.labels(reason=reason)
+        for backend in ("onnx", "torch"):
+            self.predictions.labels(backend=backend)
 
 
 def serve(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0"):

@@ -54,6 +54,7 @@ class AgentRunner:
         self.finished = False
         self.transport: MqttTransport | None = None
         self._announce_needed = False
+        self.final_version: int | None = None  # set by the final announcement
 
     def _status(self, state: AgentState) -> bytes:
         return codec.encode(AgentStatus(
@@ -106,7 +107,7 @@ class AgentRunner:
             elif topic == self.topics.round:
                 ann = parse(frame.header, RoundAnnouncement)
                 if ann.final:
-                    self.finished = True
+                    self.final_version = ann.global_version
                 elif self.s.agent_id in ann.selected and ann.round not in self.done_rounds:
                     self.pending = ann
         except WireError as e:
@@ -155,7 +156,14 @@ class AgentRunner:
                 self.metrics_server, _ = serve(self.metrics.registry, self.s.metrics_port, self.s.metrics_addr)
             self._connect()
             log.info("agent %s online with %d local examples", self.s.agent_id, len(self.examples))
+            final_wait_until = None
             while not self._stop and not self.finished:
+                if self.final_version is not None:
+                    # the run is over once we hold the final global (or gave it 30 s to arrive)
+                    final_wait_until = final_wait_until or time.monotonic() + 30
+                    if self.trainer.global_version >= self.final_version or time.monotonic() > final_wait_until:
+                        self.finished = True
+                        break
                 if self._announce_needed:
                     self._announce_needed = False
                     self._publish_status(AgentState.online)

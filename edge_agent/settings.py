@@ -22,7 +22,7 @@ class AgentSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings):
     dirichlet_alpha: float = Field(0.5, gt=0)
     data_limit: int = Field(0, ge=0, description="use at most N local examples (0: all)")
     # training
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(5e-3, gt=0)
     batch_size: int = Field(32, ge=1)
     prox_mu: float = Field(0.0, ge=0, description="FedProx proximal weight (0: plain FedAvg)")
     train_seed: int = 0

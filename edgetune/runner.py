@@ -31,7 +31,7 @@ class RunOptions:
     eval_limit: int = 0
     round_timeout_s: float = 900
     threads_per_process: int = 1
-    lr: float = 1e-3
+    lr: float = 5e-3
     batch_size: int = 32
     seed: int = 0
     fleet: str = "local"
@@ -50,6 +50,7 @@ def _env(opts: RunOptions, broker_url: str, protocol: int) -> dict:
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     })
     env.update(opts.extra_env)
     return env
@@ -108,7 +109,8 @@ def run_local(opts: RunOptions, echo=print) -> dict:
     import shutil
 
     shutil.rmtree(agg_dir / "checkpoints", ignore_errors=True)
-    agg_env = dict(env, EDGETUNE_OUTPUT_DIR=str(agg_dir))
+    # the aggregator idles while agents train: let its evaluation use two threads
+    agg_env = dict(env, EDGETUNE_OUTPUT_DIR=str(agg_dir), EDGETUNE_THREADS="2", OMP_NUM_THREADS="2")
     agg_cmd = [
         sys.executable, "-m", "aggregator.cli", "run", "--rounds", str(opts.rounds),
         "--min-agents", str(max(1, opts.agents // 2)), "--expected-agents", str(opts.agents),

@@ -1,0 +1,51 @@
+"""Shared fixtures: a real Mosquitto started with the project's config on a free port."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from broker.local import LocalBroker, start_mosquitto
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def mosquitto(tmp_path) -> LocalBroker:
+    """A fresh mosquitto (project config) on a free loopback port; fails if mosquitto is missing."""
+    b = start_mosquitto(workdir=tmp_path / "mosquitto")
+    yield b
+    b.close()
+
+
+def child_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "EDGETUNE_THREADS": "1",
+                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def spawn(module: str, args: list[str], log: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=child_env(**env),
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float, logs: list[Path] = ()) -> None:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            tails = "\n".join(f"--- {lg}\n{lg.read_text()[-2000:]}" for lg in logs)
+            pytest.fail(f"processes did not finish within {timeout}s\n{tails}")

@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from aggregator.rounds import Outcome, Rejection, Round, select_agents
+from broker.messages import ModelUpdate
+
+EXPECTED = {"lora_A": torch.zeros(2, 3), "head": torch.zeros(2)}
+
+
+def upd(agent, rnd=1, base=0, n=10, nonce="x" * 16):
+    return ModelUpdate(agent_id=agent, round=rnd, base_version=base, num_examples=n, nonce=nonce)
+
+
+def good():
+    return {"lora_A": torch.ones(2, 3), "head": torch.ones(2)}
+
+
+def make(selected=("a", "b", "c"), quorum=2, deadline=100.0):
+    return Round(1, selected, deadline, 0, quorum, EXPECTED)
+
+
+def test_completes_when_every_selected_agent_answered():
+    r = make()
+    for a in "abc":
+        assert r.status(1.0) is Outcome.collecting
+        r.offer(upd(a), good(), 1.0)
+    assert r.status(1.0) is Outcome.complete
+    assert r.dropped == []
+
+
+def test_deadline_with_and_without_quorum():
+    r = make()
+    r.offer(upd("a"), good(), 1.0)
+    assert r.status(101.0) is Outcome.failed
+    r.offer(upd("b"), good(), 2.0)
+    assert r.status(50.0) is Outcome.collecting
+    assert r.status(101.0) is Outcome.deadline
+    assert r.dropped == ["c"]
+
+
+@pytest.mark.parametrize(
+    "meta, tensors, now, reason",
+    [
+        (upd("a", rnd=2), good(), 1.0, "wrong_round"),
+        (upd("z"), good(), 1.0, "not_selected"),
+        (upd("a"), good(), 200.0, "late"),
+        (upd("a", base=3), good(), 1.0, "stale"),
+        (upd("a"), {"lora_A": torch.ones(3, 2), "head": torch.ones(2)}, 1.0, "bad_tensors"),
+        (upd("a"), {"lora_A": torch.ones(2, 3).double(), "head": torch.ones(2)}, 1.0, "bad_tensors"),
+        (upd("a"), {"lora_A": torch.ones(2, 3)}, 1.0, "bad_tensors"),
+        (upd("a"), {"lora_A": torch.full((2, 3), float("nan")), "head": torch.ones(2)}, 1.0, "non_finite"),
+        (upd("a"), {"lora_A": torch.ones(2, 3), "head": torch.tensor([1.0, float("inf")])}, 1.0, "non_finite"),
+    ],
+)
+def test_rejections_leave_the_round_unchanged(meta, tensors, now, reason):
+    r = make()
+    with pytest.raises(Rejection) as e:
+        r.offer(meta, tensors, now)
+    assert e.value.reason == reason
+    assert r.accepted == {}
+
+
+def test_duplicate_refused():
+    r = make()
+    r.offer(upd("a"), good(), 1.0)
+    with pytest.raises(Rejection) as e:
+        r.offer(upd("a", nonce="y" * 16), good(), 1.0)
+    assert e.value.reason == "duplicate"
+    assert len(r.accepted) == 1
+
+
+def test_selection_is_seeded_and_sized():
+    online = [f"a{i}" for i in range(10)]
+    assert select_agents(online, 0, 1, 0) == tuple(sorted(online))
+    s1 = select_agents(online, 3, 1, 0)
+    assert len(s1) == 3 and s1 == select_agents(list(reversed(online)), 3, 1, 0)
+    assert any(select_agents(online, 3, r, 0) != s1 for r in range(2, 6))

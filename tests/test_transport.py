@@ -1,0 +1,77 @@
+"""The transport against a real Mosquitto (the project's config, a free port)."""
+
+import socket
+import time
+
+import pytest
+
+from broker.topics import Topics
+from broker.transport import BrokerError, MqttTransport, Will
+
+
+def _recv(t, topic, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = t.get(timeout=0.2)
+        if m is not None and m.topic == topic:
+            return m
+    raise AssertionError(f"nothing on {topic} within {timeout}s")
+
+
+def test_publish_subscribe_retained_and_nodelay(mosquitto):
+    topics = Topics("t1")
+    pub = MqttTransport("pub", mosquitto.url)
+    pub.connect()
+    pub.publish(topics.round, b"retained-round", retain=True, wait=True)
+    sub = MqttTransport("sub", mosquitto.url)
+    sub.subscribe(topics.round)
+    sub.subscribe(topics.all_updates)
+    sub.connect()
+    assert _recv(sub, topics.round).payload == b"retained-round"
+    pub.publish(topics.update("a1"), b"x" * 100_000, wait=True)
+    m = _recv(sub, topics.update("a1"))
+    assert m.payload == b"x" * 100_000 and not m.retain
+    assert sub._client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    pub.close()
+    sub.close()
+
+
+def test_last_will_marks_a_killed_client_offline(mosquitto):
+    topics = Topics("t2")
+    watcher = MqttTransport("watch", mosquitto.url)
+    watcher.subscribe(topics.all_status)
+    watcher.connect()
+    dying = MqttTransport("dying", mosquitto.url, will=Will(topics.status("a1"), b"offline"), keepalive=5)
+    dying.connect()
+    dying._client.socket().close()  # the connection drops without a DISCONNECT
+    dying._client.loop_stop()
+    assert _recv(watcher, topics.status("a1"), timeout=15).payload == b"offline"
+    watcher.close()
+
+
+def test_subscriptions_survive_a_broker_restart(mosquitto):
+    topics = Topics("t3")
+    sub = MqttTransport("sub3", mosquitto.url)
+    sub.subscribe(topics.global_adapter)
+    sub.connect()
+    mosquitto.restart()
+    deadline = time.monotonic() + 30
+    while not sub.connected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sub.connected, "did not reconnect by itself"
+    assert sub.reconnects >= 1
+    pub = MqttTransport("pub3", mosquitto.url)
+    pub.connect()
+    pub.publish(topics.global_adapter, b"after-restart", wait=True)
+    assert _recv(sub, topics.global_adapter).payload == b"after-restart"
+    pub.close()
+    sub.close()
+
+
+def test_unreachable_broker_says_what_to_check():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = MqttTransport("nobody", f"mqtt://127.0.0.1:{port}")
+    with pytest.raises(BrokerError, match="EDGETUNE_BROKER_URL"):
+        t.connect(timeout=2)
