@@ -16,20 +16,20 @@ from pathlib import Path
 
 import torch
 
-from aggregator.checkpoint import latest_checkpoint, load_checkpoint_state, save_base, save_checkpoint
 from aggregator.metrics import AggregatorMetrics, serve
 from aggregator.rounds import Outcome, Rejection, Round, select_agents
 from aggregator.settings import AggregatorSettings
+from aggregator.split_server import SplitRequest
 from aggregator.strategies import ClientUpdate, make_strategy
-from broker import codec
+from aggregator.tasks import make_task
+from broker import activations, codec
 from broker.errors import WireError
-from broker.messages import AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement, parse
+from broker.messages import (AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement, SplitForward,
+                             SplitGradient, parse)
 from broker.settings import dump_settings
 from broker.topics import Topics
 from broker.transport import Incoming, MqttTransport
-from data.sentiment import train_test_split
-from models.classifier import adapter_state, build_classifier, load_adapter_state, load_tokenizer, set_threads
-from models.train import evaluate
+from models.classifier import set_threads
 
 log = logging.getLogger("edgetune.aggregator")
 
@@ -56,27 +56,16 @@ class AggregatorService:
     # -- setup ------------------------------------------------------------------------------
     def _build(self) -> None:
         set_threads(self.s.threads)
-        spec = self.s.classifier_spec()
-        self.spec = spec
-        self.model = build_classifier(spec)
-        self.model.eval()
-        self.tokenizer = load_tokenizer(spec)
-        _, test = train_test_split()
-        if self.s.eval_limit and self.s.eval_limit < len(test):  # a fixed random subset, all domains
-            import random
-
-            test = random.Random(self.s.seed).sample(test, self.s.eval_limit)
-        self.test = test
+        self.task = make_task(self.s, self.out)
         self.strategy = make_strategy(self.s.strategy)
-        self.base_path = save_base(self.model, self.tokenizer, self.out)
-        ck = latest_checkpoint(self.out)
+        self.split_queue: list[SplitRequest] = []
+        ck = self.task.resume()
         if ck is not None:
-            load_adapter_state(self.model, load_checkpoint_state(ck.path))
             self.round_number, self.version = ck.round, ck.version
             log.info("resuming from %s: round %d, global v%d", ck.path, ck.round, ck.version)
             if hasattr(self.strategy, "load_state_dict") and ck.extra.get("strategy_state"):
                 self.strategy.load_state_dict(ck.extra["strategy_state"])
-        self.global_state = adapter_state(self.model)
+        self.global_state = self.task.global_state()
 
     def _connect(self) -> None:
         t = MqttTransport(
@@ -91,6 +80,10 @@ class AggregatorService:
         )
         t.subscribe(self.topics.all_status)
         t.subscribe(self.topics.all_updates)
+        if self.s.mode == "split":
+            if self.s.mqtt_protocol != 5:
+                raise ValueError("split mode needs an MQTT 5 broker (request/response): set EDGETUNE_MQTT_PROTOCOL=5")
+            t.subscribe(self.topics.all_split_forward)
         t.connect()
         self.transport = t
 
@@ -122,6 +115,57 @@ class AggregatorService:
         elif rest == "update":
             self.metrics.update_bytes_received.inc(len(m.payload))
             self._handle_update(agent, m)
+        elif rest == "split/fwd" and self.s.mode == "split":
+            self.metrics.activation_bytes.inc(len(m.payload))
+            self._handle_split(agent, m)
+        else:
+            self._reject("bad_topic", f"nothing is expected on {m.topic}")
+
+    def _handle_split(self, agent: str, m: Incoming) -> None:
+        try:
+            frame = codec.decode(m.payload, max_size=self.s.max_activation_bytes)
+            msg = parse(frame.header, SplitForward)
+            if msg.agent_id != agent:
+                return self._reject("bad_topic", f"activations claim {msg.agent_id} but came on {agent}'s topic")
+            act = activations.decode(frame.tensors, msg.encoding, "act")
+            mask = frame.tensors.get("attention_mask")
+            labels = frame.tensors.get("labels")
+            hidden = self.task.head.config.hidden_size if hasattr(self.task.head.config, "hidden_size") else None
+            if (act.dim() != 3 or mask is None or labels is None or tuple(mask.shape) != tuple(act.shape[:2])
+                    or tuple(labels.shape) != tuple(act.shape[:2]) or labels.dtype != torch.int64
+                    or (hidden and act.shape[-1] != hidden) or act.shape[0] * act.shape[1] > self.s.split_max_tokens):
+                return self._reject("bad_tensors", f"split request from {agent}: shapes {tuple(act.shape)} do not fit")
+        except (WireError, activations.EncodingError) as e:
+            return self._reject(e.reason, f"split request on {m.topic}: {e}")
+        self.split_queue.append(SplitRequest(agent, msg.step, act, mask, labels, m.correlation,
+                                             m.response_topic or self.topics.split_gradient(agent), msg.encoding))
+        self.metrics.split_queue_depth.set(len(self.split_queue))
+
+    def _serve_split(self) -> None:
+        """Gather the other agents' activations for a moment, then serve them as micro-batches."""
+        waiting_for = len(self.round.selected) - len(self.round.accepted) if self.round else 1
+        window_end = time.monotonic() + self.s.split_batch_window_ms / 1000
+        while len({r.agent_id for r in self.split_queue}) < waiting_for and time.monotonic() < window_end:
+            m = self.transport.get(timeout=max(0.0, window_end - time.monotonic()))
+            if m is not None:
+                self._handle(m)
+        batch, self.split_queue = self.split_queue, []
+        self.metrics.split_queue_depth.set(0)
+        if not batch:
+            return
+        t0 = time.perf_counter()
+        steps_before = self.task.server.server_step
+        replies = self.task.server.serve(batch)
+        self.metrics.split_step_seconds.observe(time.perf_counter() - t0)
+        self.metrics.split_microbatch_size.observe(len(batch))
+        self.metrics.split_steps.inc(self.task.server.server_step - steps_before)
+        for rep in replies:
+            req = rep.request
+            msg = SplitGradient(agent_id=req.agent_id, step=req.step, encoding=req.encoding, loss=rep.loss,
+                                tokens=rep.tokens, server_step=rep.server_step, cached=rep.cached)
+            payload = codec.encode(msg, activations.encode(rep.grad, req.encoding, "grad"))
+            self.transport.publish(req.response_topic, payload, correlation=req.correlation)
+            self.metrics.gradient_bytes.inc(len(payload))
 
     def _handle_update(self, agent: str, m: Incoming) -> None:
         try:
@@ -155,6 +199,8 @@ class AggregatorService:
             m = self.transport.get(timeout=min(remaining, 0.5))
             if m is not None:
                 self._handle(m)
+                if self.split_queue:
+                    self._serve_split()
                 return
         raise Stop
 
@@ -180,21 +226,23 @@ class AggregatorService:
 
     def _evaluate(self) -> dict:
         t0 = time.perf_counter()
-        r = evaluate(self.model, self.tokenizer, self.test, batch_size=self.s.eval_batch_size, max_length=self.s.max_length)
-        self.metrics.global_accuracy.set(r.accuracy)
-        self.metrics.global_loss.set(r.loss)
-        return {"accuracy": r.accuracy, "loss": r.loss, "eval_examples": r.n, "eval_seconds": time.perf_counter() - t0}
+        r = self.task.evaluate()
+        if "accuracy" in r:
+            self.metrics.global_accuracy.set(r["accuracy"])
+        if "perplexity" in r:
+            self.metrics.global_perplexity.set(r["perplexity"])
+        self.metrics.global_loss.set(r["loss"])
+        return {**r, "eval_seconds": time.perf_counter() - t0}
 
     def _record(self, row: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
     def _checkpoint(self, row: dict) -> None:
-        extra = {k: row[k] for k in ("accuracy", "loss") if k in row}
+        extra = {k: row[k] for k in ("accuracy", "loss", "perplexity") if k in row}
         if hasattr(self.strategy, "state_dict"):
             extra["strategy_state"] = self.strategy.state_dict()
-        save_checkpoint(self.model, self.out, round_number=self.round_number, version=self.version,
-                        extra=extra, base_path=self.base_path)
+        self.task.checkpoint(self.round_number, self.version, extra)
 
     # -- the loop ---------------------------------------------------------------------------
     def _wait_for_agents(self) -> None:
@@ -246,21 +294,21 @@ class AggregatorService:
         ]
         new_state = self.strategy.aggregate(self.global_state, updates)
         self.metrics.aggregation_seconds.observe(time.perf_counter() - ta)
-        load_adapter_state(self.model, new_state)
-        self.global_state = adapter_state(self.model)
+        self.task.load_global(new_state)
+        self.global_state = self.task.global_state()
         self.version += 1
         self.round_number = number
         row.update(self._evaluate())
         row.update(version=self.version, num_examples=sum(u.num_examples for u in updates),
                    train_loss=_mean([a.meta.train_loss for a in rnd.accepted.values()]),
                    aggregation_s=time.perf_counter() - ta)
-        self._publish_global(row["accuracy"], row["loss"])
+        self._publish_global(row.get("accuracy"), row["loss"])
         row["duration_s"] = time.time() - t0
         self._checkpoint(row)
         self.metrics.rounds_completed.inc()
         self.metrics.round_duration.observe(row["duration_s"])
-        log.info("round %d: %s, global v%d, accuracy %.4f, loss %.4f (%.1fs)", number, outcome.value,
-                 self.version, row["accuracy"], row["loss"], row["duration_s"])
+        log.info("round %d: %s, global v%d, %s (%.1fs)", number, outcome.value, self.version, _fmt(row),
+                 row["duration_s"])
         return row
 
     def run(self) -> None:
@@ -278,7 +326,7 @@ class AggregatorService:
                 row = {"round": 0, "version": 0, **self._evaluate()}
                 self._record(row)
                 self._checkpoint(row)
-                log.info("round 0 (initial global): accuracy %.4f, loss %.4f", row["accuracy"], row["loss"])
+                log.info("round 0 (initial global): %s", _fmt(row))
             self.metrics.current_round.set(self.round_number)
             self._publish_global(None, None)
             self._wait_for_agents()
@@ -296,6 +344,10 @@ class AggregatorService:
                 self.transport.close()
             if getattr(self, "metrics_server", None) is not None:
                 self.metrics_server.shutdown()
+
+
+def _fmt(row: dict) -> str:
+    return ", ".join(f"{k} {row[k]:.4f}" for k in ("accuracy", "perplexity", "loss") if row.get(k) is not None)
 
 
 def _mean(xs):

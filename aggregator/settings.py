@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
 from broker.settings import ConnectionSettings, EdgeTuneSettings
-from models.settings import ModelSettings
+from models.settings import DecoderSettings, ModelSettings
 
 
-class AggregatorSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings):
+class AggregatorSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings, DecoderSettings):
+    mode: Literal["federated", "split"] = Field("federated", description="federated classifier or split decoder")
     rounds: int = Field(5, ge=1, description="federated rounds to run")
     min_agents: int = Field(1, ge=1, description="quorum: a round needs this many updates")
     expected_agents: int = Field(0, ge=0, description="wait for this many agents before round 1 (0: min_agents)")
@@ -25,6 +27,13 @@ class AggregatorSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings):
     eval_batch_size: int = Field(64, ge=1)
     max_update_bytes: int = Field(16 * 1024 * 1024, gt=0, description="refuse larger update frames")
     seed: int = 0
+    # split mode
+    split_lr: float = Field(1e-3, gt=0, description="the server tail's LoRA learning rate")
+    split_max_tokens: int = Field(65536, ge=1, description="token budget of one server micro-batch")
+    split_batch_window_ms: float = Field(20, ge=0, description="wait this long for other agents' activations")
+    eval_sequences: int = Field(64, ge=1, description="held-out sequences for perplexity")
+    device: str = Field("", description="torch device of the split server ('' = cuda if present, else cpu)")
+    max_activation_bytes: int = Field(256 * 1024 * 1024, gt=0, description="refuse larger split frames")
 
     @model_validator(mode="after")
     def _quorum(self):

@@ -80,6 +80,34 @@ class GlobalAdapter(Message):
     loss: float | None = None
 
 
+class SplitForward(Message):
+    """Split learning request: activations at the cut for one step of one agent.
+
+    Tensors: "act" (B, T, C) in `encoding` (+ "act_scale" for int8), "attention_mask" (B, T)
+    int8 and "labels" (B, T) int64 (-100 where no loss). Travels with MQTT 5 ResponseTopic
+    and CorrelationData; `step` is also the correlation key, so 3.1.1 brokers work too.
+    """
+
+    kind: Literal["split_fwd"] = "split_fwd"
+    agent_id: str = Field(pattern=AGENT_ID_PATTERN)
+    step: int = Field(ge=0)
+    encoding: Literal["fp32", "fp16", "int8"] = "fp32"
+    head_version: int = Field(default=0, ge=0)
+
+
+class SplitGradient(Message):
+    """Split learning reply: the gradient at the cut ("grad", same encoding) and the loss."""
+
+    kind: Literal["split_grad"] = "split_grad"
+    agent_id: str = Field(pattern=AGENT_ID_PATTERN)
+    step: int = Field(ge=0)
+    encoding: Literal["fp32", "fp16", "int8"] = "fp32"
+    loss: float
+    tokens: int = Field(ge=0)
+    server_step: int = Field(ge=0)
+    cached: bool = False
+
+
 M = TypeVar("M", bound=Message)
 
 

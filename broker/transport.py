@@ -9,11 +9,14 @@ Incoming messages land in `self.inbox` (a queue.Queue); the service loops read i
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import socket
 import ssl
+import struct
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -23,6 +26,72 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 log = logging.getLogger(__name__)
+
+
+# Frames above the broker's max_packet_size travel as chunks: b"ETK\0", a 16-byte message id,
+# index and count (u32), the whole length (u64), then the bytes. The receiver reassembles them
+# before anything else sees the frame, whose own sha256 then checks the whole.
+CHUNK_MAGIC = b"ETK\x00"
+_CHUNK = struct.Struct(">4s16sIIQ")
+DEFAULT_MAX_PAYLOAD = 4 * 1024 * 1024 - 64 * 1024  # under mosquitto.conf's max_packet_size
+MAX_PENDING_CHUNK_BYTES = 512 * 1024 * 1024
+CHUNK_TTL_S = 120.0
+
+
+def split_chunks(payload: bytes, max_payload: int) -> list[bytes]:
+    if len(payload) <= max_payload:
+        return [payload]
+    body = max_payload - _CHUNK.size
+    msg_id = os.urandom(16)
+    count = (len(payload) + body - 1) // body
+    return [
+        _CHUNK.pack(CHUNK_MAGIC, msg_id, i, count, len(payload)) + payload[i * body : (i + 1) * body]
+        for i in range(count)
+    ]
+
+
+class Reassembler:
+    """Collects chunks per (topic, message id); returns the whole payload when complete."""
+
+    def __init__(self, max_pending: int = MAX_PENDING_CHUNK_BYTES, ttl: float = CHUNK_TTL_S) -> None:
+        self._parts: dict[tuple[str, bytes], dict] = {}
+        self._bytes = 0
+        self.max_pending, self.ttl = max_pending, ttl
+        self.dropped = 0
+
+    def add(self, topic: str, data: bytes) -> bytes | None:
+        now = time.monotonic()
+        for key in [k for k, v in self._parts.items() if now - v["t"] > self.ttl]:
+            self._drop(key)
+        if len(data) < _CHUNK.size:
+            self.dropped += 1
+            return None
+        _, mid, idx, count, total = _CHUNK.unpack_from(data)
+        if count == 0 or idx >= count or total > self.max_pending:
+            self.dropped += 1
+            return None
+        key = (topic, mid)
+        entry = self._parts.setdefault(key, {"t": now, "count": count, "total": total, "parts": {}, "bytes": 0})
+        if entry["count"] != count or entry["total"] != total or idx in entry["parts"]:
+            return None  # inconsistent or a redelivered chunk
+        chunk = data[_CHUNK.size :]
+        if self._bytes + len(chunk) > self.max_pending:
+            self._drop(key)
+            self.dropped += 1
+            return None
+        entry["parts"][idx] = chunk
+        entry["bytes"] += len(chunk)
+        self._bytes += len(chunk)
+        if len(entry["parts"]) < count:
+            return None
+        self._drop(key)
+        whole = b"".join(entry["parts"][i] for i in range(count))
+        return whole if len(whole) == total else None
+
+    def _drop(self, key) -> None:
+        entry = self._parts.pop(key, None)
+        if entry:
+            self._bytes -= entry["bytes"]
 
 
 class BrokerError(Exception):
@@ -81,10 +150,15 @@ class MqttTransport:
         keepalive: int = 30,
         on_state: "callable | None" = None,
         protocol: int = 5,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
     ) -> None:
         self.client_id = client_id
         self.address = BrokerAddress.parse(broker_url)
         self.inbox: queue.Queue[Incoming] = queue.Queue()
+        self.max_payload = max_payload
+        self._reassembler = Reassembler()
+        self._waiting: dict[bytes, Future] = {}  # correlation -> Future of the reply
+        self._waiting_lock = threading.Lock()
         self._filters: dict[str, int] = {}
         self._connected = threading.Event()
         self._refused: str | None = None
@@ -148,7 +222,19 @@ class MqttTransport:
         props = getattr(msg, "properties", None)
         corr = getattr(props, "CorrelationData", None) if props is not None else None
         resp = getattr(props, "ResponseTopic", None) if props is not None else None
-        self.inbox.put(Incoming(msg.topic, msg.payload, bool(msg.retain), corr, resp))
+        payload = msg.payload
+        if payload[:4] == CHUNK_MAGIC:
+            payload = self._reassembler.add(msg.topic, payload)
+            if payload is None:
+                return
+        m = Incoming(msg.topic, payload, bool(msg.retain), corr, resp)
+        if corr is not None:
+            with self._waiting_lock:
+                fut = self._waiting.pop(corr, None)
+            if fut is not None:
+                fut.set_result(m)  # a reply someone is waiting for
+                return
+        self.inbox.put(m)
 
     # -- API ---------------------------------------------------------------------------------
     @property
@@ -217,10 +303,25 @@ class MqttTransport:
                 props.CorrelationData = correlation
             if response_topic is not None:
                 props.ResponseTopic = response_topic
-        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        chunks = split_chunks(payload, self.max_payload)
+        if len(chunks) > 1 and retain:
+            raise ValueError(f"a retained message must fit in one packet ({len(payload)} > {self.max_payload} bytes)")
+        for chunk in chunks:
+            info = self._client.publish(topic, chunk, qos=qos, retain=retain, properties=props)
         if wait:
             info.wait_for_publish(timeout)
         return info
+
+    def expect_reply(self, correlation: bytes) -> Future:
+        """A Future resolved (on paho's thread) by the next message carrying this correlation."""
+        fut: Future = Future()
+        with self._waiting_lock:
+            self._waiting[correlation] = fut
+        return fut
+
+    def forget_reply(self, correlation: bytes) -> None:
+        with self._waiting_lock:
+            self._waiting.pop(correlation, None)
 
     def get(self, timeout: float | None = None) -> Incoming | None:
         try:

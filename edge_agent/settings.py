@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import socket
+from typing import Literal
 
 from pydantic import Field, model_validator
 
 from broker.messages import AGENT_ID_PATTERN
 from broker.settings import ConnectionSettings, EdgeTuneSettings
 from data.partition import PARTITIONERS
-from models.settings import ModelSettings
+from models.settings import DecoderSettings, ModelSettings
 
 
-class AgentSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings):
+class AgentSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings, DecoderSettings):
+    mode: Literal["federated", "split"] = Field("federated", description="federated classifier or split decoder")
     agent_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0][:64], pattern=AGENT_ID_PATTERN)
     # where the demo agent's examples come from: one shard of the shipped data set
     partition: str = Field("by-domain", description=f"one of {', '.join(PARTITIONERS)}")
@@ -27,6 +29,12 @@ class AgentSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings):
     prox_mu: float = Field(0.0, ge=0, description="FedProx proximal weight (0: plain FedAvg)")
     train_seed: int = 0
     state_dir: str | None = Field(None, description="outbox and local store; unset: no durable state")
+    # split mode
+    split_encoding: Literal["fp32", "fp16", "int8"] = Field("fp32", description="activation/gradient encoding")
+    split_batch_size: int = Field(8, ge=1, description="sequences per split step")
+    split_lr: float = Field(1e-3, gt=0, description="the head's LoRA learning rate")
+    split_timeout_s: float = Field(60, gt=0, description="wait this long for a gradient, then resend")
+    split_retries: int = Field(5, ge=0, description="resends before the step fails")
 
     @model_validator(mode="after")
     def _index(self):

@@ -27,10 +27,20 @@ def run(
     output: Path = typer.Option(Path("runs/latest"), help="metrics, checkpoints, logs and the plot go here"),
     eval_limit: int = typer.Option(0, min=0, help="evaluate on the first N held-out examples (0: all)"),
     seed: int = typer.Option(0),
+    mode: str = typer.Option("federated", help="federated (edge classifier) or split (decoder cut between agent and server)"),
+    encoding: str = typer.Option("fp32", help="split mode: activation/gradient encoding fp32, fp16 or int8"),
+    split_model: str = typer.Option("gpt2-config", help="split mode: gpt2-config, smollm2, or a model folder"),
+    split_layers: int = typer.Option(6, help="split mode, gpt2-config: blocks"),
+    split_embd: int = typer.Option(256, help="split mode, gpt2-config: hidden size"),
+    cut: int = typer.Option(2, help="split mode: blocks on the agent"),
+    seq_len: int = typer.Option(64, help="split mode: tokens per sequence"),
 ) -> None:
-    """A local federated run: embedded broker, the aggregator and N agents on this machine."""
+    """A local run: embedded broker, the aggregator and N agents on this machine."""
     from data.partition import PARTITIONERS
 
+    if mode not in ("federated", "split"):
+        typer.echo(f"error: --mode {mode!r}: choose federated or split", err=True)
+        raise typer.Exit(2)
     if partition not in PARTITIONERS:
         typer.echo(f"error: --partition {partition!r}: choose one of {', '.join(PARTITIONERS)}", err=True)
         raise typer.Exit(2)
@@ -39,15 +49,18 @@ def run(
 
     opts = RunOptions(agents=agents, rounds=rounds, local_epochs=local_epochs, max_local_steps=max_local_steps,
                       partition=partition, strategy=strategy, broker_url=broker, output=output,
-                      eval_limit=eval_limit, seed=seed)
+                      eval_limit=eval_limit, seed=seed, mode=mode, split_encoding=encoding, split_model=split_model,
+                      split_n_layer=split_layers, split_n_embd=split_embd, split_n_head=max(1, split_embd // 64),
+                      split_cut=cut, seq_len=seq_len)
     try:
         summary = run_local(opts, echo=typer.echo)
     except (BrokerUnavailable, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
-    rows = [r for r in summary["rounds"] if "accuracy" in r]
+    key = "perplexity" if mode == "split" else "accuracy"
+    rows = [r for r in summary["rounds"] if key in r]
     if rows:
-        typer.echo(f"\naccuracy {rows[0]['accuracy']:.4f} -> {rows[-1]['accuracy']:.4f} in {summary['seconds']:.0f}s")
+        typer.echo(f"\n{key} {rows[0][key]:.4f} -> {rows[-1][key]:.4f} in {summary['seconds']:.0f}s")
         typer.echo(f"metrics: {Path(summary['output']) / 'aggregator' / 'metrics.jsonl'}")
         typer.echo(f"plot:    {summary.get('plot')}")
         typer.echo(f"adapter: {Path(summary['output']) / 'aggregator' / 'checkpoints'} (peft format)")

@@ -35,6 +35,15 @@ class RunOptions:
     batch_size: int = 32
     seed: int = 0
     fleet: str = "local"
+    mode: str = "federated"
+    split_encoding: str = "fp32"
+    split_model: str = "gpt2-config"
+    split_n_layer: int = 6
+    split_n_embd: int = 256
+    split_n_head: int = 4
+    split_cut: int = 2
+    seq_len: int = 64
+    split_batch_size: int = 8
     extra_env: dict = field(default_factory=dict)
 
 
@@ -52,6 +61,13 @@ def _env(opts: RunOptions, broker_url: str, protocol: int) -> dict:
         "PYTHONUNBUFFERED": "1",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     })
+    if opts.mode == "split":
+        env.update({
+            "EDGETUNE_MODE": "split", "EDGETUNE_SPLIT_MODEL": opts.split_model,
+            "EDGETUNE_SPLIT_N_LAYER": str(opts.split_n_layer), "EDGETUNE_SPLIT_N_EMBD": str(opts.split_n_embd),
+            "EDGETUNE_SPLIT_N_HEAD": str(opts.split_n_head), "EDGETUNE_SPLIT_CUT": str(opts.split_cut),
+            "EDGETUNE_SEQ_LEN": str(opts.seq_len),
+        })
     env.update(opts.extra_env)
     return env
 
@@ -59,11 +75,12 @@ def _env(opts: RunOptions, broker_url: str, protocol: int) -> dict:
 def _progress(row: dict) -> str:
     if row.get("outcome") == "failed":
         return f"round {row['round']}: FAILED ({len(row.get('answered', []))} answered, dropped {row.get('dropped')})"
-    line = f"round {row['round']:>2}: accuracy {row['accuracy']:.4f}  loss {row['loss']:.4f}  global v{row['version']}"
+    score = f"accuracy {row['accuracy']:.4f}" if "accuracy" in row else f"perplexity {row['perplexity']:.1f}"
+    line = f"round {row['round']:>2}: {score}  loss {row['loss']:.4f}  global v{row['version']}"
     if row["round"]:
         line += f"  ({len(row['answered'])}/{len(row['selected'])} agents, {row['duration_s']:.0f}s)"
     else:
-        line += "  (initial global: untrained head)"
+        line += "  (initial global)"
     return line
 
 
@@ -74,14 +91,18 @@ def plot_accuracy(metrics_file: Path, png: Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "accuracy" in r]
+    key = "accuracy" if any("accuracy" in r for r in rows) else "perplexity"
+    rows = [r for r in rows if key in r]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], marker="o")
+    ax.plot([r["round"] for r in rows], [r[key] for r in rows], marker="o")
     ax.set_xlabel("round")
-    ax.set_ylabel("global held-out accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"global held-out {key}")
+    if key == "accuracy":
+        ax.set_ylim(0, 1)
+    else:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.set_title(title or "EdgeTune: global accuracy per round")
+    ax.set_title(title or f"EdgeTune: global {key} per round")
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
@@ -133,6 +154,8 @@ def run_local(opts: RunOptions, echo=print) -> dict:
         for i in range(opts.agents):
             aid = f"agent-{i + 1}"
             a_env = dict(env, EDGETUNE_AGENT_ID=aid, EDGETUNE_PARTITION=opts.partition,
+                         EDGETUNE_SPLIT_ENCODING=opts.split_encoding,
+                         EDGETUNE_SPLIT_BATCH_SIZE=str(opts.split_batch_size),
                          EDGETUNE_NUM_PARTITIONS=str(opts.agents), EDGETUNE_PARTITION_INDEX=str(i),
                          EDGETUNE_PARTITION_SEED=str(opts.seed), EDGETUNE_LR=str(opts.lr),
                          EDGETUNE_BATCH_SIZE=str(opts.batch_size), EDGETUNE_TRAIN_SEED=str(opts.seed + i))
@@ -181,8 +204,9 @@ def run_local(opts: RunOptions, echo=print) -> dict:
     rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()] if metrics_file.exists() else []
     summary = {"rounds": rows, "seconds": time.time() - t0, "output": str(out)}
     if rows:
-        png = plot_accuracy(metrics_file, out / "accuracy.png",
-                            f"{opts.agents} agents, {opts.partition}, {opts.strategy}")
+        what = f"split {opts.split_encoding}" if opts.mode == "split" else opts.strategy
+        png = plot_accuracy(metrics_file, out / ("perplexity.png" if opts.mode == "split" else "accuracy.png"),
+                            f"{opts.agents} agents, {opts.partition}, {what}")
         summary["plot"] = str(png)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

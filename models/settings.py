@@ -26,3 +26,23 @@ class ModelSettings(BaseModel):
             max_length=self.max_length,
             seed=self.model_seed,
         )
+
+
+class DecoderSettings(BaseModel):
+    """Split mode: the decoder, where it is cut, and the sequences it trains on."""
+
+    split_model: str = Field("gpt2-config", description="gpt2-config (GPT-2 architecture, random init), "
+                             "smollm2, or a local folder / hub name of a GPT-2 or Llama-family checkpoint")
+    split_cut: int = Field(3, ge=1, description="decoder blocks on the edge")
+    split_n_layer: int = Field(12, ge=2, description="gpt2-config: blocks")
+    split_n_embd: int = Field(768, ge=8, description="gpt2-config: hidden size")
+    split_n_head: int = Field(12, ge=1, description="gpt2-config: attention heads")
+    seq_len: int = Field(128, ge=8, le=4096, description="tokens per training sequence")
+    split_seed: int = 0
+
+    def decoder_spec(self):
+        from models.split import DecoderSpec
+
+        return DecoderSpec(model=self.split_model, cut=self.split_cut, n_layer=self.split_n_layer,
+                           n_embd=self.split_n_embd, n_head=self.split_n_head,
+                           n_positions=max(1024, self.seq_len), lora_r=8, lora_alpha=16, seed=self.split_seed)

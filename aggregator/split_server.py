@@ -1,0 +1,139 @@
+"""The server side of split learning: the tail's forward, loss and backward over micro-batches.
+
+Pure torch: no broker, no metrics. Requests from many agents are sorted by sequence length,
+packed into micro-batches under a token budget (each padded to its longest member, with the
+padding masked out of attention and loss), run as one forward/backward each, and the shared
+tail LoRA steps once per micro-batch. Each agent gets the gradient of its own mean loss with
+respect to its own activations: exactly what it would get if served alone. A repeated request
+(same agent, same step) is answered from a small per-agent cache and never trained twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from models.split import lm_loss_per_sequence_group
+
+
+@dataclass
+class SplitRequest:
+    agent_id: str
+    step: int
+    act: torch.Tensor  # (B, T, C) float32, on CPU as decoded
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T) int64, -100 = no loss
+    correlation: bytes | None = None
+    response_topic: str | None = None
+    encoding: str = "fp32"
+    received: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class SplitReply:
+    request: SplitRequest
+    grad: torch.Tensor  # (B, T, C) float32 on CPU
+    loss: float
+    tokens: int
+    server_step: int
+    cached: bool = False
+
+
+class SplitServer:
+    def __init__(self, tail, *, lr: float = 1e-3, device: str | torch.device | None = None,
+                 max_tokens: int = 65536, cache_per_agent: int = 4, autocast_dtype: torch.dtype | None = None) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tail = tail.to(self.device)
+        self.tail.train()
+        self.params = [p for p in self.tail.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=lr)
+        self.max_tokens = max_tokens
+        self.cache_per_agent = cache_per_agent
+        self.autocast_dtype = autocast_dtype
+        self.server_step = 0
+        self._cache: dict[str, OrderedDict[int, SplitReply]] = {}
+
+    # -- cache ------------------------------------------------------------------------------
+    def cached(self, agent_id: str, step: int) -> SplitReply | None:
+        return self._cache.get(agent_id, {}).get(step)
+
+    def _remember(self, r: SplitReply) -> None:
+        c = self._cache.setdefault(r.request.agent_id, OrderedDict())
+        c[r.request.step] = r
+        while len(c) > self.cache_per_agent:
+            c.popitem(last=False)
+
+    # -- batching ---------------------------------------------------------------------------
+    def micro_batches(self, requests: list[SplitRequest]) -> list[list[SplitRequest]]:
+        """Sorted by length, greedily packed while (rows x longest T) stays within max_tokens."""
+        out: list[list[SplitRequest]] = []
+        cur: list[SplitRequest] = []
+        rows = 0
+        for r in sorted(requests, key=lambda r: r.act.shape[1]):
+            b, t = r.act.shape[:2]
+            if cur and (rows + b) * t > self.max_tokens:
+                out.append(cur)
+                cur, rows = [], 0
+            cur.append(r)
+            rows += b
+        if cur:
+            out.append(cur)
+        return out
+
+    def _pad(self, x: torch.Tensor, t: int, value) -> torch.Tensor:
+        if x.shape[1] == t:
+            return x
+        pad_shape = (x.shape[0], t - x.shape[1], *x.shape[2:])
+        return torch.cat([x, torch.full(pad_shape, value, dtype=x.dtype)], dim=1)
+
+    def _run(self, batch: list[SplitRequest]) -> list[SplitReply]:
+        t_max = max(r.act.shape[1] for r in batch)
+        dev = self.device
+        acts = torch.cat([self._pad(r.act, t_max, 0.0) for r in batch]).to(dev, non_blocking=True)
+        mask = torch.cat([self._pad(r.attention_mask.long(), t_max, 0) for r in batch]).to(dev, non_blocking=True)
+        labels = torch.cat([self._pad(r.labels, t_max, -100) for r in batch]).to(dev, non_blocking=True)
+        acts.requires_grad_(True)
+        groups, start = [], 0
+        for r in batch:
+            groups.append(slice(start, start + r.act.shape[0]))
+            start += r.act.shape[0]
+        with torch.autocast(dev.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            logits = self.tail(acts, mask)  # (sum B, T, V)
+        losses = lm_loss_per_sequence_group(logits, labels, groups)
+        total = torch.stack(losses).sum()
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()  # d total / d act_i = d loss_i / d act_i for every agent i
+        n = len(batch)
+        for p in self.params:  # the tail steps on the mean of the agents' losses
+            if p.grad is not None:
+                p.grad.div_(n)
+        self.opt.step()
+        self.server_step += 1
+        grads = acts.grad.detach()
+        replies = []
+        for r, g, loss in zip(batch, groups, losses):
+            t = r.act.shape[1]
+            tokens = int((r.labels[:, 1:] != -100).sum())
+            replies.append(SplitReply(r, grads[g, :t].float().cpu(), float(loss.detach()), tokens, self.server_step))
+        return replies
+
+    def serve(self, requests: list[SplitRequest]) -> list[SplitReply]:
+        """Answer every request: from the cache if seen before, else by training on it."""
+        replies, fresh, seen = [], [], set()
+        for r in requests:
+            key = (r.agent_id, r.step)
+            hit = self.cached(*key)
+            if hit is not None or key in seen:
+                if hit is not None:
+                    replies.append(SplitReply(r, hit.grad, hit.loss, hit.tokens, hit.server_step, cached=True))
+                continue  # a duplicate within this batch: the first copy answers it
+            seen.add(key)
+            fresh.append(r)
+        for batch in self.micro_batches(fresh):
+            for rep in self._run(batch):
+                self._remember(rep)
+                replies.append(rep)
+        return replies

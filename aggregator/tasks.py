@@ -1,0 +1,150 @@
+"""What the aggregator trains and evaluates, per learning mode, behind one small interface.
+
+The service (I/O) asks a task for the global adapter state, hands it an aggregated state,
+asks it to evaluate and to checkpoint. `ClassifierTask` is the federated edge classifier;
+`SplitLMTask` is split learning of a decoder, whose federated "global adapter" is the agents'
+head adapter and whose tail lives here, trained by the split server.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from aggregator.checkpoint import latest_checkpoint, load_checkpoint_state, save_base, save_checkpoint
+from models.classifier import adapter_state, load_adapter_state
+
+
+class ClassifierTask:
+    kind = "federated"
+
+    def __init__(self, settings, out: Path) -> None:
+        from data.sentiment import train_test_split
+        from models.classifier import build_classifier, load_tokenizer
+
+        self.s = settings
+        self.out = out
+        spec = settings.classifier_spec()
+        self.model = build_classifier(spec).eval()
+        self.tokenizer = load_tokenizer(spec)
+        _, test = train_test_split()
+        if settings.eval_limit and settings.eval_limit < len(test):  # a fixed random subset, all domains
+            test = random.Random(settings.seed).sample(test, settings.eval_limit)
+        self.test = test
+        self.base_path = save_base(self.model, self.tokenizer, out)
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return adapter_state(self.model)
+
+    def load_global(self, state: dict[str, torch.Tensor]) -> None:
+        load_adapter_state(self.model, state)
+
+    def evaluate(self) -> dict:
+        from models.train import evaluate
+
+        r = evaluate(self.model, self.tokenizer, self.test, batch_size=self.s.eval_batch_size, max_length=self.s.max_length)
+        return {"accuracy": r.accuracy, "loss": r.loss, "eval_examples": r.n}
+
+    def checkpoint(self, round_number: int, version: int, extra: dict) -> Path:
+        return save_checkpoint(self.model, self.out, round_number=round_number, version=version, extra=extra,
+                               base_path=self.base_path)
+
+    def resume(self):
+        ck = latest_checkpoint(self.out)
+        if ck is not None:
+            self.load_global(load_checkpoint_state(ck.path))
+        return ck
+
+
+class SplitLMTask:
+    """Split learning: the edge head's adapter is federated; the tail is trained here."""
+
+    kind = "split"
+
+    def __init__(self, settings, out: Path) -> None:
+        from aggregator.split_server import SplitServer
+        from data.corpus import lm_split, token_blocks
+        from models.split import add_lora, family_of, load_full_model, load_tokenizer, lora_targets, split_model
+
+        self.s = settings
+        self.out = out
+        self.spec = settings.decoder_spec()
+        full = load_full_model(self.spec)
+        self.family = family_of(full)
+        self.tokenizer = load_tokenizer(self.spec)
+        targets = lora_targets(full)
+        head, tail = split_model(full, self.spec.cut)
+        torch.manual_seed(self.spec.seed + 1)  # the agents' head LoRA init
+        self.head = add_lora(head, targets, self.spec.lora_r, self.spec.lora_alpha).eval()
+        torch.manual_seed(self.spec.seed + 2)
+        tail = add_lora(tail, targets, self.spec.lora_r, self.spec.lora_alpha)
+        self.server = SplitServer(tail, lr=settings.split_lr, max_tokens=settings.split_max_tokens,
+                                  device=settings.device or None)
+        self.head.to(self.server.device)
+        # the unsplit model with LoRA, used only to save checkpoints as one ordinary peft adapter
+        base_dir = out / "base_model"
+        if not (base_dir / "config.json").exists():
+            full.save_pretrained(base_dir)
+            self.tokenizer.save_pretrained(base_dir)
+        self.base_path = base_dir
+        self.whole = add_lora(full, targets, self.spec.lora_r, self.spec.lora_alpha)
+        _, test = lm_split()
+        self.test_blocks = token_blocks(self.tokenizer, test, settings.seq_len, max_blocks=settings.eval_sequences)
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in adapter_state(self.head).items()}
+
+    def load_global(self, state: dict[str, torch.Tensor]) -> None:
+        load_adapter_state(self.head, state)
+
+    def tail_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in adapter_state(self.server.tail).items()}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        from models.split import causal_lm_labels, lm_loss_per_sequence_group
+
+        dev = self.server.device
+        self.server.tail.eval()
+        total, tokens = 0.0, 0
+        try:
+            for i in range(0, len(self.test_blocks), 8):
+                ids = self.test_blocks[i : i + 8].to(dev)
+                mask = torch.ones_like(ids)
+                logits = self.server.tail(self.head(ids, mask), mask)
+                (loss,) = lm_loss_per_sequence_group(logits, causal_lm_labels(ids, mask), [slice(0, len(ids))])
+                n = ids.numel() - len(ids)
+                total += float(loss) * n
+                tokens += n
+        finally:
+            self.server.tail.train()
+        loss = total / max(tokens, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "eval_tokens": tokens}
+
+    def checkpoint(self, round_number: int, version: int, extra: dict) -> Path:
+        from models.split import full_adapter_state
+
+        full = full_adapter_state(self.global_state(), self.tail_state(), self.family, self.spec.cut)
+        load_adapter_state(self.whole, full)
+        path = save_checkpoint(self.whole, self.out, round_number=round_number, version=version, extra=extra,
+                               base_path=self.base_path)
+        save_file(self.global_state(), str(path / "split_head.safetensors"))
+        save_file(self.tail_state(), str(path / "split_tail.safetensors"))
+        return path
+
+    def resume(self):
+        ck = latest_checkpoint(self.out)
+        if ck is not None:
+            self.load_global(load_file(str(ck.path / "split_head.safetensors")))
+            load_adapter_state(self.server.tail, load_file(str(ck.path / "split_tail.safetensors")))
+        return ck
+
+
+def make_task(settings, out: Path):
+    if settings.mode == "split":
+        return SplitLMTask(settings, out)
+    return ClassifierTask(settings, out)

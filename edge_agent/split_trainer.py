@@ -1,0 +1,89 @@
+"""The agent's side of split learning: head forward, activations out, gradient in, backward.
+
+`request(step, header_fields, tensors) -> (SplitGradient, tensors)` is handed in by the runner
+(it owns the transport); this class never touches MQTT.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from broker import activations
+from edge_agent.trainer import LocalUpdate
+from models.classifier import adapter_state, load_adapter_state
+from models.split import DecoderSpec, add_lora, causal_lm_labels, load_full_model, load_tokenizer, lora_targets, split_model
+from models.train import TrainResult
+
+RequestFn = Callable[[int, str, dict], tuple]  # (step, encoding, tensors) -> (SplitGradient, tensors)
+
+
+class SplitTrainer:
+    def __init__(self, spec: DecoderSpec, request: RequestFn, *, lr: float = 1e-3, batch_size: int = 8,
+                 encoding: str = "fp32", seed: int = 0) -> None:
+        full = load_full_model(spec)
+        targets = lora_targets(full)
+        head, _ = split_model(full, spec.cut)
+        del full
+        torch.manual_seed(spec.seed + 1)  # the same head LoRA init as the aggregator's
+        self.model = add_lora(head, targets, spec.lora_r, spec.lora_alpha)
+        self.tokenizer = load_tokenizer(spec)
+        self.spec = spec
+        self.request = request
+        self.lr, self.batch_size, self.encoding, self.seed = lr, batch_size, encoding, seed
+        self.global_version = -1
+        self.step = 0  # this agent's split step counter: the request id the server caches by
+        self.last_server_loss: float | None = None
+
+    def load_global(self, state: dict[str, torch.Tensor], version: int) -> None:
+        load_adapter_state(self.model, state)
+        self.global_version = version
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return adapter_state(self.model)
+
+    def split_step(self, ids: torch.Tensor, opt: torch.optim.Optimizer) -> float:
+        """One step: (B, T) token ids -> head -> server -> gradient -> head update. Returns the loss."""
+        mask = torch.ones_like(ids)
+        labels = causal_lm_labels(ids, mask)
+        act = self.model(ids, mask)  # (B, T, C) activation at the cut
+        tensors = activations.encode(act, self.encoding, "act")
+        tensors["attention_mask"] = mask.to(torch.int8)
+        tensors["labels"] = labels
+        reply, rt = self.request(self.step, self.encoding, tensors)
+        grad = activations.decode(rt, reply.encoding, "grad")
+        if grad.shape != act.shape:
+            raise ValueError(f"server gradient shape {tuple(grad.shape)} != activation {tuple(act.shape)}")
+        opt.zero_grad(set_to_none=True)
+        act.backward(grad)
+        opt.step()
+        self.step += 1
+        return reply.loss
+
+    def train(self, blocks: torch.Tensor, *, epochs: int, max_steps: int, round_number: int,
+              should_stop: Callable[[], bool] | None = None) -> LocalUpdate:
+        """Split steps over this agent's (N, T) token blocks, at most `max_steps`."""
+        self.model.train()
+        opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.lr)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + round_number)
+        steps = seen = 0
+        total = 0.0
+        t0 = time.perf_counter()
+        done = False
+        for _ in range(epochs):
+            order = torch.randperm(len(blocks), generator=g)
+            for i in range(0, len(order), self.batch_size):
+                ids = blocks[order[i : i + self.batch_size]]
+                total += self.split_step(ids, opt)
+                steps += 1
+                seen += len(ids)
+                if (max_steps and steps >= max_steps) or (should_stop and should_stop()):
+                    done = True
+                    break
+            if done:
+                break
+        self.model.eval()
+        return LocalUpdate(self.state(), max(min(seen, len(blocks)), 1),
+                           TrainResult(steps, seen, total / max(steps, 1), time.perf_counter() - t0))
