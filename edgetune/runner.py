@@ -67,6 +67,8 @@ def _env(opts: RunOptions, broker_url: str, protocol: int) -> dict:
             "EDGETUNE_SPLIT_N_LAYER": str(opts.split_n_layer), "EDGETUNE_SPLIT_N_EMBD": str(opts.split_n_embd),
             "EDGETUNE_SPLIT_N_HEAD": str(opts.split_n_head), "EDGETUNE_SPLIT_CUT": str(opts.split_cut),
             "EDGETUNE_SEQ_LEN": str(opts.seq_len),
+            # LoRA on a randomly initialised GPT-2 needs a larger step than fine-tuning a checkpoint
+            "EDGETUNE_SPLIT_LR": "1e-2" if opts.split_model == "gpt2-config" else "1e-3",
         })
     env.update(opts.extra_env)
     return env
