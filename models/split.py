@@ -218,15 +218,17 @@ def lm_loss_per_sequence_group(logits: torch.Tensor, labels: torch.Tensor, group
     """Mean next-token cross-entropy of each group of rows (one group per agent request).
 
     logits (B, T, V), labels (B, T) with -100 where no loss; the shift is done here, as in
-    transformers' causal LM loss, so a group alone gives exactly the model's own loss.
+    transformers' causal LM loss, so a group alone gives exactly the model's own loss. The
+    token losses are computed once for the whole batch and then summed per group.
     """
-    shift_logits = logits[:, :-1, :]
-    shift_labels = labels[:, 1:]
+    B, T, V = logits.shape
+    shift_labels = labels[:, 1:]  # (B, T-1)
+    tok = F.cross_entropy(logits[:, :-1, :].reshape(-1, V).float(), shift_labels.reshape(-1),
+                          ignore_index=-100, reduction="none").view(B, T - 1)
+    valid = (shift_labels != -100)
     losses = []
     for g in groups:
-        lg = shift_logits[g].reshape(-1, shift_logits.size(-1))
-        lb = shift_labels[g].reshape(-1)
-        losses.append(F.cross_entropy(lg.float(), lb, ignore_index=-100, reduction="mean"))
+        losses.append(tok[g].sum() / valid[g].sum().clamp_min(1))
     return losses
 
 
