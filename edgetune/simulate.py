@@ -17,9 +17,9 @@ Modes (`SimConfig.mode`):
     independent  each agent trains its own adapter and never aggregates; a round's accuracy
                  is the mean over agents of their own model's held-out accuracy (per-agent
                  numbers in the row's "agents")
-    centralized  one model on the pooled training data, with per round as many optimizer
-                 steps of the same batch size as the round's agents took together (so the same
-                 number of examples seen, up to short last batches)
+    centralized  one model on the pooled training data; each round it sees exactly as many
+                 examples as the round's agents saw together (a seeded sample of the pool, one
+                 pass in batches of batch_size, from a fresh AdamW as the agents' rounds do)
     async        FedBuff (AsyncBuffer): agents of different speeds (`speeds`, seconds per local
                  step, simulated time) train from whatever global is current when they start
                  and send when done; every `buffer_size` updates make a server step (a
@@ -129,6 +129,7 @@ class SimConfig:
     data: str | None = None  # None: VADER; else a .jsonl/.csv file with text, label[, domain]
     train_limit: int = 0  # use a seeded sample of this many training examples (0: all)
     eval_limit: int = 0  # and of this many held-out examples (0: all)
+    data_seed: int = 0  # seeds those two samples (apart from `seed`, so runs of other seeds share data)
     eval_agents: bool = False  # also evaluate every agent's local model (always in "independent")
     seed: int = 0
     output: Path | None = None  # metrics.jsonl and accuracy.png go here (None: nowhere)
@@ -253,10 +254,10 @@ def load_splits(cfg: SimConfig) -> tuple[list[Example], list[Example]]:
     examples = load_examples(cfg.data) if cfg.data else None
     train, test = train_test_split(examples)
     if cfg.train_limit and cfg.train_limit < len(train):
-        keep = sorted(random.Random(f"{cfg.seed}:train").sample(range(len(train)), cfg.train_limit))
+        keep = sorted(random.Random(f"{cfg.data_seed}:train").sample(range(len(train)), cfg.train_limit))
         train = [train[i] for i in keep]
     if cfg.eval_limit and cfg.eval_limit < len(test):
-        keep = sorted(random.Random(f"{cfg.seed}:eval").sample(range(len(test)), cfg.eval_limit))
+        keep = sorted(random.Random(f"{cfg.data_seed}:eval").sample(range(len(test)), cfg.eval_limit))
         test = [test[i] for i in keep]
     if not train or not test:
         raise SimulationError(f"need training and held-out examples, got {len(train)} and {len(test)}")
@@ -411,22 +412,35 @@ class _Tensors:
         return len(self.y)
 
 
+class _OneThread:
+    """Run tiny tensor ops on one thread: with a (384, 384) layer the OpenMP fork/join costs
+    more than the work, and on busy shared cores 2 threads made a step 10x slower."""
+
+    def __enter__(self) -> None:
+        self._n = torch.get_num_threads()
+        if self._n != 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        if self._n != 1:
+            torch.set_num_threads(self._n)
+
+
 class HeadBackend:
     """The cached-feature model (see the module docstring)."""
 
     kind = "head"
 
-    def __init__(self, spec: ClassifierSpec, examples: Sequence[Example], *, cache_dir: Path | None = None,
+    def __init__(self, spec: ClassifierSpec, examples: Sequence[Example] = (), *, cache_dir: Path | None = None,
                  device: str = "cpu", log: Callable[[str], None] | None = None) -> None:
         from peft import LoraConfig, get_peft_model
 
-        self.spec = spec
-        uniq = list(dict.fromkeys(e.text for e in examples))
-        feats = sentence_features(spec, uniq, cache_dir=cache_dir, device=device, log=log)
-        self._row = {t: i for i, t in enumerate(uniq)}
-        self._x = feats
+        self.spec, self.cache_dir, self.device, self.log = spec, cache_dir, device, log
+        self._row: dict[str, int] = {}
+        self._x = torch.zeros(0)
+        self._add_texts([e.text for e in examples])
         torch.manual_seed(spec.seed)  # the new classifier: the same init in every process
-        head = HeadModule(feats.shape[1], spec.num_labels)
+        head = HeadModule(self.hidden, spec.num_labels)
         init = _pooler_init(spec)
         if init is not None and tuple(init["weight"].shape) == tuple(head.dense.weight.shape):
             head.dense.load_state_dict(init)
@@ -436,7 +450,30 @@ class HeadBackend:
         self.model.eval()
         self.initial_state = self.state()
 
+    @property
+    def hidden(self) -> int:
+        if not len(self._row):
+            from transformers import AutoConfig
+
+            from models.classifier import resolve_model
+
+            return AutoConfig.from_pretrained(resolve_model(self.spec.model)).hidden_size
+        return self._x.shape[1]
+
+    def _add_texts(self, texts: Iterable[str]) -> None:
+        new = list(dict.fromkeys(t for t in texts if t not in self._row))
+        if not new:
+            return
+        feats = sentence_features(self.spec, new, cache_dir=self.cache_dir, device=self.device, log=self.log)
+        base = len(self._row)
+        self._x = torch.cat([self._x, feats]) if base else feats
+        for i, t in enumerate(new):
+            self._row[t] = base + i
+
     def data(self, examples: Sequence[Example]) -> _Tensors:
+        """Feature rows and labels for these examples (features computed or read from the cache
+        for texts not seen yet)."""
+        self._add_texts(e.text for e in examples)
         idx = torch.tensor([self._row[e.text] for e in examples], dtype=torch.long)
         return _Tensors(self._x[idx], torch.tensor([e.label for e in examples], dtype=torch.long))
 
@@ -452,6 +489,12 @@ class HeadBackend:
         of `batch_size`, cross-entropy (+ `proximal`), at most `max_steps` steps (0: no cap)."""
         if not len(data):
             raise ValueError("no examples to train on")
+        with _OneThread():
+            return self._train(data, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
+                               proximal=proximal)
+
+    def _train(self, data: _Tensors, *, epochs: int, max_steps: int, batch_size: int, lr: float, seed: int,
+               proximal: Callable[[], torch.Tensor] | None) -> TrainResult:
         model = self.model
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -488,7 +531,8 @@ class HeadBackend:
         if not len(data):
             return EvalResult(math.nan, math.nan, 0)
         self.model.eval()
-        logits = self.model(data.x).float()
+        with _OneThread():
+            logits = self.model(data.x).float()
         return EvalResult(float((logits.argmax(-1) == data.y).float().mean()), float(F.cross_entropy(logits, data.y)), len(data))
 
 
@@ -500,7 +544,7 @@ class FullBackend:
     def __init__(self, spec: ClassifierSpec, examples: Sequence[Example] = (), **_: Any) -> None:
         from models.classifier import build_classifier, load_tokenizer
 
-        self.spec = spec
+        self.spec, self.log = spec, None
         self.model = build_classifier(spec)
         self.model.eval()
         self.tokenizer = load_tokenizer(spec)
@@ -528,14 +572,29 @@ class FullBackend:
         return evaluate(self.model, self.tokenizer, data, max_length=self.spec.max_length)
 
 
-def make_backend(cfg: SimConfig, examples: Sequence[Example], log: Callable[[str], None] | None = None):
+_BACKENDS: dict[tuple, Any] = {}
+
+
+def make_backend(cfg: SimConfig, examples: Sequence[Example] = (), log: Callable[[str], None] | None = None, *,
+                 shared: bool = True):
+    """The model for `cfg` (one instance per process when `shared`: runs reset it to its initial
+    adapter state, so they can follow one another; it is not for concurrent use)."""
     spec = cfg.spec
     labels = {e.label for e in examples}
-    if max(labels) + 1 > spec.num_labels:
+    if labels and max(labels) + 1 > spec.num_labels:
         spec = replace(spec, num_labels=max(labels) + 1)
+    key = (cfg.model, spec, str(cfg.cache_dir), cfg.device)
+    if shared and key in _BACKENDS:
+        backend = _BACKENDS[key]
+        backend.log = log
+        return backend
     if cfg.model == "head":
-        return HeadBackend(spec, examples, cache_dir=cfg.cache_dir, device=cfg.device, log=log)
-    return FullBackend(spec, examples)
+        backend = HeadBackend(spec, examples, cache_dir=cfg.cache_dir, device=cfg.device, log=log)
+    else:
+        backend = FullBackend(spec, examples)
+    if shared:
+        _BACKENDS[key] = backend
+    return backend
 
 
 # -- pure helpers -----------------------------------------------------------------------------------
@@ -583,6 +642,8 @@ class Simulator:
         self.shards = make_shards(cfg, self.train_examples)
         self.agent_ids = [f"agent-{i + 1}" for i in range(cfg.agents)]
         self.backend = backend or make_backend(cfg, self.train_examples + self.test_examples, self.log)
+        if getattr(self.backend, "log", None) is None:
+            self.backend.log = self.log
         self.shard_data = [self.backend.data(s) for s in self.shards]
         self.test_data = self.backend.data(self.test_examples)
         k = cfg.attackers if cfg.attack else 0
@@ -795,23 +856,30 @@ class Simulator:
 
     def _run_centralized(self) -> None:
         cfg = self.cfg
-        pooled = self.backend.data(self.train_examples)
+        n_pool = len(self.train_examples)
         for r in range(1, cfg.rounds + 1):
             t0 = time.perf_counter()
             selected = self._selected(r)
-            plan = [planned_steps(len(self.shards[i]), epochs=cfg.local_epochs, max_steps=cfg.local_steps,
-                                  batch_size=cfg.batch_size) for i in selected]
-            steps = sum(s for s, _ in plan)
+            budget = sum(planned_steps(len(self.shards[i]), epochs=cfg.local_epochs, max_steps=cfg.local_steps,
+                                       batch_size=cfg.batch_size)[1] for i in selected)
+            # exactly `budget` examples of the pooled data (seeded permutations, repeated if needed),
+            # one pass in batches of batch_size
+            rng = random.Random(f"{cfg.seed}:centralized:{r}")
+            picks: list[int] = []
+            while len(picks) < budget:
+                perm = list(range(n_pool))
+                rng.shuffle(perm)
+                picks.extend(perm[: budget - len(picks)])
+            data = self.backend.data([self.train_examples[j] for j in picks])
             self.backend.load(self.global_state)
-            seed = (cfg.seed * 100_003 + r) * 7919
+            seed = self.train_seed(0, r)
             torch.manual_seed(seed)
-            res = self.backend.train(pooled, epochs=max(1, math.ceil(steps * cfg.batch_size / len(pooled)) + 1),
-                                     max_steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)
+            res = self.backend.train(data, epochs=1, max_steps=0, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)
             self.global_state = self.backend.state()
             self.version += 1
-            row = {"round": r, "outcome": "complete", "selected": ["pooled"], "answered": ["pooled"], "dropped": [],
-                   **self._evaluate(), "version": self.version, "num_examples": res.examples_seen,
-                   "federated_examples": sum(e for _, e in plan), "steps": res.steps,
+            row = {"round": r, "outcome": "complete", "selected": [self.agent_ids[i] for i in selected],
+                   "answered": ["pooled"], "dropped": [], **self._evaluate(), "version": self.version,
+                   "num_examples": res.examples_seen, "federated_examples": budget, "steps": res.steps,
                    "train_loss": res.mean_loss, "strategy": "centralized"}
             row["duration_s"] = time.perf_counter() - t0
             self._record(row)
@@ -869,7 +937,8 @@ class Simulator:
                 m["updates"] += 1
                 m["examples"] += a["num_examples"]
                 m["staleness"].append(a["staleness"])
-            row = {"round": buf.version, "outcome": "complete", "answered": [a["agent_id"] for a in applied], "dropped": [],
+            ids = [a["agent_id"] for a in applied]
+            row = {"round": buf.version, "outcome": "complete", "selected": ids, "answered": ids, "dropped": [],
                    **self._evaluate(), "version": buf.version, "num_examples": sum(a["num_examples"] for a in applied),
                    "strategy": "fedbuff", "time": now, "applied": applied,
                    "max_staleness_seen": max(a["staleness"] for a in applied),
@@ -885,6 +954,7 @@ class Simulator:
             j = jobs[job]
             u = ClientUpdate(j["agent"], j.pop("_tensors"), j["num_examples"], base_version=j["base_version"], nonce=j["nonce"])
             copies = 2 if cfg.redeliver and rng.random() < cfg.redeliver else 1
+            j["step"] = buf.version + 1  # the server step that will apply it, if taken
             for c in range(copies):
                 self.async_stats["delivered"] += 1
                 try:
@@ -924,10 +994,10 @@ def compare(configs: Mapping[str, SimConfig], *, output: Path | None = None,
     if not configs:
         raise SimulationError("nothing to compare")
     first = next(iter(configs.values()))
-    key = lambda c: (c.model, c.spec, c.data, c.train_limit, c.eval_limit, c.seed, c.cache_dir, c.device)  # noqa: E731
+    key = lambda c: (c.model, c.spec, c.data, c.train_limit, c.eval_limit, c.data_seed, c.cache_dir, c.device)  # noqa: E731
     for name, c in configs.items():
         if key(c) != key(first):
-            raise SimulationError(f"config {name!r} differs from the first in model, spec, data, limits or seed; "
+            raise SimulationError(f"config {name!r} differs from the first in model, spec, data or data sample; "
                                   "compare runs on one model and one split")
         c.check()
     splits = load_splits(first)
