@@ -83,18 +83,19 @@ class SplitServer:
             out.append(cur)
         return out
 
-    def _pad(self, x: torch.Tensor, t: int, value) -> torch.Tensor:
+    @staticmethod
+    def _pad(x: torch.Tensor, t: int, value) -> torch.Tensor:
         if x.shape[1] == t:
             return x
-        pad_shape = (x.shape[0], t - x.shape[1], *x.shape[2:])
-        return torch.cat([x, torch.full(pad_shape, value, dtype=x.dtype)], dim=1)
+        return torch.cat([x, x.new_full((x.shape[0], t - x.shape[1], *x.shape[2:]), value)], dim=1)
 
     def _run(self, batch: list[SplitRequest]) -> list[SplitReply]:
         t_max = max(r.act.shape[1] for r in batch)
         dev = self.device
-        acts = torch.cat([self._pad(r.act, t_max, 0.0) for r in batch]).to(dev, non_blocking=True)
-        mask = torch.cat([self._pad(r.attention_mask.long(), t_max, 0) for r in batch]).to(dev, non_blocking=True)
-        labels = torch.cat([self._pad(r.labels, t_max, -100) for r in batch]).to(dev, non_blocking=True)
+        # each request goes to the device as it is, then padded and concatenated there
+        acts = torch.cat([self._pad(r.act.to(dev, non_blocking=True), t_max, 0.0) for r in batch])
+        mask = torch.cat([self._pad(r.attention_mask.to(dev, non_blocking=True).long(), t_max, 0) for r in batch])
+        labels = torch.cat([self._pad(r.labels.to(dev, non_blocking=True), t_max, -100) for r in batch])
         acts.requires_grad_(True)
         groups, start = [], 0
         for r in batch:
@@ -112,12 +113,19 @@ class SplitServer:
                 p.grad.div_(n)
         self.opt.step()
         self.server_step += 1
-        grads = acts.grad.detach()
+        # one copy of all gradients back to the host (pinned, on a GPU), then per-agent views
+        grads = acts.grad.detach().float()
+        if dev.type == "cuda":
+            host = torch.empty(grads.shape, dtype=grads.dtype, pin_memory=True)
+            host.copy_(grads, non_blocking=True)
+        else:
+            host = grads
+        loss_values = torch.stack([l.detach() for l in losses]).float().cpu().tolist()  # synchronises
         replies = []
-        for r, g, loss in zip(batch, groups, losses):
+        for r, g, loss in zip(batch, groups, loss_values):
             t = r.act.shape[1]
             tokens = int((r.labels[:, 1:] != -100).sum())
-            replies.append(SplitReply(r, grads[g, :t].float().cpu(), float(loss.detach()), tokens, self.server_step))
+            replies.append(SplitReply(r, host[g, :t], loss, tokens, self.server_step))
         return replies
 
     def serve(self, requests: list[SplitRequest]) -> list[SplitReply]:

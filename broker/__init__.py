@@ -2,7 +2,3 @@
 
 Both sides import from here and nowhere else build a topic string or parse bytes.
 """
-
-from broker.messages import PROTOCOL_VERSION
-
-__all__ = ["PROTOCOL_VERSION"]
