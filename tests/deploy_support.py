@@ -7,10 +7,18 @@ skip silently.
 from __future__ import annotations
 
 import importlib
+import json
 import shutil
 import socket
+import subprocess
 import sys
 import sysconfig
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -99,3 +107,70 @@ def config_lines(text: str) -> list[str]:
         if line and not line.startswith("#"):
             out.append(" ".join(line.split()))
     return out
+
+
+class Prometheus:
+    """A running Prometheus (see `run_prometheus`), queried through its HTTP API."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path) -> None:
+        self.proc, self.port, self.log = proc, port, log
+
+    def log_tail(self, n: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+    def query(self, expr: str, at: float | None = None) -> list[Any] | None:
+        """The result of an instant query (a list of series), or None while Prometheus is not up.
+        A query Prometheus refuses (a syntax error, an unknown function) fails the test."""
+        if self.proc.poll() is not None:
+            pytest.fail(f"prometheus exited with {self.proc.returncode}:\n{self.log_tail()}")
+        params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode(params)
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                body = json.load(r)
+        except urllib.error.HTTPError as e:
+            pytest.fail(f"Prometheus refused {expr!r}: {e.read().decode()}")
+        except OSError:
+            return None  # not up yet
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.query("vector(1)") is None:
+            if time.monotonic() > deadline:
+                pytest.fail(f"prometheus did not answer within {timeout}s:\n{self.log_tail()}")
+            time.sleep(0.2)
+
+
+@contextmanager
+def run_prometheus(
+    binary: str, jobs: dict[str, list[int]], workdir: Path, interval: str = "1s"
+) -> Iterator[Prometheus]:
+    """A real Prometheus (`binary`) on a free loopback port that scrapes 127.0.0.1:PORT/metrics
+    of every port in `jobs` (job name -> ports) every `interval`; stopped on exit."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    lines = [f"global: {{scrape_interval: {interval}, scrape_timeout: {interval}, evaluation_interval: {interval}}}",
+             "scrape_configs:"]
+    for job, ports in jobs.items():
+        targets = ", ".join(f"'127.0.0.1:{p}'" for p in ports)
+        lines.append(f"  - job_name: {job}\n    static_configs: [{{targets: [{targets}]}}]")
+    config = workdir / "prometheus.yml"
+    config.write_text("\n".join(lines) + "\n")
+    port = free_port()
+    log_path = workdir / "prometheus.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        yield Prometheus(proc, port, log_path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
