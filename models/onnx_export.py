@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import re
 import time
 import warnings
 from pathlib import Path
@@ -176,21 +177,53 @@ def export_onnx(
     return onnx_path
 
 
-def quantize_int8(fp32_path: str | Path, out_path: str | Path | None = None, *, per_channel: bool = False) -> Path:
+# MatMul nodes of the feed-forward blocks (BERT naming in the TorchScript export): the most
+# quantization-sensitive part of MiniLM. Pass as `exclude_matching` to keep them in fp32.
+FFN_NODES = r"/intermediate/dense/|/layer\.\d+/output/dense/"
+
+
+def quantize_int8(
+    fp32_path: str | Path,
+    out_path: str | Path | None = None,
+    *,
+    per_channel: bool = True,
+    nodes_to_exclude: Sequence[str] = (),
+    exclude_matching: str | None = None,
+) -> Path:
     """Dynamic quantization (int8 weights, activations quantized at run time) with onnxruntime.
+
+    `quantize_dynamic` with QInt8 weights, per output channel by default. MatMul and Gather (the
+    embedding tables) are quantized, except nodes named in `nodes_to_exclude` or whose name
+    matches the regex `exclude_matching` (e.g. `FFN_NODES`), which stay fp32.
+
+    Agreement of int8 with fp32 predictions on the VADER test split (3,903 texts), MiniLM pruned
+    to 4 layers after 40 LoRA steps (lr 3e-3): per-tensor weights 98.1%, per-channel 99.4%,
+    per-channel with the FFN kept fp32 99.6-99.8% (file 34 MB instead of 19 MB, ~1.5x the
+    latency). A model trained longer (100 steps, accuracy 0.81) agreed less: 98.6% / 99.1-99.3%.
 
     Writes `model.int8.onnx` beside the fp32 file unless `out_path` is given, and records it in
     the folder's model_meta.json when there is one. Returns the int8 file's path.
     """
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src = Path(fp32_path)
     dst = Path(out_path) if out_path is not None else src.with_name(INT8_FILE)
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
+    exclude = list(nodes_to_exclude)
+    if exclude_matching:
+        pattern = re.compile(exclude_matching)
+        graph = onnx.load(str(src), load_external_data=False).graph
+        exclude += [n.name for n in graph.node if pattern.search(n.name) and n.name not in exclude]
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel, nodes_to_exclude=exclude)
     meta_path = dst.parent / META_FILE
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         meta.setdefault("files", {})["int8"] = dst.name
-        meta["int8"] = {"method": "onnxruntime quantize_dynamic", "weight_type": "QInt8", "per_channel": per_channel}
+        meta["int8"] = {
+            "method": "onnxruntime.quantization.quantize_dynamic",
+            "weight_type": "QInt8",
+            "per_channel": per_channel,
+            "nodes_kept_fp32": exclude,
+        }
         write_meta(dst.parent, meta)
     return dst
