@@ -1,0 +1,145 @@
+"""Test certificates for a TLS broker: a private CA and a server certificate signed by it.
+
+For the tests and for trying `mqtts://` on one machine, not for production (use your own PKI
+or Let's Encrypt there). Needs the `cryptography` package (`pip install cryptography`).
+
+    python -m broker.tls certs/                        # certs/ca.crt, server.crt, server.key (+ ca.key)
+    python -m broker.tls certs/ --host broker.lan --host 192.168.1.10
+
+Then `listener 8883` with `cafile certs/ca.crt`, `certfile certs/server.crt`,
+`keyfile certs/server.key` (broker/mosquitto-secure.conf), and on the clients
+`EDGETUNE_BROKER_URL=mqtts://<host>:8883 EDGETUNE_CA_FILE=certs/ca.crt`. The server
+certificate names every `--host` as a subject alternative name (IP address or DNS name); the
+clients check the broker's address against them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_HOSTS = ("127.0.0.1", "localhost")
+
+
+@dataclass(frozen=True)
+class CertFiles:
+    """PEM files written by `make_test_certs`."""
+
+    ca_cert: Path
+    ca_key: Path
+    server_cert: Path
+    server_key: Path
+
+
+def _crypto():
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    except ImportError:
+        raise RuntimeError(
+            "broker.tls needs the cryptography package: `pip install cryptography` "
+            "(or make the certificates with openssl)"
+        ) from None
+    return x509, hashes, serialization, ec, ExtendedKeyUsageOID, NameOID
+
+
+def _san(host: str, x509):
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    # create with the final mode: a private key is never readable by others, not even briefly
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, mode)
+
+
+def make_test_certs(directory: str | Path, hosts: tuple[str, ...] | list[str] = DEFAULT_HOSTS, *,
+                    days: int = 30, ca_name: str = "EdgeTune test CA",
+                    server_name: str | None = None) -> CertFiles:
+    """Write ca.crt, ca.key, server.crt and server.key (EC P-256, SHA-256) into `directory`.
+
+    The server certificate carries every host of `hosts` as a subject alternative name and is
+    valid for `days` (from one hour ago, to allow for clock skew). Keys are written 0600.
+    """
+    x509, hashes, serialization, ec, EKU, NameOID = _crypto()
+    if not hosts:
+        raise ValueError("make_test_certs needs at least one host name or IP address for the server")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    start, end = now - dt.timedelta(hours=1), now + dt.timedelta(days=days)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "EdgeTune"),
+                            x509.NameAttribute(NameOID.COMMON_NAME, ca_name)])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_subject).issuer_name(ca_subject)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start).not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(ca_ski, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "EdgeTune"),
+                                 x509.NameAttribute(NameOID.COMMON_NAME, server_name or hosts[0])]))
+        .issuer_name(ca_subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start).not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName([_san(h, x509) for h in hosts]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([EKU.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    pem = serialization.Encoding.PEM
+    files = CertFiles(d / "ca.crt", d / "ca.key", d / "server.crt", d / "server.key")
+    _write(files.ca_cert, ca_cert.public_bytes(pem), 0o644)
+    _write(files.server_cert, cert.public_bytes(pem), 0o644)
+    for path, k in ((files.ca_key, ca_key), (files.server_key, key)):
+        _write(path, k.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
+    return files
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Write a test CA and a server certificate for an mqtts:// broker.")
+    ap.add_argument("directory", type=Path)
+    ap.add_argument("--host", action="append", dest="hosts",
+                    help=f"a name or IP address the broker is reached by (repeat; default {' '.join(DEFAULT_HOSTS)})")
+    ap.add_argument("--days", type=int, default=30)
+    args = ap.parse_args(argv)
+    f = make_test_certs(args.directory, tuple(args.hosts or DEFAULT_HOSTS), days=args.days)
+    print(f"CA certificate:     {f.ca_cert}   (clients: EDGETUNE_CA_FILE)\n"
+          f"CA key:             {f.ca_key}   (keep it private; only needed to sign more certificates)\n"
+          f"server certificate: {f.server_cert}   (mosquitto: certfile)\n"
+          f"server key:         {f.server_key}   (mosquitto: keyfile)")
+
+
+if __name__ == "__main__":
+    main()
