@@ -59,13 +59,16 @@ def compare(
     data: Optional[Path] = typer.Option(None, help=".jsonl or .csv with text, label[, domain] (default: VADER)"),
     train_limit: int = typer.Option(0, min=0, help="use a seeded sample of N training examples (0: all)"),
     eval_limit: int = typer.Option(0, min=0, help="use a seeded sample of N held-out examples (0: all)"),
-    eval_agents: bool = typer.Option(False, help="also evaluate each agent's local model every round"),
+    eval_agents: Optional[bool] = typer.Option(None, "--eval-agents/--no-eval-agents",
+                                               help="evaluate each agent's local model every round (default: with "
+                                                    "--model head only)"),
     seed: int = typer.Option(0),
     threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)"),
     output: Path = typer.Option(Path("runs/compare"), help="one folder per run, accuracy.png and summary.json"),
 ) -> None:
-    """Compare learning modes and strategies on the same data, split and budget, in-process
-    (no broker): per-round metrics in OUTPUT/<run>/metrics.jsonl, one plot of all runs."""
+    """Compare learning modes and strategies in-process (no broker) on the same data and budget.
+
+    Per-round metrics go to OUTPUT/<run>/metrics.jsonl, one plot of all runs to OUTPUT/accuracy.png."""
     from aggregator.strategies import STRATEGIES
     from edgetune.simulate import MODELS, MODES, SimConfig, SimulationError, compare as run_compare
 

@@ -130,7 +130,8 @@ class SimConfig:
     train_limit: int = 0  # use a seeded sample of this many training examples (0: all)
     eval_limit: int = 0  # and of this many held-out examples (0: all)
     data_seed: int = 0  # seeds those two samples (apart from `seed`, so runs of other seeds share data)
-    eval_agents: bool = False  # also evaluate every agent's local model (always in "independent")
+    eval_agents: bool | None = None  # also evaluate each agent's local model on the held-out split
+    # (before any poisoning); None: yes for "head" (cheap), no for "full". Always in "independent".
     seed: int = 0
     output: Path | None = None  # metrics.jsonl and accuracy.png go here (None: nowhere)
     plot: bool = True
@@ -700,7 +701,7 @@ class Simulator:
         tensors = self.backend.state()
         n = min(res.examples_seen, len(self.shards[i]))
         metrics = self._agent_metrics(aid, res, n, None)
-        if self.cfg.eval_agents:
+        if self.cfg.eval_agents or (self.cfg.eval_agents is None and self.cfg.model == "head"):
             metrics.update({k: v for k, v in self._evaluate().items() if k in ("accuracy", "loss")})
         if aid in self.attackers:
             tensors = poison(current, tensors, self.cfg.attack,
@@ -1028,6 +1029,9 @@ def plot_runs(runs: Mapping[str, Sequence[dict]], png: Path, title: str = "") ->
     for name, rows in runs.items():
         rows = [r for r in rows if "accuracy" in r]
         ax.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], marker="o", markersize=3, label=name)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("global held-out accuracy")
     ax.set_ylim(0, 1)

@@ -2,21 +2,25 @@
 
 Setup (cached-feature model, see edgetune/simulate.py): 5 agents, iid shards of a seeded
 1,200-example sample of VADER's training split, 10 rounds of 10 local AdamW steps (lr 2e-3,
-batch 32), 600 held-out examples. "Accuracy" is the mean over the last 3 rounds (a single
-round moves by about 2 points between rounds). One run takes about a second.
+batch 32), 600 held-out examples, seed 0. "Accuracy" is the mean over the last 3 rounds (one
+round moves by about 2 points). One run takes about a second.
 
-What is asserted, with the margins measured here (2 cores):
+Asserted, with what was measured here (seed 0; in brackets, seeds 0-3 of the same setup):
 
-- plain FedAvg loses at least 5 points under either attack (measured: about 28 points for
-  scale, 27 for the flip);
+- plain FedAvg under the x10 sign flip loses at least 5 points (27.2 [27-33]);
+- plain FedAvg under the x10 boost becomes erratic: its worst round from round 3 on is at
+  least 10 points below the clean run's worst (about 30 [17-38 over seeds 0-5]). Its last-3
+  mean drops 27.9 points at seed 0, but the boost's damage comes and goes (4.2-27.9 over
+  seeds 0-3), so the stable "worst round" is what is asserted;
 - against the x10 boost, median, trimmed_mean (beta 0.2), multi-Krum (f=1, m=3) and clip
   (bound 0.5, about the honest update norm) stay within 2 points of their own clean run
-  (measured: 0.0, 0.0, 0.9 and 0.3 points);
-- against the x10 sign flip, Krum stays within 2 points (measured 0.9); the coordinate-wise
-  median and trimmed mean, and norm clipping, keep most of the accuracy but not all: they lose
-  about 4 points (measured 3.9, 4.2 and 3.8), asserted as at most 6 points and at least 15
-  points better than FedAvg. With one attacker among five, the median of each coordinate
+  (0.0, 0.0, 0.9, 0.3 [at most 1.1]);
+- against the x10 sign flip, Krum stays within 2 points (0.9 [at most 0.9]). The
+  coordinate-wise median and trimmed mean, and norm clipping, keep most of the accuracy but
+  not all: they lose 3.9, 4.2 and 3.8 points [1.4-4.2], asserted as at most 6 points and at
+  least 15 points better than FedAvg. With one attacker among five, each coordinate's median
   moves to the neighbouring honest value, and a clipped flip still pulls with the full bound.
+  With 3,100 examples per agent instead of 240 (bench/poisoning.py) they lose about 1 point.
 """
 
 from __future__ import annotations
@@ -39,27 +43,34 @@ STRATEGIES = {"fedavg": {}, **ROBUST}
 
 
 @cache
-def run(strategy: str, attack: str | None) -> tuple[float, float, list[str]]:
-    """(mean accuracy of the last 3 rounds, initial accuracy, attackers)"""
+def run(strategy: str, attack: str | None) -> tuple[float, float, list[str], float]:
+    """(mean accuracy of the last 3 rounds, initial accuracy, attackers, worst accuracy from round 3 on)"""
     cfg = SimConfig(strategy=strategy, strategy_options=dict(STRATEGIES[strategy]), attackers=1 if attack else 0,
                     attack=attack, attack_scale=10.0, flip_scale=10.0, **BASE)
     res = run_simulation(cfg)
-    return statistics.mean(res.accuracies[-3:]), res.accuracies[0], res.attackers
+    acc = res.accuracies
+    return statistics.mean(acc[-3:]), acc[0], res.attackers, min(acc[3:])
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_clean_runs_learn(strategy):
-    acc, initial, attackers = run(strategy, None)
+    acc, initial, attackers, _ = run(strategy, None)
     assert attackers == []
     assert acc >= initial + 0.20, f"{strategy} clean: {acc:.4f} from {initial:.4f}"
 
 
-@pytest.mark.parametrize("attack", ["scale", "flip"])
-def test_fedavg_drops_visibly(attack):
+def test_fedavg_drops_visibly_under_the_sign_flip():
     clean = run("fedavg", None)[0]
-    attacked, _, attackers = run("fedavg", attack)
+    attacked, _, attackers, _ = run("fedavg", "flip")
     assert len(attackers) == 1
-    assert attacked <= clean - 0.05, f"fedavg {attack}: {attacked:.4f} vs clean {clean:.4f}"
+    assert attacked <= clean - 0.05, f"fedavg flip: {attacked:.4f} vs clean {clean:.4f}"
+
+
+def test_fedavg_is_thrown_off_by_the_boost():
+    clean_worst = run("fedavg", None)[3]
+    _, _, attackers, worst = run("fedavg", "scale")
+    assert len(attackers) == 1
+    assert worst <= clean_worst - 0.10, f"fedavg scale: worst round {worst:.4f} vs clean {clean_worst:.4f}"
 
 
 @pytest.mark.parametrize("strategy", list(ROBUST))

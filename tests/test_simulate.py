@@ -164,3 +164,19 @@ def test_compare_cli_runs_modes_into_one_folder(tmp_path):
     assert "| fedavg |" in r.output
     bad = CliRunner().invoke(app, ["compare", "--modes", "fedavg,gossip", "--output", str(out)])
     assert bad.exit_code == 2 and "gossip" in bad.output
+
+
+def test_users_own_data_file_with_string_labels(tmp_path):
+    from data.sentiment import train_test_split
+
+    train, test = train_test_split()
+    pick = train[:300] + test[:100]  # texts whose features the other tests already cached
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps({"text": e.text, "label": ["neg", "pos"][e.label], "domain": e.domain,
+                                          "id": e.uid}) for e in pick))
+    res = run_simulation(cfg(data=str(path), train_limit=0, eval_limit=0, rounds=2, agents=3, partition="by-domain"))
+    assert res.rows[0]["eval_examples"] > 0 and len(res.accuracies) == 3
+    with pytest.raises(SimulationError, match="text"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"label": 1}))
+        run_simulation(cfg(data=str(bad)))
