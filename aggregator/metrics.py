@@ -48,6 +48,10 @@ class AggregatorMetrics:
         )
         self.split_queue_depth = Gauge(p + "split_queue_depth", "Split requests waiting to be served", registry=r)
         self.split_steps = Counter(p + "split_steps", "Server-side optimiser steps", registry=r)
+        # not measured yet (or not in this mode): NaN, not a made-up 0
+        self.global_accuracy.set(float("nan"))
+        self.global_perplexity.set(float("nan"))
+        self.global_loss.set(float("nan"))
         # pre-create the common reasons so that dashboards show zeros, not "no data"
         for reason in ("malformed_frame", "bad_checksum", "wrong_version", "bad_schema", "bad_topic",
                        "wrong_round", "duplicate", "not_selected", "bad_tensors", "non_finite", "late"):

@@ -50,6 +50,7 @@ class AggregatorService:
         self.version = 0
         self.round_number = 0
         self.seen_nonces: set[tuple[str, int, str]] = set()
+        self.early: dict[str, tuple[ModelUpdate, dict]] = {}  # next round's updates that came first
         self._stop = False
         self.transport: MqttTransport | None = None
 
@@ -179,12 +180,22 @@ class AggregatorService:
         if key in self.seen_nonces:
             return self._reject("duplicate", f"replayed update {key}")
         if self.round is None:
-            return self._reject("wrong_round", f"update from {agent} while no round is open")
+            if meta.round == self.round_number + 1 and meta.base_version == self.version:
+                # the next round's update, queued by the broker while we were down (or raced ahead of
+                # our announcement): keep it until the round opens, checked then like any other
+                self.early[agent] = (meta, frame.tensors)
+                return
+            return self._reject("wrong_round", f"update from {agent} for round {meta.round} while no round is open")
+        self._offer(meta, frame.tensors)
+
+    def _offer(self, meta: ModelUpdate, tensors: dict) -> None:
+        key = (meta.agent_id, meta.round, meta.nonce)
         try:
-            self.round.offer(meta, frame.tensors, time.time())
+            self.round.offer(meta, tensors, time.time())
         except Rejection as e:
             return self._reject(e.reason, str(e))
         self.seen_nonces.add(key)
+        agent = meta.agent_id
         self.metrics.agents_answered.inc()
         log.info("round %d: update from %s (%d examples, loss %.4f)", meta.round, agent, meta.num_examples,
                  meta.train_loss if meta.train_loss is not None else math.nan)
@@ -274,6 +285,10 @@ class AggregatorService:
         self._announce(rnd)
         log.info("round %d: announced to %d agents (%s), deadline in %.0fs", number, len(selected),
                  ", ".join(selected), self.s.round_timeout_s)
+        early, self.early = self.early, {}
+        for meta, tensors in early.values():
+            if meta.round == number:
+                self._offer(meta, tensors)
         while rnd.status(time.time()) is Outcome.collecting:
             self._pump(time.monotonic() + 0.5)
         outcome = rnd.status(time.time())
@@ -311,6 +326,12 @@ class AggregatorService:
                  row["duration_s"])
         return row
 
+    def _linger(self) -> None:
+        """Serve /metrics a little longer, so the last round's numbers get scraped."""
+        deadline = time.monotonic() + self.s.metrics_linger_s
+        while not self._stop and time.monotonic() < deadline:
+            time.sleep(0.2)
+
     def run(self) -> None:
         def _on_signal(signum, frame):
             self._stop = True
@@ -338,12 +359,13 @@ class AggregatorService:
         except Stop:
             log.info("stopping: the last checkpoint is round %d (v%d)", self.round_number, self.version)
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
             if self.transport is not None:
                 self.transport.close()
             if getattr(self, "metrics_server", None) is not None:
+                self._linger()
                 self.metrics_server.shutdown()
+            for s, h in old.items():
+                signal.signal(s, h)
 
 
 def _fmt(row: dict) -> str:

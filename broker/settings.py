@@ -30,6 +30,8 @@ class ConnectionSettings(BaseModel):
     mqtt_protocol: int = Field(5, ge=4, le=5, description="5 (MQTT 5) or 4 (MQTT 3.1.1, for brokers without 5)")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; unset: off")
     metrics_addr: str = "0.0.0.0"
+    metrics_linger_s: float = Field(30, ge=0, description="keep /metrics up this long after the run ends, "
+                                    "so that Prometheus scrapes the last round (SIGTERM ends it early)")
     log_level: str = "INFO"
     threads: int = Field(0, ge=0, description="torch threads (0: torch's default)")
 

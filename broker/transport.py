@@ -308,9 +308,23 @@ class MqttTransport:
             raise ValueError(f"a retained message must fit in one packet ({len(payload)} > {self.max_payload} bytes)")
         for chunk in chunks:
             info = self._client.publish(topic, chunk, qos=qos, retain=retain, properties=props)
-        if wait:
-            info.wait_for_publish(timeout)
+        if wait and qos > 0:
+            self._wait_acked(info, timeout, topic)
         return info
+
+    def _wait_acked(self, info: mqtt.MQTTMessageInfo, timeout: float, topic: str) -> None:
+        """Wait for the broker's PUBACK. While disconnected, paho keeps a QoS 1 message queued
+        (rc NO_CONN) and sends it after reconnecting, so that is waited out, not an error."""
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN, mqtt.MQTT_ERR_AGAIN):
+            raise BrokerError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        deadline = time.monotonic() + timeout
+        with info._condition:  # paho signals this condition when the PUBACK arrives
+            while not info._published:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"the broker {self.address} did not acknowledge a message on {topic} "
+                                       f"within {timeout:.0f}s")
+                info._condition.wait(min(remaining, 1.0))
 
     def expect_reply(self, correlation: bytes) -> Future:
         """A Future resolved (on paho's thread) by the next message carrying this correlation."""

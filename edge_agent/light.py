@@ -51,8 +51,9 @@ class LightAgent:
         self.sent = 0
         self.finished = threading.Event()
         self.stop = threading.Event()
+        self._announce = threading.Event()
         self.t = MqttTransport(f"edgetune-agent-{agent_id}", broker_url, protocol=protocol, username=username,
-                               password=password, persistent_session=persistent,
+                               password=password, persistent_session=persistent, on_state=self._on_state,
                                will=Will(self.topics.status(agent_id), self._status(AgentState.offline)))
         self.t.subscribe(self.topics.round)
         self.t.subscribe(self.topics.global_adapter)
@@ -61,12 +62,18 @@ class LightAgent:
         return codec.encode(AgentStatus(agent_id=self.id, state=state, global_version=self.global_version,
                                         num_examples=self.num_examples))
 
+    def _on_state(self, up: bool) -> None:
+        if up:  # paho's thread: only flag it; the loop re-announces us after every (re)connect
+            self._announce.set()
+
     def run(self) -> None:
         self.t.connect()
-        self.t.publish(self.topics.status(self.id), self._status(AgentState.online), retain=True)
         pending: RoundAnnouncement | None = None
         final: int | None = None
         while not self.stop.is_set():
+            if self._announce.is_set():
+                self._announce.clear()
+                self.t.publish(self.topics.status(self.id), self._status(AgentState.online), retain=True)
             m = self.t.get(timeout=0.2)
             if m is not None and m.payload:
                 try:

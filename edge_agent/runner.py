@@ -7,9 +7,11 @@ the queue, trains and publishes.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 import uuid
+from pathlib import Path
 
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -88,6 +90,7 @@ class AgentRunner:
             protocol=self.s.mqtt_protocol,
             will=Will(self.topics.status(self.s.agent_id), self._status(AgentState.offline)),
             on_state=self._on_state,
+            persistent_session=True,
         )
         t.subscribe(self.topics.round)
         t.subscribe(self.topics.global_adapter)
@@ -130,6 +133,45 @@ class AgentRunner:
             self._reject(e.reason, f"{topic}: {e}")
         except AdapterMismatch as e:
             self._reject(e.reason, f"global adapter refused: {e}")
+
+    # -- the durable outbox: an update is on disk until the broker acknowledged it --------------
+    def _outbox_dir(self) -> Path | None:
+        if not self.s.state_dir:
+            return None
+        d = Path(self.s.state_dir) / "outbox"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _outbox_put(self, round_number: int, payload: bytes) -> Path | None:
+        d = self._outbox_dir()
+        if d is None:
+            return None
+        path = d / f"round-{round_number:06d}.frame"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    def _resend_outbox(self) -> None:
+        """After a restart: publish what was never acknowledged, and don't train those rounds again."""
+        d = self._outbox_dir()
+        if d is None:
+            return
+        for path in sorted(d.glob("round-*.frame")):
+            payload = path.read_bytes()
+            try:
+                meta = parse(codec.decode(payload).header, ModelUpdate)
+            except WireError as e:
+                log.warning("outbox file %s is unreadable (%s): moved aside", path, e)
+                path.rename(path.with_suffix(".bad"))
+                continue
+            log.info("resending the unacknowledged update of round %d from the outbox", meta.round)
+            self.transport.publish(self.topics.update(self.s.agent_id), payload, wait=True, timeout=600)
+            self.done_rounds.add(meta.round)
+            path.unlink(missing_ok=True)
 
     def split_request(self, step: int, encoding: str, tensors: dict) -> tuple[SplitGradient, dict]:
         """Publish one step's activations and wait (on a Future) for its gradient; resend on timeout."""
@@ -179,7 +221,10 @@ class AgentRunner:
             train_loss=upd.result.mean_loss, train_seconds=upd.result.seconds,
         )
         payload = codec.encode(msg, upd.tensors)
-        self.transport.publish(self.topics.update(self.s.agent_id), payload, wait=True, timeout=60)
+        box = self._outbox_put(ann.round, payload)
+        self.transport.publish(self.topics.update(self.s.agent_id), payload, wait=True, timeout=600)
+        if box is not None:
+            box.unlink(missing_ok=True)  # the broker has it (PUBACK): nothing left to resend
         self.metrics.update_bytes_sent.inc(len(payload))
         self.metrics.rounds_participated.inc()
         self.metrics.local_loss.set(upd.result.mean_loss)
@@ -187,6 +232,12 @@ class AgentRunner:
         self._publish_status(AgentState.idle)
         log.info("round %d: sent update (%d steps, loss %.4f, %.1fs, %d bytes)", ann.round, upd.result.steps,
                  upd.result.mean_loss, upd.result.seconds, len(payload))
+
+    def _linger(self) -> None:
+        """Serve /metrics a little longer, so the last round's numbers get scraped."""
+        deadline = time.monotonic() + self.s.metrics_linger_s
+        while not self._stop and time.monotonic() < deadline:
+            time.sleep(0.2)
 
     def run(self) -> None:
         def _on_signal(signum, frame):
@@ -214,6 +265,7 @@ class AgentRunner:
             if self.s.metrics_port is not None:
                 self.metrics_server, _ = serve(self.metrics.registry, self.s.metrics_port, self.s.metrics_addr)
             self._connect()
+            self._resend_outbox()
             log.info("agent %s online with %d local examples", self.s.agent_id, len(self.examples))
             final_wait_until = None
             while not self._stop and not self.finished:
@@ -239,9 +291,10 @@ class AgentRunner:
             if self.finished:
                 log.info("the run is over (global v%d)", self.trainer.global_version)
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
             if self.transport is not None:
                 self.transport.close(final=(self.topics.status(self.s.agent_id), self._status(AgentState.offline)))
             if getattr(self, "metrics_server", None) is not None:
+                self._linger()
                 self.metrics_server.shutdown()
+            for s, h in old.items():
+                signal.signal(s, h)
