@@ -2,7 +2,9 @@
 
 The model under test is the shipped configuration (MiniLM pruned to 4 layers, LoRA r=8 on
 query/value, max_length 64) after 40 steps of real LoRA + head training on the VADER training
-split (batch 32, lr 3e-3), so that its predictions are spread over both classes.
+split (batch 32, lr 3e-3), so that its predictions are spread over both classes. (Training on
+texts cut at 32 tokens costs a third less, but that model's int8 agreement is 98.95%, under the
+bound below: see INT8_MIN_AGREEMENT.)
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import textwrap
@@ -53,6 +56,11 @@ def _train(model, tok, examples, steps: int, lr: float, seed: int = 0) -> float:
     return float(loss.detach())
 
 
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def torch_logits(model, tok, texts, batch_size: int = 64) -> np.ndarray:
     out = []
     with torch.inference_mode():
@@ -64,18 +72,21 @@ def torch_logits(model, tok, texts, batch_size: int = 64) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     torch.manual_seed(0)
     train, test = train_test_split()
     model, tok = build_classifier(SPEC), load_tokenizer(SPEC)
     _train(model, tok, train, TRAIN_STEPS, TRAIN_LR)
     before = adapter_state(model)
     d = tmp_path_factory.mktemp("onnx") / "v1"
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), _cpu()
     fp32 = export_onnx(model, tok, d, max_length=SPEC.max_length, labels=LABELS, adapter_version=1)
     int8 = quantize_int8(fp32)
-    t2 = time.perf_counter()
-    print(f"\n[fixture] build + {TRAIN_STEPS} training steps {t1 - t0:.1f}s, export + int8 {t2 - t1:.1f}s")
+    t2, c2 = time.perf_counter(), _cpu()
+    print(
+        f"\n[fixture] build + {TRAIN_STEPS} training steps {t1 - t0:.1f}s ({c1 - c0:.1f} CPU-s), "
+        f"export + int8 {t2 - t1:.1f}s ({c2 - c1:.1f} CPU-s)"
+    )
     return SimpleNamespace(model=model, tok=tok, dir=d, fp32=fp32, int8=int8, train=train, test=test, before=before)
 
 
@@ -126,21 +137,23 @@ def test_fp32_logits_match_torch(exported):
 # with per-tensor weights), measured the same on CPU and on a GPU-trained twin. Keeping the FFN
 # MatMuls in fp32 (quantize_int8(..., exclude_matching=FFN_NODES)) gave 99.6% here, but only
 # 99.1% for a model trained 100 steps: 99.5% is not a property dynamic int8 guarantees for this
-# model, so the test holds it to what it does reach, with a margin.
+# model, so the test holds it to what it does reach. The same recipe with training texts cut at
+# 32 tokens agreed 98.95%; per-tensor weights (98.1%) fail this bound.
 INT8_MIN_AGREEMENT = 0.99
 
 
 def test_int8_agrees_with_torch_on_the_test_split(exported):
     test = sorted(exported.test, key=lambda e: len(e.text))  # similar lengths batched: less padding
     texts, labels = [e.text for e in test], np.array([e.label for e in test])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     ref = torch_logits(exported.model, exported.tok, texts).argmax(1)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), _cpu()
     got = np.asarray(OnnxPredictor(exported.dir, precision="int8", batch_size=64).predict(texts)[0])
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), _cpu()
     agree = float(np.mean(got == ref))
     print(
-        f"\n[int8] {len(texts)} test texts: torch {t1 - t0:.1f}s, onnxruntime int8 {t2 - t1:.1f}s; "
+        f"\n[int8] {len(texts)} test texts: torch {t1 - t0:.1f}s ({c1 - c0:.1f} CPU-s), "
+        f"onnxruntime int8 {t2 - t1:.1f}s ({c2 - c1:.1f} CPU-s); "
         f"agreement {agree:.4f} ({int(np.sum(got != ref))} differ); accuracy torch {np.mean(ref == labels):.3f}, int8 {np.mean(got == labels):.3f}"
     )
     assert len(texts) == len(exported.test) > 3000  # the whole held-out split
