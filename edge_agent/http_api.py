@@ -183,7 +183,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, routes: dict) -> None:
         path = self.path.split("?", 1)[0]
-        self._body_done = self.command != "POST"
+        self._body_done = False  # set once the body (if any) has been read
         try:
             self._check_host_header()
             fn = routes.get(path)
@@ -198,6 +198,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(r.status, r.code, r.detail)
         except Exception:
             log.exception("edge HTTP API: %s %s failed", self.command, path)
+            self._skip_body()
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal", "the agent failed to answer; see its log")
 
     def do_GET(self) -> None:  # noqa: N802 (stdlib's name)

@@ -219,3 +219,19 @@ def test_with_a_real_onnx_predictor(tmp_path):
             assert call(server, "POST", "/feedback", {"text": "What a wonderful film.", "label": "positive"}) == (201, {"id": 1})
         finally:
             server.stop()
+
+
+def test_predictor_failure_is_a_json_500(tmp_path):
+    class Broken(StubPredictor):
+        def predict(self, texts):
+            raise RuntimeError("onnxruntime exploded")
+
+    with SampleStore(tmp_path / "s.db", 10) as store:
+        server = make_server(Broken(), store, record_inputs=True).start()
+        try:
+            status, body = call(server, "POST", "/predict", {"text": "good"})
+            assert status == 500 and body["error"] == "internal" and "exploded" not in body["detail"]
+            assert store.count() == 0
+            assert call(server, "GET", "/healthz")[0] == 200
+        finally:
+            server.stop()
