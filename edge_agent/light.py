@@ -33,8 +33,9 @@ def synthetic_update(global_tensors: dict[str, np.ndarray], agent_id: str, round
                      scale: float = 1e-3) -> dict[str, np.ndarray]:
     seed = int.from_bytes(hashlib.sha256(f"{agent_id}:{round_number}".encode()).digest()[:8], "big")
     rng = np.random.default_rng(seed)
-    return {k: (v + rng.standard_normal(v.shape).astype(v.dtype) * scale).astype(v.dtype)
-            for k, v in global_tensors.items()}
+    # sorted: a decoded frame's dict order is not stable across processes (safetensors)
+    return {k: (global_tensors[k] + rng.standard_normal(global_tensors[k].shape).astype(global_tensors[k].dtype)
+                * scale).astype(global_tensors[k].dtype) for k in sorted(global_tensors)}
 
 
 class LightAgent:

@@ -66,5 +66,10 @@ def run(
         typer.echo(f"adapter: {Path(summary['output']) / 'aggregator' / 'checkpoints'} (peft format)")
 
 
+from edgetune.compare_cli import compare  # noqa: E402  (in-process strategy and mode comparison)
+
+app.command("compare")(compare)
+
+
 if __name__ == "__main__":
     app()
