@@ -6,7 +6,9 @@ one-machine runner can make several. `serve(registry, port)` exposes /metrics ov
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from broker.metrics_http import serve  # noqa: F401  (re-exported: each side's serve)
 
 _ROUND_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 _FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -57,8 +59,3 @@ class AggregatorMetrics:
                        "wrong_round", "duplicate", "not_selected", "bad_tensors", "non_finite", "late"):
             self.rejected.labels(reason=reason)
 
-
-def serve(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0"):
-    """Start the /metrics HTTP server in a daemon thread; port 0 picks a free one."""
-    server, thread = start_http_server(port, addr=addr, registry=registry)
-    return server, thread

@@ -27,6 +27,7 @@ from broker.errors import WireError
 from broker.messages import (AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement, SplitForward,
                              SplitGradient, parse)
 from broker.settings import dump_settings
+from broker.metrics_http import linger
 from broker.topics import Topics
 from broker.transport import Incoming, MqttTransport
 from models.classifier import set_threads
@@ -326,12 +327,6 @@ class AggregatorService:
                  row["duration_s"])
         return row
 
-    def _linger(self) -> None:
-        """Serve /metrics a little longer, so the last round's numbers get scraped."""
-        deadline = time.monotonic() + self.s.metrics_linger_s
-        while not self._stop and time.monotonic() < deadline:
-            time.sleep(0.2)
-
     def run(self) -> None:
         def _on_signal(signum, frame):
             self._stop = True
@@ -362,7 +357,7 @@ class AggregatorService:
             if self.transport is not None:
                 self.transport.close()
             if getattr(self, "metrics_server", None) is not None:
-                self._linger()
+                linger(self.s.metrics_linger_s, lambda: self._stop)
                 self.metrics_server.shutdown()
             for s, h in old.items():
                 signal.signal(s, h)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from broker.metrics_http import serve  # noqa: F401  (re-exported: each side's serve)
 
 _TRAIN_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 _FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -41,7 +43,3 @@ class AgentMetrics:
         for backend in ("onnx", "torch"):
             self.predictions.labels(backend=backend)
 
-
-def serve(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0"):
-    server, thread = start_http_server(port, addr=addr, registry=registry)
-    return server, thread

@@ -19,6 +19,7 @@ from broker import codec
 from broker.errors import WireError
 from broker.messages import (AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement, SplitForward,
                              SplitGradient, parse)
+from broker.metrics_http import linger
 from broker.topics import Topics
 from broker.transport import MqttTransport, Will
 from data.partition import partition
@@ -233,12 +234,6 @@ class AgentRunner:
         log.info("round %d: sent update (%d steps, loss %.4f, %.1fs, %d bytes)", ann.round, upd.result.steps,
                  upd.result.mean_loss, upd.result.seconds, len(payload))
 
-    def _linger(self) -> None:
-        """Serve /metrics a little longer, so the last round's numbers get scraped."""
-        deadline = time.monotonic() + self.s.metrics_linger_s
-        while not self._stop and time.monotonic() < deadline:
-            time.sleep(0.2)
-
     def run(self) -> None:
         def _on_signal(signum, frame):
             self._stop = True
@@ -294,7 +289,7 @@ class AgentRunner:
             if self.transport is not None:
                 self.transport.close(final=(self.topics.status(self.s.agent_id), self._status(AgentState.offline)))
             if getattr(self, "metrics_server", None) is not None:
-                self._linger()
+                linger(self.s.metrics_linger_s, lambda: self._stop)
                 self.metrics_server.shutdown()
             for s, h in old.items():
                 signal.signal(s, h)

@@ -1,0 +1,20 @@
+"""The /metrics HTTP endpoint both sides serve (each defines its metrics in its own metrics.py)."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+
+def serve(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0"):
+    """Start /metrics in a daemon thread; port 0 picks a free one (server.server_port)."""
+    return start_http_server(port, addr=addr, registry=registry)
+
+
+def linger(seconds: float, stopped: Callable[[], bool]) -> None:
+    """Keep serving a little after a run ends, so that Prometheus scrapes the last numbers."""
+    deadline = time.monotonic() + seconds
+    while not stopped() and time.monotonic() < deadline:
+        time.sleep(0.2)
