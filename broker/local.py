@@ -8,6 +8,7 @@ a child process. Tests use `start_mosquitto()`, which never falls back.
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -53,8 +54,13 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float, log: Path) -> 
 
 
 def render_conf(port: int, data_dir: Path, base: Path = CONF, extra: str = "") -> str:
-    """The project's config with this listener port and persistence folder."""
-    lines = []
+    """The project's config with this listener port and persistence folder.
+
+    Started as root, mosquitto drops to the `mosquitto` user and then cannot write its
+    persistence file in our folder (sessions and queued messages would not survive a restart):
+    run it as the user who owns the folder.
+    """
+    lines = [f"user {getpass.getuser()}"]
     for line in base.read_text().splitlines():
         key = line.split(" ", 1)[0]
         if key == "listener":

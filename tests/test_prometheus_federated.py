@@ -50,6 +50,8 @@ EXPECTED_WITHOUT_DATA = {
         "split learning only (edgetune_aggregator_split_microbatch_agents has no observations in a federated run)",
     "histogram_quantile(0.95, sum by (le) (rate(edgetune_aggregator_split_microbatch_agents_bucket[1m])))":
         "split learning only (edgetune_aggregator_split_microbatch_agents has no observations in a federated run)",
+    "edgetune_aggregator_global_perplexity":
+        "split learning only: perplexity stays NaN (not a made-up 0) while a classifier is trained",
 }
 
 
