@@ -309,7 +309,8 @@ class AggregatorService:
             for a in sorted(rnd.accepted.values(), key=lambda a: a.meta.agent_id)
         ]
         new_state = self.strategy.aggregate(self.global_state, updates)
-        self.metrics.aggregation_seconds.observe(time.perf_counter() - ta)
+        aggregation_s = time.perf_counter() - ta
+        self.metrics.aggregation_seconds.observe(aggregation_s)
         self.task.load_global(new_state)
         self.global_state = self.task.global_state()
         self.version += 1
@@ -317,7 +318,7 @@ class AggregatorService:
         row.update(self._evaluate())
         row.update(version=self.version, num_examples=sum(u.num_examples for u in updates),
                    train_loss=_mean([a.meta.train_loss for a in rnd.accepted.values()]),
-                   aggregation_s=time.perf_counter() - ta)
+                   aggregation_s=aggregation_s)
         self._publish_global(row.get("accuracy"), row["loss"])
         row["duration_s"] = time.time() - t0
         self._checkpoint(row)

@@ -11,8 +11,8 @@ A round's overhead is what the protocol and the aggregator add to the work itsel
 
 i.e. announcement, the global adapter's download, N updates' upload, decoding and checking
 them, FedAvg and publishing the new global. The table splits it into `collect` (announcing,
-collecting the updates, publishing the global: duration_s - aggregation_s - train_seconds) and
-`fedavg` (aggregation_s - eval_seconds: metrics.jsonl's aggregation_s includes the evaluation).
+collecting the updates, publishing the global: duration_s - aggregation_s - eval_seconds -
+train_seconds) and `fedavg` (aggregation_s: the strategy's aggregate call).
 Per fleet size it gives p50 and p95 over the rounds, and the per-agent overhead as a ratio to
 the first (smallest) fleet's, measured in the same run (1.0: overhead grows linearly with N;
 below 1: fixed costs amortised). Startup (model load, agents coming online) is not in a round.
@@ -194,9 +194,9 @@ def main(argv: list[str] | None = None) -> None:
             if len(complete) != args.rounds:
                 raise FleetError(f"{n} agents: only {len(complete)} of {args.rounds} rounds complete with {n} answers")
             ov = overheads(run, args.train_seconds)
-            # metrics.jsonl's aggregation_s runs from FedAvg's start to after the evaluation: take eval out
-            agg = [r["aggregation_s"] - r.get("eval_seconds", 0.0) for r in run.rounds]
-            collect = [r["duration_s"] - r["aggregation_s"] - args.train_seconds for r in run.rounds]
+            agg = [r["aggregation_s"] for r in run.rounds]
+            collect = [r["duration_s"] - r["aggregation_s"] - r.get("eval_seconds", 0.0) - args.train_seconds
+                       for r in run.rounds]
             dur = [r["duration_s"] for r in run.rounds]
             ev = [r["eval_seconds"] for r in run.rounds]
             rows.append({
@@ -224,9 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     ], meta={"rounds": args.rounds, "train_seconds": args.train_seconds, "eval_limit": args.eval_limit,
              "per_process": args.per_process, "baseline_agents": baseline["agents"],
              "overhead": "duration_s - train_seconds - eval_seconds, per round (aggregator metrics.jsonl)",
-             "collect": "duration_s - aggregation_s - train_seconds: announcing, collecting the N updates, "
-                        "publishing the new global",
-             "fedavg": "aggregation_s - eval_seconds: FedAvg and loading the new global into the model",
+             "collect": "duration_s - aggregation_s - eval_seconds - train_seconds: announcing, collecting "
+                        "the N updates, loading and publishing the new global",
+             "fedavg": "aggregation_s: the strategy's aggregate call",
              "wall_s": time.monotonic() - t_all})
     print(f"total wall time: {time.monotonic() - t_all:.0f}s")
 
