@@ -70,6 +70,10 @@ from edgetune.compare_cli import compare  # noqa: E402  (in-process strategy and
 
 app.command("compare")(compare)
 
+from edgetune.generate import generate_cmd  # noqa: E402  (text from a split-mode checkpoint)
+
+app.command("generate")(generate_cmd)
+
 
 if __name__ == "__main__":
     app()
