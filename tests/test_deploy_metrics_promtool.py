@@ -11,14 +11,13 @@ import json
 import re
 import subprocess
 import time
-import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.deploy_support import DASHBOARD, DEPLOY, free_port, need_executable
+from tests.deploy_support import DASHBOARD, DEPLOY, need_executable, run_prometheus
 
 PROMETHEUS_HINT = "apt-get install prometheus (Debian's package ships /usr/bin/promtool and /usr/bin/prometheus)"
 
@@ -170,50 +169,16 @@ def test_dashboard_expressions_return_data(metrics_servers, tmp_path):
     return at least one series."""
     prometheus = need_executable("prometheus", PROMETHEUS_HINT)
     _, _, agg_server, agent_server = metrics_servers
-    port = free_port()
-    (tmp_path / "prometheus.yml").write_text(
-        "global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        f"  - job_name: edgetune-aggregator\n    static_configs: [{{targets: ['127.0.0.1:{agg_server.server_port}']}}]\n"
-        f"  - job_name: edgetune-agent\n    static_configs: [{{targets: ['127.0.0.1:{agent_server.server_port}']}}]\n"
-    )
-    log = open(tmp_path / "prometheus.log", "w")
-    proc = subprocess.Popen(
-        [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-
-    def query(expr: str) -> list[Any] | None:
-        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                body = json.load(r)
-        except urllib.error.HTTPError as e:
-            pytest.fail(f"Prometheus refused {expr!r}: {e.read().decode()}")
-        except OSError:
-            return None  # not up yet
-        assert body["status"] == "success", body
-        return body["data"]["result"]
-
-    try:
+    jobs = {"edgetune-aggregator": [agg_server.server_port], "edgetune-agent": [agent_server.server_port]}
+    with run_prometheus(prometheus, jobs, tmp_path) as prom:
         pending = dict.fromkeys(_dashboard_exprs())
         deadline = time.monotonic() + 30
         while pending and time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"prometheus exited:\n{Path(tmp_path / 'prometheus.log').read_text()[-3000:]}")
             for key in list(pending):
-                if query(key[1]):
+                if prom.query(key[1]):
                     del pending[key]
             if pending:
                 time.sleep(0.5)
         assert not pending, "dashboard expressions that return no data:\n" + "\n".join(
             f"  {title}: {expr}" for title, expr in pending
         )
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
