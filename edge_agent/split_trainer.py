@@ -2,18 +2,23 @@
 
 `request(step, header_fields, tensors) -> (SplitGradient, tensors)` is handed in by the runner
 (it owns the transport); this class never touches MQTT.
+
+The head is the model's own transformers modules with peft LoRA (`head="transformers"`), or, for
+GPT-2, the lean head of models.lean_gpt2 (`head="lean"`: torch + loralib, so this process never
+imports transformers or peft). Both speak the same peft adapter names, so their updates average.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable, Literal, Sequence
 
 import torch
 
 from broker import activations
 from edge_agent.trainer import LocalUpdate
-from models.classifier import adapter_state, load_adapter_state
+from models.classifier import adapter_state, check_adapter_state, load_adapter_state
 from models.split import DecoderSpec, add_lora, causal_lm_labels, load_full_model, load_tokenizer, lora_targets, split_model
 from models.train import TrainResult
 
@@ -22,14 +27,21 @@ RequestFn = Callable[[int, str, dict], tuple]  # (step, encoding, tensors) -> (S
 
 class SplitTrainer:
     def __init__(self, spec: DecoderSpec, request: RequestFn, *, lr: float = 1e-3, batch_size: int = 8,
-                 encoding: str = "fp32", seed: int = 0) -> None:
-        full = load_full_model(spec)
-        targets = lora_targets(full)
-        head, _ = split_model(full, spec.cut)
-        del full
-        torch.manual_seed(spec.seed + 1)  # the same head LoRA init as the aggregator's
-        self.model = add_lora(head, targets, spec.lora_r, spec.lora_alpha)
-        self.tokenizer = load_tokenizer(spec)
+                 encoding: str = "fp32", seed: int = 0, head: Literal["transformers", "lean"] = "transformers",
+                 head_path: str | None = None) -> None:
+        if head == "lean":
+            self.model, self.tokenizer = _lean_head(spec, head_path)
+        elif head == "transformers":
+            full = load_full_model(spec)
+            targets = lora_targets(full)
+            h, _ = split_model(full, spec.cut)
+            del full
+            torch.manual_seed(spec.seed + 1)  # the same head LoRA init as the aggregator's
+            self.model = add_lora(h, targets, spec.lora_r, spec.lora_alpha)
+            self.tokenizer = load_tokenizer(spec)
+        else:
+            raise ValueError(f"split head {head!r}: use transformers or lean")
+        self.head = head
         self.spec = spec
         self.request = request
         self.lr, self.batch_size, self.encoding, self.seed = lr, batch_size, encoding, seed
@@ -38,11 +50,15 @@ class SplitTrainer:
         self.last_server_loss: float | None = None
 
     def load_global(self, state: dict[str, torch.Tensor], version: int) -> None:
-        load_adapter_state(self.model, state)
+        if self.head == "lean":
+            check_adapter_state(self.state(), state)
+            self.model.load_adapter_state(state)
+        else:
+            load_adapter_state(self.model, state)
         self.global_version = version
 
     def state(self) -> dict[str, torch.Tensor]:
-        return adapter_state(self.model)
+        return self.model.adapter_state() if self.head == "lean" else adapter_state(self.model)
 
     def split_step(self, ids: torch.Tensor, opt: torch.optim.Optimizer) -> float:
         """One step: (B, T) token ids -> head -> server -> gradient -> head update. Returns the loss."""
@@ -87,3 +103,22 @@ class SplitTrainer:
         self.model.eval()
         return LocalUpdate(self.state(), max(min(seen, len(blocks)), 1),
                            TrainResult(steps, seen, total / max(steps, 1), time.perf_counter() - t0))
+
+
+def _lean_head(spec: DecoderSpec, head_path: str | None):
+    """(lean GPT-2 head, tokenizer) without transformers: weights from head_path or the split_model folder."""
+    from models.lean_gpt2 import check_export_matches, lean_tokenizer, load_lean_head
+
+    is_folder = spec.model not in ("gpt2-config", "smollm2") and Path(spec.model).is_dir()
+    if spec.model != "gpt2-config" and not is_folder:
+        raise ValueError(f"the lean head loads GPT-2 from a local folder; split_model {spec.model!r} is not one: "
+                         "use EDGETUNE_SPLIT_HEAD=transformers")
+    folder = head_path or (spec.model if is_folder else None)
+    if folder is None:
+        raise ValueError("the lean head needs the head's weights for gpt2-config: run `python -m models.lean_gpt2 "
+                         "export DIR` with this fleet's split settings (on any machine with transformers) and set "
+                         "EDGETUNE_SPLIT_HEAD_PATH=DIR")
+    check_export_matches(folder, spec)
+    model = load_lean_head(folder, cut=spec.cut, lora_r=spec.lora_r, lora_alpha=spec.lora_alpha,
+                           lora_seed=spec.seed + 1)
+    return model, lean_tokenizer(spec.model if is_folder else None)

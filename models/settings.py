@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from models.classifier import ClassifierSpec
@@ -39,6 +41,12 @@ class DecoderSettings(BaseModel):
     split_n_head: int = Field(12, ge=1, description="gpt2-config: attention heads")
     seq_len: int = Field(128, ge=8, le=4096, description="tokens per training sequence")
     split_seed: int = 0
+    split_head: Literal["transformers", "lean"] = Field(
+        "transformers", description="the agent's GPT-2 head: transformers + peft, or lean (plain torch + loralib: "
+        "the agent imports neither transformers nor peft)")
+    split_head_path: str | None = Field(
+        None, description="lean head: a GPT-2 checkpoint folder with the head's weights; needed for gpt2-config "
+        "(made by `python -m models.lean_gpt2 export DIR` with the fleet's split settings); unset: split_model's folder")
 
     def decoder_spec(self):
         from models.split import DecoderSpec
