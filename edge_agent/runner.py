@@ -249,7 +249,8 @@ class AgentRunner:
 
                 self.trainer = SplitTrainer(self.s.decoder_spec(), self.split_request, lr=self.s.split_lr,
                                             batch_size=self.s.split_batch_size, encoding=self.s.split_encoding,
-                                            seed=self.s.train_seed)
+                                            seed=self.s.train_seed, head=self.s.split_head,
+                                            head_path=self.s.split_head_path)
                 self.examples = token_blocks(self.trainer.tokenizer, self.examples, self.s.seq_len)
                 if len(self.examples) == 0:
                     raise ValueError("no local text to train on: this agent's shard is smaller than one sequence")
