@@ -38,6 +38,14 @@ class AggregatorMetrics:
         self.global_perplexity = Gauge(p + "global_perplexity", "Held-out perplexity (split mode)", registry=r)
         self.rejected = Counter(p + "rejected_messages", "Messages refused, by reason", ["reason"], registry=r)
         self.broker_connected = Gauge(p + "broker_connected", "1 while connected to the MQTT broker", registry=r)
+        self.dp_epsilon = Gauge(
+            p + "dp_epsilon", "Client-level DP: epsilon spent so far at the configured delta (NaN without DP)", registry=r
+        )
+        self.update_staleness = Histogram(
+            p + "update_staleness_versions", "Async: versions between an applied update's base and the global",
+            buckets=(0, 1, 2, 3, 5, 10, 20), registry=r,
+        )
+        self.async_buffer_pending = Gauge(p + "async_buffer_pending", "Async: updates waiting in the buffer", registry=r)
         # split learning
         self.activation_bytes = Counter(p + "split_activation_bytes_received", "Activation bytes received", registry=r)
         self.gradient_bytes = Counter(p + "split_gradient_bytes_sent", "Gradient bytes sent back", registry=r)
@@ -54,8 +62,9 @@ class AggregatorMetrics:
         self.global_accuracy.set(float("nan"))
         self.global_perplexity.set(float("nan"))
         self.global_loss.set(float("nan"))
+        self.dp_epsilon.set(float("nan"))
         # pre-create the common reasons so that dashboards show zeros, not "no data"
         for reason in ("malformed_frame", "bad_checksum", "wrong_version", "bad_schema", "bad_topic",
-                       "wrong_round", "duplicate", "not_selected", "bad_tensors", "non_finite", "late"):
+                       "wrong_round", "duplicate", "not_selected", "bad_tensors", "non_finite", "late", "stale"):
             self.rejected.labels(reason=reason)
 

@@ -20,7 +20,8 @@ from aggregator.metrics import AggregatorMetrics, serve
 from aggregator.rounds import Outcome, Rejection, Round, select_agents
 from aggregator.settings import AggregatorSettings
 from aggregator.split_server import SplitRequest
-from aggregator.strategies import ClientUpdate, make_strategy
+from aggregator.async_buffer import AsyncBuffer
+from aggregator.strategies import ClientUpdate, InvalidUpdate, make_strategy, report
 from aggregator.tasks import make_task
 from broker import activations, codec
 from broker.errors import WireError
@@ -30,7 +31,7 @@ from broker.settings import dump_settings
 from broker.metrics_http import linger
 from broker.topics import Topics
 from broker.transport import Incoming, MqttTransport
-from models.classifier import set_threads
+from models.classifier import AdapterMismatch, check_adapter_state, set_threads
 
 log = logging.getLogger("edgetune.aggregator")
 
@@ -53,13 +54,14 @@ class AggregatorService:
         self.seen_nonces: set[tuple[str, int, str]] = set()
         self.early: dict[str, tuple[ModelUpdate, dict]] = {}  # next round's updates that came first
         self._stop = False
+        self._async_closed = False
         self.transport: MqttTransport | None = None
 
     # -- setup ------------------------------------------------------------------------------
     def _build(self) -> None:
         set_threads(self.s.threads)
         self.task = make_task(self.s, self.out)
-        self.strategy = make_strategy(self.s.strategy)
+        self.strategy = make_strategy(self.s.strategy, **self.s.strategy_options)
         self.split_queue: list[SplitRequest] = []
         ck = self.task.resume()
         if ck is not None:
@@ -68,6 +70,15 @@ class AggregatorService:
             if hasattr(self.strategy, "load_state_dict") and ck.extra.get("strategy_state"):
                 self.strategy.load_state_dict(ck.extra["strategy_state"])
         self.global_state = self.task.global_state()
+        self.buffer: AsyncBuffer | None = None
+        if self.s.aggregation == "async":
+            self.buffer = AsyncBuffer(
+                self.s.buffer_size(), self.s.async_staleness_weight, self.s.async_staleness_a,
+                global_state=self.global_state, server_lr=self.s.async_server_lr,
+                max_staleness=self.s.async_max_staleness, version=self.version,
+            )
+        self.async_selected: tuple[str, ...] = ()
+        self.async_updates: dict[str, ModelUpdate] = {}  # agent -> its update in the buffer now
 
     def _connect(self) -> None:
         t = MqttTransport(
@@ -180,6 +191,8 @@ class AggregatorService:
         key = (meta.agent_id, meta.round, meta.nonce)
         if key in self.seen_nonces:
             return self._reject("duplicate", f"replayed update {key}")
+        if self.buffer is not None:
+            return self._offer_async(meta, frame.tensors)
         if self.round is None:
             if meta.round == self.round_number + 1 and meta.base_version == self.version:
                 # the next round's update, queued by the broker while we were down (or raced ahead of
@@ -200,6 +213,29 @@ class AggregatorService:
         self.metrics.agents_answered.inc()
         log.info("round %d: update from %s (%d examples, loss %.4f)", meta.round, agent, meta.num_examples,
                  meta.train_loss if meta.train_loss is not None else math.nan)
+
+    def _offer_async(self, meta: ModelUpdate, tensors: dict) -> None:
+        """Async: any update from the fleet's agents goes into the buffer if it is fresh enough;
+        a full buffer becomes the next global at once (see _run_async)."""
+        agent = meta.agent_id
+        if self._async_closed:
+            return self._reject("wrong_round", f"update from {agent} after the run's last step")
+        if agent not in self.online and agent not in self.async_selected:
+            return self._reject("not_selected", f"update from {agent}, which is neither online nor selected")
+        try:
+            check_adapter_state(dict(self.global_state), tensors)
+            self.buffer.add(ClientUpdate(agent, tensors, meta.num_examples, base_version=meta.base_version,
+                                         nonce=meta.nonce))
+        except AdapterMismatch as e:
+            return self._reject(e.reason, f"update from {agent}: {e}")
+        except InvalidUpdate as e:
+            return self._reject(e.reason, f"update from {agent}: {e}")
+        self.seen_nonces.add((agent, meta.round, meta.nonce))
+        self.async_updates[f"{agent}:{meta.nonce}"] = meta
+        self.metrics.agents_answered.inc()
+        self.metrics.async_buffer_pending.set(self.buffer.pending)
+        log.info("async: update from %s (base v%d, global v%d, %d examples), buffer %d", agent, meta.base_version,
+                 self.buffer.version, meta.num_examples, self.buffer.pending)
 
     def _pump(self, until: float) -> None:
         """Handle incoming messages until `until` (monotonic) or until one arrives and is handled."""
@@ -303,30 +339,116 @@ class AggregatorService:
             row.update(version=self.version, duration_s=time.time() - t0)
             self.round_number = number
             return row
-        ta = time.perf_counter()
         updates = [
             ClientUpdate(a.meta.agent_id, a.tensors, a.meta.num_examples)
             for a in sorted(rnd.accepted.values(), key=lambda a: a.meta.agent_id)
         ]
-        new_state = self.strategy.aggregate(self.global_state, updates)
-        aggregation_s = time.perf_counter() - ta
+        ta = time.perf_counter()
+        try:
+            new_state = self.strategy.aggregate(self.global_state, updates)
+        except (ValueError, InvalidUpdate) as e:  # e.g. krum with fewer updates than it needs
+            log.error("round %d: %s could not aggregate %d updates: %s; the global adapter stays v%d", number,
+                      self.s.strategy, len(updates), e, self.version)
+            row.update(outcome=Outcome.failed.value, error=str(e), version=self.version, duration_s=time.time() - t0)
+            self.round_number = number
+            return row
+        row["agents"] = {a.meta.agent_id: _agent_row(a.meta) for a in rnd.accepted.values()}
+        row.update(report(self.strategy))
+        if row.get("dp_epsilon") is not None:
+            self.metrics.dp_epsilon.set(row["dp_epsilon"])
+        return self._publish_step(row, new_state, number, time.perf_counter() - ta, t0)
+
+    def _publish_step(self, row: dict, new_state: dict, number: int, aggregation_s: float, t0: float) -> dict:
+        """A new global: load it, evaluate it, publish it, checkpoint it; the row for metrics.jsonl."""
         self.metrics.aggregation_seconds.observe(aggregation_s)
         self.task.load_global(new_state)
         self.global_state = self.task.global_state()
         self.version += 1
         self.round_number = number
         row.update(self._evaluate())
-        row.update(version=self.version, num_examples=sum(u.num_examples for u in updates),
-                   train_loss=_mean([a.meta.train_loss for a in rnd.accepted.values()]),
-                   aggregation_s=aggregation_s)
+        agents = row.get("agents", {})
+        row.update(version=self.version, num_examples=sum(a["num_examples"] for a in agents.values()),
+                   train_loss=_mean([a["train_loss"] for a in agents.values()]), aggregation_s=aggregation_s)
         self._publish_global(row.get("accuracy"), row["loss"])
         row["duration_s"] = time.time() - t0
         self._checkpoint(row)
         self.metrics.rounds_completed.inc()
         self.metrics.round_duration.observe(row["duration_s"])
-        log.info("round %d: %s, global v%d, %s (%.1fs)", number, outcome.value, self.version, _fmt(row),
+        log.info("round %d: %s, global v%d, %s (%.1fs)", number, row["outcome"], self.version, _fmt(row),
                  row["duration_s"])
         return row
+
+    # -- buffered asynchronous aggregation (aggregation=async) ------------------------------
+    def _run_async_step(self) -> dict:
+        """Announce the current global to the online agents and wait until the buffer has taken
+        async_buffer_size updates (from this version or older ones, weighted down by staleness),
+        or until round_timeout_s, when a partly filled buffer of at least min_agents is applied."""
+        number = self.round_number + 1
+        selected = select_agents(list(self.online), self.s.agents_per_round, number, self.s.seed)
+        if len(selected) < self.s.min_agents:
+            self._wait_for_agents()
+            selected = select_agents(list(self.online), self.s.agents_per_round, number, self.s.seed)
+        self.async_selected = tuple(sorted(set(self.async_selected) | set(selected)))
+        t0 = time.time()
+        self.metrics.current_round.set(number)
+        self.metrics.agents_selected.set(len(selected))
+        self._announce(Round(number, tuple(selected), t0 + self.s.round_timeout_s, self.version, self.s.min_agents, {}))
+        log.info("async step %d: v%d announced to %d agents, buffer %d of %d", number, self.version, len(selected),
+                 self.buffer.pending, self.buffer.options.buffer_size)
+        deadline = time.monotonic() + self.s.round_timeout_s
+        while self.buffer.version == self.version and time.monotonic() < deadline:
+            self._pump(min(deadline, time.monotonic() + 0.5))
+        row = {"round": number, "selected": list(selected)}
+        if self.buffer.version == self.version:
+            if self.buffer.pending < self.s.min_agents:
+                log.error("async step %d: %d updates by the deadline, fewer than min_agents %d; the global stays v%d",
+                          number, self.buffer.pending, self.s.min_agents, self.version)
+                row.update(outcome=Outcome.failed.value, version=self.version, pending=self.buffer.pending,
+                           duration_s=time.time() - t0)
+                self.round_number = number
+                return row
+            self.buffer.flush()
+            row["outcome"] = Outcome.deadline.value
+        else:
+            row["outcome"] = Outcome.complete.value
+        return self._async_applied(row, number, t0)
+
+    def _async_applied(self, row: dict, number: int, t0: float) -> dict:
+        assert self.buffer.version == self.version + 1, "one buffer step at a time"
+        applied = self.buffer.last_applied
+        metas = [self.async_updates.pop(k) for k in list(self.async_updates)]
+        by_agent = {m.agent_id: m for m in metas}
+        row["applied"] = [dict(agent_id=a.agent_id, base_version=a.base_version, staleness=a.staleness,
+                               num_examples=a.num_examples, weight=a.weight) for a in applied]
+        row["answered"] = sorted({a.agent_id for a in applied})
+        row["agents"] = {a: _agent_row(m) for a, m in by_agent.items()}
+        for a in applied:
+            self.metrics.update_staleness.observe(a.staleness)
+        self.metrics.async_buffer_pending.set(self.buffer.pending)
+        return self._publish_step(row, self.buffer.global_state, number, 0.0, t0)
+
+    def _drain_async(self) -> list[dict]:
+        """After the last step: let agents still training send their updates, and apply them as
+        one last (partial) step, so that no update an agent made is lost."""
+        rows = []
+        grace_end = time.monotonic() + 1.0
+        deadline = time.monotonic() + self.s.round_timeout_s
+        t0 = time.time()
+        while time.monotonic() < deadline and not self._stop:
+            if self.buffer.version > self.version:  # a full buffer while draining
+                rows.append(self._async_applied({"round": self.round_number + 1, "selected": [], "outcome": "drain"},
+                                                self.round_number + 1, t0))
+            busy = [a for a, st in self.online.items() if st.state == AgentState.training]
+            if not busy and time.monotonic() > grace_end:
+                break
+            self._pump(min(deadline, time.monotonic() + 0.5))
+        self._async_closed = True
+        if self.buffer.pending:
+            log.info("async: applying %d updates that arrived after the last step", self.buffer.pending)
+            self.buffer.flush()
+            rows.append(self._async_applied({"round": self.round_number + 1, "selected": [], "outcome": "drain"},
+                                            self.round_number + 1, t0))
+        return rows
 
     def run(self) -> None:
         def _on_signal(signum, frame):
@@ -348,9 +470,15 @@ class AggregatorService:
             self._publish_global(None, None)
             self._wait_for_agents()
             while self.round_number < self.s.rounds:
-                row = self._run_round()
+                row = self._run_round() if self.buffer is None else self._run_async_step()
                 self._record(row)
             self._announce(Round(self.round_number, (), time.time(), self.version, 0, {}), final=True)
+            if self.buffer is not None:
+                rows = self._drain_async()
+                for row in rows:
+                    self._record(row)
+                if rows:
+                    self._announce(Round(self.round_number, (), time.time(), self.version, 0, {}), final=True)
             log.info("done: %d rounds, global v%d in %s", self.round_number, self.version, self.out)
         except Stop:
             log.info("stopping: the last checkpoint is round %d (v%d)", self.round_number, self.version)
@@ -366,6 +494,12 @@ class AggregatorService:
 
 def _fmt(row: dict) -> str:
     return ", ".join(f"{k} {row[k]:.4f}" for k in ("accuracy", "perplexity", "loss") if row.get(k) is not None)
+
+
+def _agent_row(meta: ModelUpdate) -> dict:
+    """Per-agent figures of an applied update, for metrics.jsonl."""
+    return {"num_examples": meta.num_examples, "train_loss": meta.train_loss, "train_seconds": meta.train_seconds,
+            "base_version": meta.base_version}
 
 
 def _mean(xs):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -22,6 +22,20 @@ class AggregatorSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings, De
     local_epochs: int = Field(1, ge=1)
     max_local_steps: int = Field(0, ge=0, description="cap on an agent's steps per round (0: none)")
     strategy: str = Field("fedavg", description="aggregation strategy (see aggregator.strategies)")
+    strategy_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description='the strategy\'s options as JSON, e.g. {"bound": 0.5} for clip, {"f": 1, "m": 3} for krum, '
+                    '{"inner": "fedadam", "clip_norm": 0.2, "noise_multiplier": 1.0, "num_agents": 100, '
+                    '"delta": 1e-5} for dp_fedavg')
+    aggregation: Literal["sync", "async"] = Field(
+        "sync", description="sync: rounds with a deadline; async: buffered (FedBuff), a new global after "
+                            "every async_buffer_size updates, stale updates weighted down")
+    async_buffer_size: int = Field(0, ge=0, description="async: updates per server step (0: min_agents)")
+    async_staleness_weight: Literal["polynomial", "constant"] = Field(
+        "polynomial", description="async: weight of an update s versions behind: (1 + s) ** -a, or 1")
+    async_staleness_a: float = Field(0.5, ge=0, description="async: the exponent a")
+    async_max_staleness: int = Field(10, ge=0, description="async: refuse updates more versions behind")
+    async_server_lr: float = Field(1.0, gt=0, description="async: server learning rate on the weighted delta")
     output_dir: Path = Field(Path("runs/aggregator"), description="checkpoints, metrics.jsonl, settings.json")
     eval_limit: int = Field(0, ge=0, description="evaluate on the first N held-out examples (0: all)")
     eval_batch_size: int = Field(64, ge=1)
@@ -40,3 +54,22 @@ class AggregatorSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings, De
         if self.expected_agents and self.expected_agents < self.min_agents:
             raise ValueError(f"expected_agents ({self.expected_agents}) is below min_agents ({self.min_agents})")
         return self
+
+    @model_validator(mode="after")
+    def _strategy(self):
+        """Build the strategy once here, so that a bad name or option fails at start-up, not in round 1."""
+        from aggregator.strategies import make_strategy
+
+        if self.aggregation == "async" and self.mode != "federated":
+            raise ValueError("aggregation=async is for the federated mode; split mode averages head adapters in rounds")
+        if self.aggregation == "async" and (self.strategy != "fedavg" or self.strategy_options):
+            raise ValueError("aggregation=async applies buffered FedAvg (FedBuff) with its async_* settings: "
+                             f"leave strategy at fedavg and strategy_options empty (got {self.strategy!r})")
+        try:
+            make_strategy(self.strategy, **self.strategy_options)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"strategy {self.strategy!r} with options {self.strategy_options}: {e}") from None
+        return self
+
+    def buffer_size(self) -> int:
+        return self.async_buffer_size or self.min_agents

@@ -606,3 +606,23 @@ def make_strategy(name: str, **options) -> Strategy:
     except KeyError:
         raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}") from None
     return cls(**options)
+
+
+def report(strategy: Strategy) -> dict[str, Any]:
+    """What the last aggregate() decided, for the run's metrics file: Krum's choice, who was
+    clipped, DP's noise and spent epsilon; wrappers report their inner strategy's too."""
+    out: dict[str, Any] = {}
+    for attr, key in (("last_selected", "krum_selected"), ("last_clipped", "clipped"), ("noise_std", "dp_noise_std"),
+                      ("last_sample_rate", "dp_sample_rate"), ("last_epsilon", "dp_epsilon")):
+        v = getattr(strategy, attr, None)
+        if v is not None:
+            out[key] = v
+    options = getattr(strategy, "options", None)
+    if getattr(strategy, "name", None) == "dp_fedavg":
+        out["dp_delta"] = options.delta
+        out["dp_rounds"] = strategy.rounds  # type: ignore[attr-defined]
+        out["dp_clipped"] = sum(n > options.clip_norm for n in strategy.last_unclipped_norms)  # type: ignore[attr-defined]
+    inner = getattr(strategy, "inner", None)
+    if inner is not None:
+        out.update({k: v for k, v in report(inner).items() if k not in out})
+    return out

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 from broker.topics import Topics
 from broker.transport import BrokerAddress
@@ -101,9 +102,12 @@ def load_settings(cls: type[S], config_file: str | Path | None = None, **overrid
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "(settings)"
-            lines.append(f"  {field} (EDGETUNE_{field.upper()}): {err['msg']}")
+            field = ".".join(str(p) for p in err["loc"])
+            where = f"{field} (EDGETUNE_{field.upper()})" if field else "settings"
+            lines.append(f"  {where}: {err['msg']}")
         raise SettingsError(f"invalid {cls.__name__}:\n" + "\n".join(lines)) from None
+    except PydanticSettingsError as e:  # e.g. a JSON setting in the environment that is not JSON
+        raise SettingsError(f"invalid {cls.__name__}: {e} (give JSON, e.g. EDGETUNE_STRATEGY_OPTIONS='{{\"bound\": 0.5}}')") from None
 
 
 def dump_settings(settings: BaseSettings, path: Path) -> None:

@@ -50,9 +50,12 @@ class LightAgent:
         self.global_tensors: dict[str, np.ndarray] = {}
         self.done: set[int] = set()
         self.sent = 0
+        self.sent_updates: list[tuple[int, int]] = []  # (round, base version) of each update sent
         self.finished = threading.Event()
         self.stop = threading.Event()
         self._announce = threading.Event()
+        self._pending: RoundAnnouncement | None = None
+        self._final: int | None = None
         self.t = MqttTransport(f"edgetune-agent-{agent_id}", broker_url, protocol=protocol, username=username,
                                password=password, persistent_session=persistent, on_state=self._on_state,
                                will=Will(self.topics.status(agent_id), self._status(AgentState.offline)))
@@ -67,36 +70,44 @@ class LightAgent:
         if up:  # paho's thread: only flag it; the loop re-announces us after every (re)connect
             self._announce.set()
 
+    def _take(self, m) -> None:
+        if not m.payload:
+            return
+        try:
+            f = codec.decode(m.payload, as_torch=False)
+            if m.topic == self.topics.global_adapter:
+                g = parse(f.header, GlobalAdapter)
+                if g.version > self.global_version:
+                    self.global_version, self.global_tensors = g.version, f.tensors
+            elif m.topic == self.topics.round:
+                ann = parse(f.header, RoundAnnouncement)
+                if ann.final:
+                    self._final = ann.global_version
+                elif self.id in ann.selected and ann.round not in self.done:
+                    self._pending = ann
+        except WireError as e:
+            log.warning("%s: refused a message on %s: %s", self.id, m.topic, e)
+
     def run(self) -> None:
         self.t.connect()
-        pending: RoundAnnouncement | None = None
-        final: int | None = None
         while not self.stop.is_set():
             if self._announce.is_set():
                 self._announce.clear()
                 self.t.publish(self.topics.status(self.id), self._status(AgentState.online), retain=True)
+            # read everything queued before acting, so that a slow agent trains on the newest
+            # announcement and global, not on each stale one it missed while it was busy
             m = self.t.get(timeout=0.2)
-            if m is not None and m.payload:
-                try:
-                    f = codec.decode(m.payload, as_torch=False)
-                    if m.topic == self.topics.global_adapter:
-                        g = parse(f.header, GlobalAdapter)
-                        if g.version > self.global_version:
-                            self.global_version, self.global_tensors = g.version, f.tensors
-                    elif m.topic == self.topics.round:
-                        ann = parse(f.header, RoundAnnouncement)
-                        if ann.final:
-                            final = ann.global_version
-                        elif self.id in ann.selected and ann.round not in self.done:
-                            pending = ann
-                except WireError as e:
-                    log.warning("%s: refused a message on %s: %s", self.id, m.topic, e)
-            if final is not None and self.global_version >= final:
+            while m is not None:
+                self._take(m)
+                m = self.t.get(timeout=0)
+            if self._final is not None and self.global_version >= self._final:
                 break
+            pending = self._pending
             if pending is not None and self.global_version >= pending.global_version:
-                ann, pending = pending, None
+                ann, self._pending = pending, None
                 if self.global_version > ann.global_version:
                     continue
+                self.t.publish(self.topics.status(self.id), self._status(AgentState.training), retain=True)
                 if self.train_seconds:
                     self.stop.wait(self.train_seconds)
                     if self.stop.is_set():
@@ -108,6 +119,8 @@ class LightAgent:
                                wait=True)
                 self.done.add(ann.round)
                 self.sent += 1
+                self.sent_updates.append((ann.round, ann.global_version))
+                self.t.publish(self.topics.status(self.id), self._status(AgentState.idle), retain=True)
         self.finished.set()
         self.t.close(final=(self.topics.status(self.id), self._status(AgentState.offline)))
 
