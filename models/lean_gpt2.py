@@ -160,13 +160,18 @@ class Block(nn.Module):
 
 
 class LeanGPT2Head(nn.Module):
-    """Embeddings + the first `cut` blocks. forward(input_ids, attention_mask) -> h (B, T, C)."""
+    """Embeddings + the first `cut` blocks. forward(input_ids, attention_mask) -> h (B, T, C).
+
+    The base weights are left uninitialised here (they are always loaded: `load_lean_head`).
+    """
 
     def __init__(self, cfg: LeanGPT2Config) -> None:
         super().__init__()
         self.config = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        # torch.empty, not nn.Embedding's normal_ init: the (V, C) table is loaded next, and untouched
+        # pages of an empty tensor cost no resident memory
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd, _weight=torch.empty(cfg.vocab_size, cfg.n_embd))
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd, _weight=torch.empty(cfg.n_positions, cfg.n_embd))
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.cut))
 
@@ -263,8 +268,8 @@ def load_lean_head(folder: str | Path, *, cut: int, lora_r: int = 8, lora_alpha:
         raise FileNotFoundError(f"{folder} has no config.json: not a GPT-2 checkpoint folder")
     cfg = LeanGPT2Config.from_hf(json.loads(cfg_path.read_text()), cut=cut, lora_r=lora_r, lora_alpha=lora_alpha)
     tensors = read_head_tensors(folder, cut)
-    with torch.device("meta"):  # no memory and no random init for weights that are loaded next
-        head = LeanGPT2Head(cfg)
+    # not under torch.device("meta"): its init path imports torch._dynamo (about 2 s of start-up)
+    head = LeanGPT2Head(cfg)
     state = {k: v.float() for k, v in tensors.items()}
     del tensors
     g = torch.Generator().manual_seed(lora_seed) if lora_seed is not None else None
