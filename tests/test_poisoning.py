@@ -1,26 +1,26 @@
 """Poisoning: 1 of 5 agents sends a boosted (x10) or a sign-flipped (x10) delta.
 
 Setup (cached-feature model, see edgetune/simulate.py): 5 agents, iid shards of a seeded
-1,200-example sample of VADER's training split, 10 rounds of 10 local AdamW steps (lr 2e-3,
-batch 32), 600 held-out examples, seed 0. "Accuracy" is the mean over the last 3 rounds (one
-round moves by about 2 points). One run takes about a second.
+6,000-example sample of VADER's training split (1,200 each), 10 rounds of 10 local AdamW steps
+(lr 2e-3, batch 32), 600 held-out examples, seed 0. "Accuracy" is the mean over the last 3
+rounds (one round moves by about 2 points). Caching the features takes about a minute on 2
+cores; each run then takes about a second.
 
-Asserted, with what was measured here (seed 0; in brackets, seeds 0-3 of the same setup):
+Asserted (the issue's bar), with what was measured here at seed 0 (in brackets, seeds 0-3):
 
-- plain FedAvg under the x10 sign flip loses at least 5 points (27.2 [27-33]);
+- plain FedAvg under the x10 sign flip loses at least 5 points (45.6 [31.6-45.9]);
 - plain FedAvg under the x10 boost becomes erratic: its worst round from round 3 on is at
-  least 10 points below the clean run's worst (about 30 [17-38 over seeds 0-5]). Its last-3
-  mean drops 27.9 points at seed 0, but the boost's damage comes and goes (4.2-27.9 over
-  seeds 0-3), so the stable "worst round" is what is asserted;
-- against the x10 boost, median, trimmed_mean (beta 0.2), multi-Krum (f=1, m=3) and clip
-  (bound 0.5, about the honest update norm) stay within 2 points of their own clean run
-  (0.0, 0.0, 0.9, 0.3 [at most 1.1]);
-- against the x10 sign flip, Krum stays within 2 points (0.9 [at most 0.9]). The
-  coordinate-wise median and trimmed mean, and norm clipping, keep most of the accuracy but
-  not all: they lose 3.9, 4.2 and 3.8 points [1.4-4.2], asserted as at most 6 points and at
-  least 15 points better than FedAvg. With one attacker among five, each coordinate's median
-  moves to the neighbouring honest value, and a clipped flip still pulls with the full bound.
-  With 3,100 examples per agent instead of 240 (bench/poisoning.py) they lose about 1 point.
+  least 10 points below the clean run's worst;
+- against both attacks, median, trimmed_mean (beta 0.2), multi-Krum (f=1, m=3) and clip
+  (bound 0.5, about the honest update norm) stay within 2 points of their own clean run.
+  Drops in points, flip / boost: median 0.1 / 0.2 [at most 0.9], trimmed mean 0.3 / 0.4 [1.3],
+  Krum -0.9 / -0.9 [0.6], clip 0.7 / -0.1 [1.7].
+
+With 240 examples per agent instead (a 1,200-example sample) the honest agents overfit their
+shards in different directions and the coordinate-wise median, trimmed mean and clipping lose
+about 4 points to the flip: each coordinate's median moves to a neighbouring honest value that
+is itself far off, and a clipped flip still pulls with the full bound. bench/poisoning.py shows
+the table with every training example.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import pytest
 
 from edgetune.simulate import SimConfig, run_simulation
 
-BASE = dict(agents=5, rounds=10, partition="iid", train_limit=1200, eval_limit=600, local_steps=10, lr=2e-3, seed=0)
+BASE = dict(agents=5, rounds=10, partition="iid", train_limit=6000, eval_limit=600, local_steps=10, lr=2e-3, seed=0)
 ROBUST = {
     "median": {},
     "trimmed_mean": {"beta": 0.2},  # floor(0.2 * 5) = 1 value trimmed at each end
@@ -81,13 +81,8 @@ def test_robust_strategies_hold_against_scaled_updates(strategy):
     assert attacked >= run("fedavg", "scale")[0] + 0.05
 
 
-def test_krum_holds_against_sign_flips():
-    clean, attacked = run("krum", None)[0], run("krum", "flip")[0]
-    assert abs(attacked - clean) <= 0.02, f"krum flip: {attacked:.4f} vs clean {clean:.4f}"
-
-
-@pytest.mark.parametrize("strategy", ["median", "trimmed_mean", "clip"])
-def test_coordinate_wise_and_clipping_bound_the_sign_flip(strategy):
+@pytest.mark.parametrize("strategy", list(ROBUST))
+def test_robust_strategies_hold_against_sign_flips(strategy):
     clean, attacked = run(strategy, None)[0], run(strategy, "flip")[0]
-    assert attacked >= clean - 0.06, f"{strategy} flip: {attacked:.4f} vs clean {clean:.4f}"
+    assert abs(attacked - clean) <= 0.02, f"{strategy} flip: {attacked:.4f} vs clean {clean:.4f}"
     assert attacked >= run("fedavg", "flip")[0] + 0.15
