@@ -9,7 +9,8 @@ small device imports torch, loralib, safetensors and tokenizers, and nothing els
 - **Weights** come from a checkpoint folder with Hugging Face GPT-2 key names (`config.json` +
   `model.safetensors` or a sharded `model.safetensors.index.json`; keys with or without the
   `transformer.` prefix). Only the head's tensors are read (wte, wpe, h.0..h.cut-1), never the
-  tail's. A random-init fleet (`gpt2-config`) has no such folder: the head weights are made by
+  tail's, through safetensors' memory map: the frozen fp32 weights stay file-backed pages, resident
+  only where touched (so do not rewrite the file under a running agent). A random-init fleet (`gpt2-config`) has no such folder: the head weights are made by
   the same code the aggregator runs (`models.split.load_full_model`, transformers, the fleet's
   seed) and written once by `python -m models.lean_gpt2 export DIR ...` on any machine with
   transformers; the agent then loads DIR (`EDGETUNE_SPLIT_HEAD_PATH`). The export records the
@@ -98,13 +99,6 @@ class Conv1D(nn.Module):
         return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(shape)
 
 
-class NewGELU(nn.Module):
-    """GPT-2's GELU (tanh approximation), written as transformers' gelu_new writes it."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: LeanGPT2Config) -> None:
         super().__init__()
@@ -138,7 +132,10 @@ class MLP(nn.Module):
         super().__init__()
         inner = cfg.n_inner or 4 * cfg.n_embd
         self.c_fc = Conv1D(cfg.n_embd, inner)
-        self.act = NewGELU() if cfg.activation != "gelu" else nn.GELU()
+        # gelu_new is GELU's tanh approximation; transformers writes it as 6 element-wise ops, each of whose
+        # outputs autograd keeps for the backward (about 6 x (B, T, 4C) floats per block); the fused kernel
+        # keeps only its input, and agrees to float rounding
+        self.act = nn.GELU(approximate="none" if cfg.activation == "gelu" else "tanh")
         self.c_proj = Conv1D(inner, cfg.n_embd)
         self.dropout = nn.Dropout(cfg.dropout)
 
