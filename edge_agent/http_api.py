@@ -5,7 +5,8 @@
     POST /feedback  {"text": "...", "label": "positive" | 1}  -> 201 {"id": n}
     GET  /healthz                               -> {"status": "ok", "model_version", "labels", "samples"}
 
-Errors are JSON {"error": code, "detail": message} with a 4xx status, and a refused request
+Errors are JSON {"error": code, "detail": message} with a 4xx status (503 "no_model" while the
+agent has no model to serve yet), and a refused request
 stores nothing. The API has no authentication, so it binds 127.0.0.1 only and refuses any other
 address. Against web pages in a local browser it also requires `Content-Type: application/json`
 on POST (a cross-origin page cannot send that without a CORS preflight, which this server never
@@ -26,6 +27,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from edge_agent.inference import ModelLoadError
 from edge_agent.store import InvalidSample
 
 log = logging.getLogger(__name__)
@@ -236,7 +238,11 @@ class _Handler(BaseHTTPRequestHandler):
             texts = [self._text(t, f"texts[{i}]") for i, t in enumerate(items)]
         srv = self.server
         t0 = time.perf_counter()
-        ids, probs = srv.predictor.predict(texts)
+        try:
+            ids, probs = srv.predictor.predict(texts)
+        except ModelLoadError as e:  # e.g. a ModelSlot before the agent exported its first model
+            raise _Refused(HTTPStatus.SERVICE_UNAVAILABLE, "no_model", f"{e}; the agent exports its model when it "
+                           "receives a global adapter: retry later") from None
         elapsed = time.perf_counter() - t0
         if srv.metrics is not None:
             srv.metrics.predictions.labels(backend=getattr(srv.predictor, "backend", "unknown")).inc(len(texts))

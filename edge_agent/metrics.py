@@ -25,6 +25,10 @@ class AgentMetrics:
         self.local_examples = Gauge(p + "local_examples", "Labelled examples available for local training", registry=r)
         self.samples_stored = Gauge(p + "samples_stored", "User inputs held in the local store", registry=r)
         self.incremental_runs = Counter(p + "incremental_training_runs", "Incremental fine-tuning runs", registry=r)
+        self.model_swaps = Counter(p + "model_swaps", "Exported models checked for service, by outcome "
+                                   "(first_model, accepted, worse, ...)", ["outcome"], registry=r)
+        self.holdout_accuracy = Gauge(p + "serving_holdout_accuracy",
+                                      "Local holdout accuracy of the model in service when it was swapped in", registry=r)
         self.predictions = Counter(p + "predictions", "Predictions served", ["backend"], registry=r)
         self.predict_seconds = Histogram(
             p + "predict_seconds", "Latency of one prediction request", buckets=_FAST_BUCKETS, registry=r

@@ -6,8 +6,11 @@ the queue, trains and publishes.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import random
+import shutil
 import signal
 import time
 import uuid
@@ -24,12 +27,28 @@ from broker.topics import Topics
 from broker.transport import MqttTransport, Will
 from data.partition import partition
 from data.sentiment import train_test_split
+from edge_agent import incremental
+from edge_agent.local_settings import CURRENT_FILE, MODELS_DIR, STORE_FILE
 from edge_agent.metrics import AgentMetrics, serve
 from edge_agent.settings import AgentSettings
 from edge_agent.trainer import Trainer
 from models.classifier import AdapterMismatch, set_threads
 
 log = logging.getLogger("edgetune.agent")
+
+
+class _quiet_root_logger:
+    """Drop records below ERROR logged on the root logger itself (not those of named loggers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    def __enter__(self):
+        logging.getLogger().addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger().removeFilter(self)
 
 
 def local_examples(s: AgentSettings) -> list:
@@ -70,6 +89,14 @@ class AgentRunner:
         self.transport: MqttTransport | None = None
         self._announce_needed = False
         self.final_version: int | None = None  # set by the final announcement
+        # on-device learning and serving (federated mode with a state dir): see _open_device
+        self.store = None
+        self.slot = None
+        self.http = None
+        self.holdout_examples: list = []
+        self._model_dirty: str | None = None  # why the served model should be re-exported
+        self._incremental_run = 0
+        self._next_store_check = 0.0
 
     def _status(self, state: AgentState) -> bytes:
         return codec.encode(AgentStatus(
@@ -123,6 +150,7 @@ class AgentRunner:
                 if msg.version > self.trainer.global_version:
                     self.trainer.load_global(frame.tensors, msg.version)
                     self.metrics.global_version.set(msg.version)
+                    self._model_dirty = f"global adapter v{msg.version}"
                     log.info("loaded global adapter v%d (round %d)", msg.version, msg.round)
             elif topic == self.topics.round:
                 ann = parse(frame.header, RoundAnnouncement)
@@ -206,12 +234,141 @@ class AgentRunner:
         raise TimeoutError(f"no gradient for split step {step} after {self.s.split_retries + 1} tries: "
                            "is the aggregator running in split mode?")
 
+    # -- on-device learning: the sample store, the HTTP API, incremental runs, ONNX serving -------
+    def _open_device(self) -> None:
+        """With a state dir (federated mode): open the store, keep a local holdout, serve the last model."""
+        from edge_agent.http_api import make_server
+        from edge_agent.inference import ModelLoadError, ModelSlot, OnnxPredictor
+        from edge_agent.local_settings import StateDirError
+        from edge_agent.store import SampleStore
+
+        state = Path(self.s.state_dir).expanduser()
+        state.mkdir(parents=True, exist_ok=True)
+        self.store = SampleStore(state / STORE_FILE, self.s.store_max_samples, labels=self.s.labels,
+                                 max_text_chars=self.s.store_max_text_chars)
+        self.inc = incremental.IncrementalConfig.from_settings(self.s)
+        # a fixed slice of the shard, never trained on: with the store's holdout samples it checks
+        # each new model before it serves
+        k = min(self.s.local_holdout, len(self.examples) // 5)
+        if k:
+            held = set(random.Random(self.s.partition_seed + 7).sample(range(len(self.examples)), k))
+            self.holdout_examples = [e for i, e in enumerate(self.examples) if i in held]
+            self.examples = [e for i, e in enumerate(self.examples) if i not in held]
+        self.metrics.samples_stored.set(self.store.count())
+        threads = self.s.onnx_threads or None
+        self.slot = ModelSlot(tolerance=self.s.swap_tolerance, loader=lambda d: OnnxPredictor(d, threads=threads))
+        try:
+            self.slot.install(self.s.current_model_dir())
+            log.info("serving the exported model %s", self.slot.current_dir.name)
+        except StateDirError:
+            pass  # nothing exported yet: the first global adapter brings one
+        except ModelLoadError as e:
+            log.warning("the last exported model does not load (%s): the next global adapter replaces it", e)
+        if self.s.http_port is not None:
+            self.http = make_server(self.slot, self.store, port=self.s.http_port, metrics=self.metrics,
+                                    max_text_chars=self.s.store_max_text_chars,
+                                    record_inputs=self.s.http_record_inputs).start()
+            log.info("HTTP API (predict, feedback) on %s", self.http.url)
+
+    def _device_tick(self) -> None:
+        """Between rounds, on the main loop thread: count samples, learn from new ones, re-export."""
+        if self.store is None:
+            return
+        now = time.monotonic()
+        if now >= self._next_store_check:
+            self._next_store_check = now + 1.0
+            self.metrics.samples_stored.set(self.store.count())
+            if self.inc.min_new and len(incremental.pending(self.store, self.inc)) >= self.inc.min_new:
+                self._learn_incrementally()
+        if self._model_dirty and self.s.onnx_export:
+            self._refresh_model()
+
+    def _learn_incrementally(self) -> None:
+        self._publish_status(AgentState.training)
+        with self.metrics.local_train_seconds.time():
+            r = incremental.fine_tune(self.trainer, self.store, self.examples, self.inc, run=self._incremental_run,
+                                      should_stop=lambda: self._stop)
+        self._publish_status(AgentState.idle)
+        if r is None:
+            return
+        self._incremental_run += 1
+        self.metrics.incremental_runs.inc()
+        self.metrics.local_loss.set(r.mean_loss)
+        log.info("incremental run: %d new samples + %d replay, %d steps, loss %.4f, %.1fs", r.new_examples,
+                 r.replay_examples, r.steps, r.mean_loss, r.seconds)
+        if r.completed:
+            self._model_dirty = "local learning"
+
+    def _holdout(self) -> tuple[list[str], list[int]]:
+        rows = [*self.holdout_examples, *incremental.holdout(self.store, self.inc)]
+        return [e.text for e in rows], [e.label for e in rows]
+
+    def _refresh_model(self) -> None:
+        """Export the current model (ONNX, int8) into the state dir; serve it if it holds up on the holdout."""
+        from models.onnx_export import export_onnx, quantize_int8
+
+        reason, self._model_dirty = self._model_dirty, None
+        models = Path(self.s.state_dir).expanduser() / MODELS_DIR
+        name = f"g{max(self.trainer.global_version, 0):05d}-l{self._incremental_run:04d}-{int(time.time() * 1000)}"
+        tmp, final = models / (name + ".tmp"), models / name
+        t0 = time.perf_counter()
+        try:
+            export_onnx(self.trainer.model, self.trainer.tokenizer, tmp, max_length=self.s.max_length,
+                        adapter_version=self.trainer.global_version, labels=self.s.labels)
+            with _quiet_root_logger():  # onnxruntime.quantization logs every tensor at INFO on the root logger
+                quantize_int8(tmp / "model.onnx")
+            (tmp / "model.onnx").unlink()  # the device serves int8; the fp32 graph is 4x its size
+            meta = tmp / "model_meta.json"
+            doc = json.loads(meta.read_text())
+            doc["files"].pop("fp32", None)
+            doc["local_runs"] = self._incremental_run
+            meta.write_text(json.dumps(doc, indent=2))
+            tmp.rename(final)
+        except Exception as e:  # an export that fails must not stop the agent: the old model serves on
+            log.error("ONNX export after %s failed (%s: %s): the model in service stays", reason, type(e).__name__, e)
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.metrics.model_swaps.labels(outcome="export_failed").inc()
+            return
+        texts, labels = self._holdout()
+        if texts:
+            res = self.slot.swap(final, texts, labels)
+            outcome, accepted = res.reason, res.accepted
+            detail = (f"holdout accuracy {res.candidate_accuracy:.3f} vs {res.current_accuracy:.3f} "
+                      if res.current_accuracy is not None and res.candidate_accuracy is not None else "")
+            if res.candidate_accuracy is not None and accepted:
+                self.metrics.holdout_accuracy.set(res.candidate_accuracy)
+        else:  # no holdout at all (a tiny shard and no labelled samples): nothing to check against
+            self.slot.install(final)
+            outcome, accepted, detail = "unchecked", True, ""
+        self.metrics.model_swaps.labels(outcome=outcome).inc()
+        if accepted:
+            pointer = models / CURRENT_FILE
+            pointer.with_suffix(".tmp").write_text(name + "\n")
+            pointer.with_suffix(".tmp").replace(pointer)
+            log.info("serving %s after %s (%s%s, %.1fs)", name, reason, outcome, ", " + detail if detail else "",
+                     time.perf_counter() - t0)
+        else:
+            log.warning("kept the model in service after %s: the new one was refused (%s) %s", reason, outcome, detail)
+        keep = {p.name for p in (self.slot.current_dir, self.slot.previous_dir) if p is not None}
+        for d in models.iterdir():
+            if d.is_dir() and d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def _round_examples(self) -> tuple[list, list[int]]:
+        """The shard plus the store's labelled samples (holdout excluded); ids of the new ones."""
+        if self.store is None:
+            return list(self.examples), []
+        stored = incremental.trainable(self.store, self.inc)
+        return [*self.examples, *stored], [s.id for s in stored if not s.used_in_training]
+
     def _train_and_publish(self, ann: RoundAnnouncement) -> None:
-        log.info("round %d: training on %d examples (from global v%d)", ann.round, len(self.examples), ann.global_version)
+        examples, new_ids = self._round_examples()
+        log.info("round %d: training on %d examples (%d from the store, from global v%d)", ann.round, len(examples),
+                 len(examples) - len(self.examples), ann.global_version)
         self._publish_status(AgentState.training)
         with self.metrics.local_train_seconds.time():
             upd = self.trainer.train(
-                self.examples, epochs=ann.local_epochs, max_steps=ann.max_local_steps, round_number=ann.round,
+                examples, epochs=ann.local_epochs, max_steps=ann.max_local_steps, round_number=ann.round,
                 should_stop=lambda: self._stop,
             )
         if self._stop:
@@ -229,6 +386,8 @@ class AgentRunner:
         self.metrics.update_bytes_sent.inc(len(payload))
         self.metrics.rounds_participated.inc()
         self.metrics.local_loss.set(upd.result.mean_loss)
+        if new_ids:
+            self.store.mark_used(new_ids)  # in this update: no incremental run needed for them
         self.done_rounds.add(ann.round)
         self._publish_status(AgentState.idle)
         log.info("round %d: sent update (%d steps, loss %.4f, %.1fs, %d bytes)", ann.round, upd.result.steps,
@@ -257,6 +416,8 @@ class AgentRunner:
             else:
                 self.trainer = Trainer(self.s.classifier_spec(), lr=self.s.lr, batch_size=self.s.batch_size,
                                        prox_mu=self.s.prox_mu, seed=self.s.train_seed)
+            if self.s.state_dir and self.s.mode == "federated":
+                self._open_device()
             self.metrics.local_examples.set(len(self.examples))
             if self.s.metrics_port is not None:
                 self.metrics_server, _ = serve(self.metrics.registry, self.s.metrics_port, self.s.metrics_addr)
@@ -270,6 +431,8 @@ class AgentRunner:
                     final_wait_until = final_wait_until or time.monotonic() + 30
                     if self.trainer.global_version >= self.final_version or time.monotonic() > final_wait_until:
                         self.finished = True
+                        if self.store is not None and self._model_dirty and self.s.onnx_export:
+                            self._refresh_model()  # serve (and leave for `predict`) the final global
                         break
                 if self._announce_needed:
                     self._announce_needed = False
@@ -284,6 +447,9 @@ class AgentRunner:
                         log.info("round %d is older than global v%d: skipped", ann.round, self.trainer.global_version)
                         continue
                     self._train_and_publish(ann)
+                    continue
+                if self.pending is None:
+                    self._device_tick()
             if self.finished:
                 log.info("the run is over (global v%d)", self.trainer.global_version)
         finally:
@@ -292,5 +458,9 @@ class AgentRunner:
             if getattr(self, "metrics_server", None) is not None:
                 linger(self.s.metrics_linger_s, lambda: self._stop)
                 self.metrics_server.shutdown()
+            if self.http is not None:
+                self.http.stop()
+            if self.store is not None:
+                self.store.close()
             for s, h in old.items():
                 signal.signal(s, h)

@@ -10,10 +10,11 @@ from pydantic import Field, model_validator
 from broker.messages import AGENT_ID_PATTERN
 from broker.settings import ConnectionSettings, EdgeTuneSettings
 from data.partition import PARTITIONERS
+from edge_agent.local_settings import OnDeviceSettings
 from models.settings import DecoderSettings, ModelSettings
 
 
-class AgentSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings, DecoderSettings):
+class AgentSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings, DecoderSettings, OnDeviceSettings):
     mode: Literal["federated", "split"] = Field("federated", description="federated classifier or split decoder")
     agent_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0][:64], pattern=AGENT_ID_PATTERN)
     # where the demo agent's examples come from: one shard of the shipped data set
@@ -28,7 +29,6 @@ class AgentSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings, Decoder
     batch_size: int = Field(32, ge=1)
     prox_mu: float = Field(0.0, ge=0, description="FedProx proximal weight (0: plain FedAvg)")
     train_seed: int = 0
-    state_dir: str | None = Field(None, description="outbox and local store; unset: no durable state")
     # split mode
     split_encoding: Literal["fp32", "fp16", "int8"] = Field("fp32", description="activation/gradient encoding")
     split_batch_size: int = Field(8, ge=1, description="sequences per split step")
@@ -42,4 +42,6 @@ class AgentSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings, Decoder
             raise ValueError(f"partition_index {self.partition_index} must be below num_partitions {self.num_partitions}")
         if self.partition not in PARTITIONERS:
             raise ValueError(f"partition {self.partition!r}: choose one of {', '.join(PARTITIONERS)}")
+        if self.mode == "federated" and len(self.labels) != self.num_labels:
+            raise ValueError(f"labels {list(self.labels)} name {len(self.labels)} classes; num_labels is {self.num_labels}")
         return self

@@ -48,10 +48,16 @@ class Trainer:
         return term
 
     def train(self, examples: Sequence, *, epochs: int, max_steps: int, round_number: int,
-              should_stop: Callable[[], bool] | None = None) -> LocalUpdate:
+              should_stop: Callable[[], bool] | None = None, lr: float | None = None,
+              batch_size: int | None = None, proximal: bool = True) -> LocalUpdate:
+        """Train on `examples` from the model's current state; lr/batch_size override the trainer's.
+
+        `proximal=False` leaves out the FedProx term (incremental learning between rounds).
+        """
         result = train_local(
-            self.model, self.tokenizer, examples, epochs=epochs, max_steps=max_steps, batch_size=self.batch_size,
-            lr=self.lr, max_length=self.spec.max_length, seed=self.seed * 100_003 + round_number,
-            proximal=self._proximal(), should_stop=should_stop,
+            self.model, self.tokenizer, examples, epochs=epochs, max_steps=max_steps,
+            batch_size=batch_size or self.batch_size, lr=lr or self.lr, max_length=self.spec.max_length,
+            seed=self.seed * 100_003 + round_number, proximal=self._proximal() if proximal else None,
+            should_stop=should_stop,
         )
         return LocalUpdate(self.state(), min(result.examples_seen, len(examples)), result)
