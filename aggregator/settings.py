@@ -46,6 +46,10 @@ class AggregatorSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings, De
     split_max_tokens: int = Field(65536, ge=1, description="token budget of one server micro-batch")
     split_batch_window_ms: float = Field(20, ge=0, description="wait this long for other agents' activations")
     eval_sequences: int = Field(64, ge=1, description="held-out sequences for perplexity")
+    eval_rouge_prompts: int = Field(8, ge=0, description="split: held-out prompts for ROUGE of greedy continuations (0: none)")
+    eval_rouge_prompt_tokens: int = Field(0, ge=0, description="split: tokens of each prompt (0: half of seq_len)")
+    eval_rouge_new_tokens: int = Field(0, ge=0, description="split: tokens generated and compared with the "
+                                                            "reference (0: up to 16, as many as fit in seq_len)")
     device: str = Field("", description="torch device of the split server ('' = cuda if present, else cpu)")
     max_activation_bytes: int = Field(256 * 1024 * 1024, gt=0, description="refuse larger split frames")
 
@@ -70,6 +74,19 @@ class AggregatorSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings, De
         except (ValueError, TypeError) as e:
             raise ValueError(f"strategy {self.strategy!r} with options {self.strategy_options}: {e}") from None
         return self
+
+    @model_validator(mode="after")
+    def _rouge_fits(self):
+        p, g = self.rouge_lengths()
+        if self.mode == "split" and self.eval_rouge_prompts and (p < 1 or g < 1 or p + g > self.seq_len):
+            raise ValueError(f"ROUGE prompts of {p} tokens and continuations of {g} must fit in seq_len "
+                             f"({self.seq_len}): set eval_rouge_prompt_tokens / eval_rouge_new_tokens")
+        return self
+
+    def rouge_lengths(self) -> tuple[int, int]:
+        """(prompt tokens, generated tokens) of the split mode's ROUGE evaluation."""
+        p = self.eval_rouge_prompt_tokens or self.seq_len // 2
+        return p, self.eval_rouge_new_tokens or min(16, self.seq_len - p)
 
     def buffer_size(self) -> int:
         return self.async_buffer_size or self.min_agents

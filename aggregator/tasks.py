@@ -123,7 +123,32 @@ class SplitLMTask:
         finally:
             self.server.tail.train()
         loss = total / max(tokens, 1)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "eval_tokens": tokens}
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "eval_tokens": tokens, **self.rouge()}
+
+    @torch.no_grad()
+    def rouge(self) -> dict:
+        """ROUGE-1/2/L of greedy continuations: the first eval_rouge_prompt_tokens of the first
+        eval_rouge_prompts held-out sequences are the prompts, their next eval_rouge_new_tokens
+        the references. Decoded through the split model itself (head, then tail; no KV cache)."""
+        from aggregator.rouge import rouge
+
+        s = self.s
+        n, (p, g) = s.eval_rouge_prompts, s.rouge_lengths()
+        if n == 0:
+            return {}
+        blocks = self.test_blocks[:n].to(self.server.device)  # [n, seq_len]
+        ids, refs = blocks[:, :p], blocks[:, p:p + g]
+        self.server.tail.eval()
+        try:
+            for _ in range(g):
+                mask = torch.ones_like(ids)
+                logits = self.server.tail(self.head(ids, mask), mask)  # [n, T, vocab]
+                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        finally:
+            self.server.tail.train()
+        hyps = [self.tokenizer.decode(row[p:].tolist()) for row in ids.cpu()]
+        references = [self.tokenizer.decode(row.tolist()) for row in refs.cpu()]
+        return {**rouge(references, hyps), "rouge_samples": len(hyps), "sample_generation": hyps[0]}
 
     def checkpoint(self, round_number: int, version: int, extra: dict) -> Path:
         from models.split import full_adapter_state

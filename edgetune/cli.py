@@ -22,7 +22,12 @@ def run(
     local_epochs: int = typer.Option(1, min=1),
     max_local_steps: int = typer.Option(40, min=0, help="cap on each agent's steps per round (0: whole epochs)"),
     partition: str = typer.Option("by-domain", help="iid, dirichlet or by-domain (one domain per agent)"),
-    strategy: str = typer.Option("fedavg"),
+    strategy: str = typer.Option("fedavg", help="fedavg, fedadam, fedyogi, median, trimmed_mean, krum, clip, dp_fedavg"),
+    strategy_options: str = typer.Option("", help='the strategy\'s options as JSON, e.g. \'{"f": 1, "m": 3}\' for krum'),
+    aggregation: str = typer.Option("sync", help="sync rounds, or async (buffered, FedBuff: a new global every "
+                                                 "--buffer-size updates, stale ones weighted down)"),
+    buffer_size: int = typer.Option(0, min=0, help="async: updates per new global (0: half the agents)"),
+    prox_mu: float = typer.Option(0.0, min=0.0, help="FedProx: the agents' proximal weight mu (0: off)"),
     broker: Optional[str] = typer.Option(None, help="use this broker (mqtt://host:port) instead of an embedded one"),
     output: Path = typer.Option(Path("runs/latest"), help="metrics, checkpoints, logs and the plot go here"),
     eval_limit: int = typer.Option(0, min=0, help="evaluate on the first N held-out examples (0: all)"),
@@ -41,6 +46,9 @@ def run(
     if mode not in ("federated", "split"):
         typer.echo(f"error: --mode {mode!r}: choose federated or split", err=True)
         raise typer.Exit(2)
+    if aggregation not in ("sync", "async"):
+        typer.echo(f"error: --aggregation {aggregation!r}: choose sync or async", err=True)
+        raise typer.Exit(2)
     if partition not in PARTITIONERS:
         typer.echo(f"error: --partition {partition!r}: choose one of {', '.join(PARTITIONERS)}", err=True)
         raise typer.Exit(2)
@@ -48,7 +56,9 @@ def run(
     from edgetune.runner import RunOptions, run_local
 
     opts = RunOptions(agents=agents, rounds=rounds, local_epochs=local_epochs, max_local_steps=max_local_steps,
-                      partition=partition, strategy=strategy, broker_url=broker, output=output,
+                      partition=partition, strategy=strategy, strategy_options=strategy_options,
+                      aggregation=aggregation, async_buffer_size=buffer_size, prox_mu=prox_mu,
+                      broker_url=broker, output=output,
                       eval_limit=eval_limit, seed=seed, mode=mode, split_encoding=encoding, split_model=split_model,
                       split_n_layer=split_layers, split_n_embd=split_embd, split_n_head=max(1, split_embd // 64),
                       split_cut=cut, seq_len=seq_len)

@@ -26,6 +26,10 @@ class RunOptions:
     max_local_steps: int = 40
     partition: str = "by-domain"
     strategy: str = "fedavg"
+    strategy_options: str = ""  # JSON, as EDGETUNE_STRATEGY_OPTIONS
+    aggregation: str = "sync"
+    async_buffer_size: int = 0
+    prox_mu: float = 0.0
     broker_url: str | None = None
     output: Path = Path("runs/latest")
     eval_limit: int = 0
@@ -87,6 +91,8 @@ def _progress(row: dict) -> str:
 
 
 def plot_accuracy(metrics_file: Path, png: Path, title: str = "") -> Path:
+    """Left: the global held-out metric per round (accuracy, or perplexity with ROUGE-L in split
+    mode). Right: each agent's local training loss per round (from the rows' "agents")."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,17 +100,37 @@ def plot_accuracy(metrics_file: Path, png: Path, title: str = "") -> Path:
 
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     key = "accuracy" if any("accuracy" in r for r in rows) else "perplexity"
-    rows = [r for r in rows if key in r]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot([r["round"] for r in rows], [r[key] for r in rows], marker="o")
+    scored = [r for r in rows if key in r]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    ax.plot([r["round"] for r in scored], [r[key] for r in scored], marker="o", label=f"global {key}")
     ax.set_xlabel("round")
     ax.set_ylabel(f"global held-out {key}")
     if key == "accuracy":
         ax.set_ylim(0, 1)
     else:
         ax.set_yscale("log")
+    rouge_rows = [r for r in rows if "rougeL" in r]
+    if rouge_rows:
+        axr = ax.twinx()
+        axr.plot([r["round"] for r in rouge_rows], [r["rougeL"] for r in rouge_rows], marker="s", color="tab:green",
+                 label="ROUGE-L")
+        axr.set_ylabel("ROUGE-L of greedy continuations")
+        axr.set_ylim(0, 1)
+        axr.legend(loc="upper right")
     ax.grid(alpha=0.3)
     ax.set_title(title or f"EdgeTune: global {key} per round")
+    agents = sorted({a for r in rows for a in r.get("agents", {})})
+    for a in agents:
+        pts = [(r["round"], r["agents"][a]["train_loss"]) for r in rows
+               if a in r.get("agents", {}) and r["agents"][a].get("train_loss") is not None]
+        if pts:
+            ax2.plot(*zip(*pts), marker=".", label=a)
+    ax2.set_xlabel("round")
+    ax2.set_ylabel("local training loss")
+    ax2.set_title("per agent")
+    ax2.grid(alpha=0.3)
+    if agents:
+        ax2.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
@@ -133,7 +159,10 @@ def run_local(opts: RunOptions, echo=print) -> dict:
 
     shutil.rmtree(agg_dir / "checkpoints", ignore_errors=True)
     # the aggregator idles while agents train: let its evaluation use two threads
-    agg_env = dict(env, EDGETUNE_OUTPUT_DIR=str(agg_dir), EDGETUNE_THREADS="2", OMP_NUM_THREADS="2")
+    agg_env = dict(env, EDGETUNE_OUTPUT_DIR=str(agg_dir), EDGETUNE_THREADS="2", OMP_NUM_THREADS="2",
+                   EDGETUNE_AGGREGATION=opts.aggregation, EDGETUNE_ASYNC_BUFFER_SIZE=str(opts.async_buffer_size))
+    if opts.strategy_options:
+        agg_env["EDGETUNE_STRATEGY_OPTIONS"] = opts.strategy_options
     agg_cmd = [
         sys.executable, "-m", "aggregator.cli", "run", "--rounds", str(opts.rounds),
         "--min-agents", str(max(1, opts.agents // 2)), "--expected-agents", str(opts.agents),
@@ -160,7 +189,8 @@ def run_local(opts: RunOptions, echo=print) -> dict:
                          EDGETUNE_SPLIT_BATCH_SIZE=str(opts.split_batch_size),
                          EDGETUNE_NUM_PARTITIONS=str(opts.agents), EDGETUNE_PARTITION_INDEX=str(i),
                          EDGETUNE_PARTITION_SEED=str(opts.seed), EDGETUNE_LR=str(opts.lr),
-                         EDGETUNE_BATCH_SIZE=str(opts.batch_size), EDGETUNE_TRAIN_SEED=str(opts.seed + i))
+                         EDGETUNE_BATCH_SIZE=str(opts.batch_size), EDGETUNE_TRAIN_SEED=str(opts.seed + i),
+                         EDGETUNE_PROX_MU=str(opts.prox_mu))
             procs.append((aid, subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "run"], env=a_env,
                                                 stdout=open(logs / f"{aid}.log", "w"), stderr=subprocess.STDOUT,
                                                 start_new_session=True)))
@@ -207,6 +237,8 @@ def run_local(opts: RunOptions, echo=print) -> dict:
     summary = {"rounds": rows, "seconds": time.time() - t0, "output": str(out)}
     if rows:
         what = f"split {opts.split_encoding}" if opts.mode == "split" else opts.strategy
+        if opts.aggregation == "async":
+            what = f"async buffer {opts.async_buffer_size or max(1, opts.agents // 2)}"
         png = plot_accuracy(metrics_file, out / ("perplexity.png" if opts.mode == "split" else "accuracy.png"),
                             f"{opts.agents} agents, {opts.partition}, {what}")
         summary["plot"] = str(png)
