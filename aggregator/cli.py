@@ -51,11 +51,16 @@ def run(
     from aggregator.service import AggregatorService
     from broker.transport import BrokerError
 
+    from models.split import QuantizationUnavailable
+
     try:
         AggregatorService(s).run()
     except BrokerError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(3)
+    except QuantizationUnavailable as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
 
 
 if __name__ == "__main__":

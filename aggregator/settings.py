@@ -51,6 +51,9 @@ class AggregatorSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings, De
     eval_rouge_new_tokens: int = Field(0, ge=0, description="split: tokens generated and compared with the "
                                                             "reference (0: up to 16, as many as fit in seq_len)")
     device: str = Field("", description="torch device of the split server ('' = cuda if present, else cpu)")
+    split_quantize: Literal["none", "4bit"] = Field(
+        "none", description="4bit: the server tail's base weights in 4-bit NF4 under its LoRA (bitsandbytes, QLoRA; "
+                            "needs a CUDA device and the gpu extra)")
     max_activation_bytes: int = Field(256 * 1024 * 1024, gt=0, description="refuse larger split frames")
 
     @model_validator(mode="after")

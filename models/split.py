@@ -92,6 +92,31 @@ def load_full_model(spec: DecoderSpec):
     return AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32)
 
 
+class QuantizationUnavailable(RuntimeError):
+    """4-bit quantisation was asked for where it cannot run; the message says what to change."""
+
+
+def load_4bit(folder: str | Path, device: str | torch.device = "cuda"):
+    """The causal LM saved in `folder` with its Linear/Conv1D weights in 4-bit NF4 (bitsandbytes,
+    double quantisation, compute in bfloat16) on a CUDA `device`; embeddings, norms and the LM
+    head stay float32. peft's LoRA goes on top of the 4-bit layers as on any other (QLoRA), with
+    the same adapter names and shapes as on the float32 model, so adapters move between them."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        raise QuantizationUnavailable(f"4-bit quantisation (bitsandbytes) needs a CUDA GPU, and the device is {dev}: "
+                                      "set EDGETUNE_SPLIT_QUANTIZE=none, or run the aggregator on a GPU node")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise QuantizationUnavailable("4-bit quantisation needs bitsandbytes: pip install 'edgetune[gpu]'") from None
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["lm_head"])
+    return AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=cfg, dtype=torch.float32,
+                                                device_map={"": dev.index or 0})
+
+
 def load_tokenizer(spec: DecoderSpec):
     if spec.model == "gpt2-config":
         return gpt2_tokenizer()
