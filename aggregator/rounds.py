@@ -7,6 +7,7 @@ directly. One `Round` per announcement.
 from __future__ import annotations
 
 import enum
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -81,6 +82,16 @@ class Round:
     @property
     def dropped(self) -> list[str]:
         return [a for a in self.selected if a not in self.accepted]
+
+
+def selection_size(online: int, per_round: int = 0, fraction: float = 0.0, minimum: int = 1) -> int:
+    """How many of `online` agents a round selects: per_round if set, else ceil(fraction x online)
+    if fraction is set (at least `minimum`), else all (0)."""
+    if per_round:
+        return per_round
+    if fraction:
+        return min(online, max(minimum, math.ceil(fraction * online - 1e-9)))
+    return 0
 
 
 def select_agents(online: list[str], k: int, round_number: int, seed: int) -> tuple[str, ...]:

@@ -310,10 +310,10 @@ class AggregatorService:
 
     def _run_round(self) -> dict:
         number = self.round_number + 1
-        selected = select_agents(list(self.online), self.s.agents_per_round, number, self.s.seed)
+        selected = select_agents(list(self.online), self.s.selection_size(len(self.online)), number, self.s.seed)
         if len(selected) < self.s.min_agents:
             self._wait_for_agents()
-            selected = select_agents(list(self.online), self.s.agents_per_round, number, self.s.seed)
+            selected = select_agents(list(self.online), self.s.selection_size(len(self.online)), number, self.s.seed)
         t0 = time.time()
         rnd = Round(number, selected, t0 + self.s.round_timeout_s, self.version, self.s.min_agents, self.global_state)
         self.round = rnd
@@ -384,10 +384,10 @@ class AggregatorService:
         async_buffer_size updates (from this version or older ones, weighted down by staleness),
         or until round_timeout_s, when a partly filled buffer of at least min_agents is applied."""
         number = self.round_number + 1
-        selected = select_agents(list(self.online), self.s.agents_per_round, number, self.s.seed)
+        selected = select_agents(list(self.online), self.s.selection_size(len(self.online)), number, self.s.seed)
         if len(selected) < self.s.min_agents:
             self._wait_for_agents()
-            selected = select_agents(list(self.online), self.s.agents_per_round, number, self.s.seed)
+            selected = select_agents(list(self.online), self.s.selection_size(len(self.online)), number, self.s.seed)
         self.async_selected = tuple(sorted(set(self.async_selected) | set(selected)))
         t0 = time.time()
         self.metrics.current_round.set(number)

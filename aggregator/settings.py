@@ -18,6 +18,8 @@ class AggregatorSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings, De
     expected_agents: int = Field(0, ge=0, description="wait for this many agents before round 1 (0: min_agents)")
     wait_for_agents_s: float = Field(600, gt=0, description="how long to wait for them")
     agents_per_round: int = Field(0, ge=0, description="agents selected per round (0: every online agent)")
+    agents_fraction: float = Field(0.0, ge=0, le=1, description="or this fraction of the online agents per round, "
+                                   "at least min_agents (seeded by seed and round; 0: see agents_per_round)")
     round_timeout_s: float = Field(600, gt=0, description="deadline of a round, from its announcement")
     local_epochs: int = Field(1, ge=1)
     max_local_steps: int = Field(0, ge=0, description="cap on an agent's steps per round (0: none)")
@@ -90,6 +92,11 @@ class AggregatorSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings, De
         """(prompt tokens, generated tokens) of the split mode's ROUGE evaluation."""
         p = self.eval_rouge_prompt_tokens or self.seq_len // 2
         return p, self.eval_rouge_new_tokens or min(16, self.seq_len - p)
+
+    def selection_size(self, online: int) -> int:
+        from aggregator.rounds import selection_size
+
+        return selection_size(online, self.agents_per_round, self.agents_fraction, self.min_agents)
 
     def buffer_size(self) -> int:
         return self.async_buffer_size or self.min_agents

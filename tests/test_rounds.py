@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from aggregator.rounds import Outcome, Rejection, Round, select_agents
+from aggregator.rounds import Outcome, Rejection, Round, select_agents, selection_size
 from broker.messages import ModelUpdate
 
 EXPECTED = {"lora_A": torch.zeros(2, 3), "head": torch.zeros(2)}
@@ -75,3 +75,17 @@ def test_selection_is_seeded_and_sized():
     s1 = select_agents(online, 3, 1, 0)
     assert len(s1) == 3 and s1 == select_agents(list(reversed(online)), 3, 1, 0)
     assert any(select_agents(online, 3, r, 0) != s1 for r in range(2, 6))
+
+
+def test_selection_size_by_count_fraction_and_minimum():
+    assert selection_size(10) == 0  # everyone
+    assert selection_size(10, per_round=4, fraction=0.9) == 4  # a count wins over a fraction
+    assert selection_size(10, fraction=0.3) == 3
+    assert selection_size(10, fraction=0.25) == 3  # ceil(2.5)
+    assert selection_size(10, fraction=0.2) == 2  # exactly 2, not ceil(2.0000000001)
+    assert selection_size(10, fraction=0.1, minimum=3) == 3  # at least the quorum
+    assert selection_size(2, fraction=0.1, minimum=3) == 2  # never more than are online
+    online = [f"a{i}" for i in range(10)]
+    picks = [select_agents(online, selection_size(10, fraction=0.3), r, seed=7) for r in range(1, 6)]
+    assert all(len(p) == 3 for p in picks) and len(set(picks)) > 1
+    assert picks == [select_agents(online, 3, r, seed=7) for r in range(1, 6)]  # seeded: the same again
