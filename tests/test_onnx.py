@@ -39,6 +39,7 @@ from models.onnx_export import FFN_NODES, export_onnx, quantize_int8, read_meta 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ClassifierSpec()  # the edge default: 4 layers, max_length 64
 TRAIN_STEPS, TRAIN_LR = 40, 3e-3
+CALIBRATION_TEXTS = 1024
 
 
 def _train(model, tok, examples, steps: int, lr: float, seed: int = 0) -> float:
@@ -81,13 +82,14 @@ def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("onnx") / "v1"
     t1, c1 = time.perf_counter(), _cpu()
     fp32 = export_onnx(model, tok, d, max_length=SPEC.max_length, labels=LABELS, adapter_version=1)
-    int8 = quantize_int8(fp32)
+    calibration = random.Random(2).sample(train, CALIBRATION_TEXTS)  # training texts only
+    int8 = quantize_int8(fp32, calibration_texts=[e.text for e in calibration])
     t2, c2 = time.perf_counter(), _cpu()
     print(
         f"\n[fixture] build + {TRAIN_STEPS} training steps {t1 - t0:.1f}s ({c1 - c0:.1f} CPU-s), "
         f"export + int8 {t2 - t1:.1f}s ({c2 - c1:.1f} CPU-s)"
     )
-    return SimpleNamespace(model=model, tok=tok, dir=d, fp32=fp32, int8=int8, train=train, test=test, before=before)
+    return SimpleNamespace(model=model, tok=tok, dir=d, fp32=fp32, int8=int8, train=train, test=test, before=before, calibration=calibration)
 
 
 def test_export_writes_a_self_contained_folder(exported):
@@ -132,14 +134,14 @@ def test_fp32_logits_match_torch(exported):
     assert np.allclose(probs.sum(1), 1.0, atol=1e-6)
 
 
-# The issue asks for >= 99.5% agreement. Dynamic int8 (quantize_dynamic, QInt8 weights per
-# channel, every MatMul) reaches 99.36% on this model (25 of 3,903 predictions differ; 98.1%
-# with per-tensor weights), measured the same on CPU and on a GPU-trained twin. Keeping the FFN
-# MatMuls in fp32 (quantize_int8(..., exclude_matching=FFN_NODES)) gave 99.6% here, but only
-# 99.1% for a model trained 100 steps: 99.5% is not a property dynamic int8 guarantees for this
-# model, so the test holds it to what it does reach. The same recipe with training texts cut at
-# 32 tokens agreed 98.95%; per-tensor weights (98.1%) fail this bound.
-INT8_MIN_AGREEMENT = 0.99
+# The issue asks for >= 99.5% agreement on the whole test split. Plain dynamic int8
+# (quantize_dynamic, per-channel QInt8 weights, every MatMul and the embedding Gather) reached
+# 99.36% on this model and 98.1% on one trained 100 steps; keeping the FFN MatMuls fp32, 99.6%
+# and 99.2%. The guarded recipe (embeddings int8 per row; the MatMuls most sensitive to
+# per-tensor activation scales switched to block-wise int8 until the agreement with fp32 on
+# 1,024 training texts reaches 99.9%) reached 99.87% on this model and 99.72% on the 100-step
+# one (all 24 MatMuls block-wise there; see BENCHMARKS.md, "Edge inference").
+INT8_MIN_AGREEMENT = 0.995
 
 
 def test_int8_agrees_with_torch_on_the_test_split(exported):
@@ -162,16 +164,40 @@ def test_int8_agrees_with_torch_on_the_test_split(exported):
     assert agree >= INT8_MIN_AGREEMENT
 
 
+def test_int8_guard_meta_records_its_choices(exported):
+    q = read_meta(exported.dir)["int8"]
+    cal = q["calibration"]
+    assert cal["texts"] == CALIBRATION_TEXTS and cal["target_agreement"] == 0.999
+    # the guard stops at the target, or when every MatMul is block-wise
+    assert cal["reached"] == (cal["agreement"] >= 0.999)
+    assert cal["reached"] or not q["nodes_dynamic"]
+    assert cal["trials"][-1]["agreement"] == cal["agreement"] and cal["trials"][0]["blockwise_nodes"] == 0
+    assert all(t["agreement"] < 0.999 for t in cal["trials"][:-1])  # it stopped at the first trial that reached it
+    assert len(q["nodes_dynamic"]) + len(q["nodes_blockwise"]) == 24  # 4 layers x q, k, v, attention out, FFN in, FFN out
+    assert q["nodes_kept_fp32"] == ["/model/bert/pooler/dense/Gemm", "/model/classifier/Gemm"]
+    assert q["bytes"] == exported.int8.stat().st_size and q["fp32_bytes"] == exported.fp32.stat().st_size
+    graph = onnx.load(str(exported.int8)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("DynamicQuantizeMatMul") == len(q["nodes_dynamic"]) and ops.count("MatMulNBits") == len(q["nodes_blockwise"])
+    assert "QuantizeLinear" not in ops and ops.count("MatMul") == 8  # only the attention score MatMuls stay fp32
+    # no fp32 copy of an embedding table or MatMul weight is left in the file: only the pooler's Gemm
+    big_float = [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) >= 65536]
+    assert big_float == ["model.bert.pooler.dense.weight"], big_float
+    # the calibration texts are training texts, none from the test split
+    assert not {e.uid for e in exported.calibration} & {e.uid for e in exported.test}
+
+
 def test_quantize_can_keep_the_ffn_in_fp32(exported, tmp_path):
-    assert read_meta(exported.dir)["int8"]["nodes_kept_fp32"] == []
+    plain = quantize_int8(exported.fp32, tmp_path / "plain.onnx")  # no calibration: every MatMul dynamic
     mixed = quantize_int8(exported.fp32, tmp_path / "mixed.onnx", exclude_matching=FFN_NODES)
 
-    def fp32_matmuls(path):
-        return sum(n.op_type == "MatMul" for n in onnx.load(str(path)).graph.node)
+    def count(path, op):
+        return sum(n.op_type == op for n in onnx.load(str(path)).graph.node)
 
-    # 4 layers x (intermediate, output) stay fp32 MatMul instead of becoming MatMulInteger
-    assert fp32_matmuls(mixed) - fp32_matmuls(exported.int8) == 8
-    assert mixed.stat().st_size > exported.int8.stat().st_size * 1.5
+    assert count(plain, "DynamicQuantizeMatMul") == 24 and count(plain, "MatMulNBits") == 0
+    # 4 layers x (intermediate, output) stay fp32 MatMul instead of DynamicQuantizeMatMul
+    assert count(mixed, "MatMul") - count(plain, "MatMul") == 8 and count(mixed, "DynamicQuantizeMatMul") == 16
+    assert mixed.stat().st_size > plain.stat().st_size * 1.5
 
 
 def test_predictor_process_never_imports_torch(exported):
