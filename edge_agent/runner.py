@@ -357,7 +357,7 @@ class AgentRunner:
     def _round_examples(self) -> tuple[list, list[int]]:
         """The shard plus the store's labelled samples (holdout excluded); ids of the new ones."""
         if self.store is None:
-            return list(self.examples), []
+            return self.examples, []  # as they are: split mode's are one (N, T) tensor of token blocks
         stored = incremental.trainable(self.store, self.inc)
         return [*self.examples, *stored], [s.id for s in stored if not s.used_in_training]
 
