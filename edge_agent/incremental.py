@@ -4,7 +4,9 @@ Between federated rounds the agent fine-tunes its LoRA on the labelled samples u
 its last run (`SampleStore`, `used_in_training = 0`), mixed with a replay sample of older data
 (the agent's own shard and labelled samples of earlier runs), so that learning a new domain
 does not erase the old ones (catastrophic forgetting). The replay size is `replay_ratio` times
-the number of new samples.
+the number of new samples. On the replay examples the run also keeps the model's own answers from
+before the run (a distillation term, `distill_weight`; as in dark experience replay): labels alone
+still let the older domains drift where the new data pulls the decision boundary.
 
 Every `holdout_every`-th labelled sample (by store id) is a holdout sample: it is never trained
 on, here or in a round, and serves to check a newly exported model before it replaces the one
@@ -33,10 +35,15 @@ class IncrementalConfig:
     batch_size: int = 16
     holdout_every: int = 10
     seed: int = 0
+    # weight of a distillation term on the replay examples: KL from the model's own predictions
+    # before the run (so the run keeps its answers on older data as well as their labels); 0: off
+    distill_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.replay_ratio < 0:
             raise ValueError("replay_ratio must be >= 0")
+        if self.distill_weight < 0:
+            raise ValueError("distill_weight must be >= 0")
         if self.holdout_every < 2:
             raise ValueError("holdout_every must be >= 2 (else every sample would be held out)")
 
@@ -44,7 +51,7 @@ class IncrementalConfig:
     def from_settings(cls, s) -> "IncrementalConfig":
         return cls(min_new=s.incremental_min_new, replay_ratio=s.incremental_replay_ratio, epochs=s.incremental_epochs,
                    max_steps=s.incremental_max_steps, lr=s.incremental_lr, batch_size=s.incremental_batch_size,
-                   holdout_every=s.holdout_every, seed=s.train_seed)
+                   holdout_every=s.holdout_every, seed=s.train_seed, distill_weight=s.incremental_distill)
 
 
 def is_holdout(sample_id: int, every: int) -> bool:
@@ -115,10 +122,65 @@ def fine_tune(trainer, store: SampleStore, older: Sequence, cfg: IncrementalConf
     mix = select_mix(store, older, cfg, run=run)
     if not mix.new:
         return None
-    upd = trainer.train(mix.examples, epochs=cfg.epochs, max_steps=cfg.max_steps, round_number=1_000_000 + run,
-                        should_stop=should_stop, lr=cfg.lr, batch_size=cfg.batch_size, proximal=False)
+    if cfg.distill_weight and mix.replay:
+        r = train_with_replay(trainer.model, trainer.tokenizer, mix, cfg, max_length=trainer.spec.max_length,
+                              seed=cfg.seed * 100_003 + 1_000_000 + run, should_stop=should_stop)
+    else:
+        r = trainer.train(mix.examples, epochs=cfg.epochs, max_steps=cfg.max_steps, round_number=1_000_000 + run,
+                          should_stop=should_stop, lr=cfg.lr, batch_size=cfg.batch_size, proximal=False).result
     completed = not (should_stop is not None and should_stop())
     if completed:
         store.mark_used(s.id for s in mix.new)
-    r = upd.result
     return IncrementalResult(len(mix.new), len(mix.replay), len(mix.examples), r.steps, r.mean_loss, r.seconds, completed)
+
+
+def train_with_replay(model, tokenizer, mix: Mix, cfg: IncrementalConfig, *, max_length: int, seed: int,
+                      should_stop: Callable[[], bool] | None = None):
+    """`cfg.epochs` shuffled passes over new + replay (cross-entropy on every label) plus, on the
+    replay examples of each batch, `cfg.distill_weight` x KL(the model's predictions before the
+    run || now). Returns a models.train.TrainResult."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from models.train import TrainResult, predict_logits, trainable_parameters
+
+    items = mix.examples
+    n_new = len(mix.new)
+    before = F.softmax(predict_logits(model, tokenizer, [e.text for e in mix.replay], max_length=max_length), -1)  # [R, C]
+    model.train()
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr)
+    rng = random.Random(seed)
+    steps = seen = 0
+    total = 0.0
+    t0 = time.perf_counter()
+    done = False
+    for _ in range(cfg.epochs):
+        order = list(range(len(items)))
+        rng.shuffle(order)
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            batch = [items[j] for j in idx]
+            enc = tokenizer([e.text for e in batch], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+            logits = model(**enc).logits  # [B, C]
+            loss = F.cross_entropy(logits, torch.tensor([e.label for e in batch], dtype=torch.long))
+            rows = [k for k, j in enumerate(idx) if j >= n_new]
+            if rows:
+                target = before[torch.tensor([idx[k] - n_new for k in rows])]  # [R_b, C]
+                kl = F.kl_div(F.log_softmax(logits[rows], -1), target, reduction="batchmean")
+                loss = loss + cfg.distill_weight * kl * len(rows) / len(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            seen += len(batch)
+            total += float(loss.detach())
+            if (cfg.max_steps and steps >= cfg.max_steps) or (should_stop and should_stop()):
+                done = True
+                break
+        if done:
+            break
+    model.eval()
+    return TrainResult(steps, seen, total / max(steps, 1), time.perf_counter() - t0)
