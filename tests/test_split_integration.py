@@ -54,6 +54,12 @@ def test_two_agents_int8_perplexity_falls_and_head_adapters_are_averaged(mosquit
     # 2 rounds x 8 steps x 2 agents: held-out perplexity must fall by at least 25%
     assert last < 0.75 * first, f"perplexity {first:.1f} -> {last:.1f}"
     assert all(sorted(r["answered"]) == ["edge-1", "edge-2"] for r in rows[1:])
+    # ROUGE of greedy continuations of 8 held-out prompts (16 tokens each, 16 generated) is in every row
+    for r in rows:
+        assert r["rouge_samples"] == 8 and isinstance(r["sample_generation"], str)
+        assert 0.0 <= r["rouge2"] <= r["rouge1"] <= 1.0 and 0.0 <= r["rougeL"] <= r["rouge1"]
+    assert set(rows[-1]["agents"]) == {"edge-1", "edge-2"}
+    assert all(a["num_examples"] > 0 and a["train_loss"] > 0 for a in rows[-1]["agents"].values())
 
     # the global head adapter of round 1 is the example-weighted mean of the two agents' heads
     updates: dict[int, list] = {}
