@@ -47,6 +47,7 @@ def run(
         raise typer.Exit(2)
     setup_logging(s.log_level, s.agent_id)
     from broker.transport import BrokerError
+    from edge_agent.local_settings import DeviceSetupError
     from edge_agent.runner import AgentRunner
 
     try:
@@ -54,6 +55,9 @@ def run(
     except BrokerError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(3)
+    except DeviceSetupError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(EXIT_STATE)
 
 
 EXIT_INPUT = 2  # a bad setting or input: nothing stored

@@ -84,17 +84,20 @@ class Mix:
         return [*self.new, *self.replay]
 
 
-def select_mix(store: SampleStore, older: Sequence, cfg: IncrementalConfig, *, run: int = 0) -> Mix:
+def select_mix(store: SampleStore, older: Sequence, cfg: IncrementalConfig, *, run: int = 0,
+               new: Sequence[Sample] | None = None) -> Mix:
     """The new samples, and `replay_ratio` x as many drawn at random (seeded by `run`) from the older data.
 
-    Older data: `older` (the agent's own training examples) and the store's labelled samples
-    that earlier runs already trained on (holdout samples never).
+    new: the samples to learn (default: `pending`, those no run trained on yet). Older data:
+    `older` (the agent's own training examples) and the store's labelled samples that earlier
+    runs already trained on, other than `new` (holdout samples never).
     """
-    new = pending(store, cfg)
+    new = list(pending(store, cfg) if new is None else new)
     want = round(len(new) * cfg.replay_ratio) if new else 0
     if want == 0:
         return Mix(new, [])
-    earlier = [s for s in trainable(store, cfg) if s.used_in_training]
+    ids = {s.id for s in new}
+    earlier = [s for s in trainable(store, cfg) if s.used_in_training and s.id not in ids]
     pool = len(older) + len(earlier)
     picks = sorted(random.Random(cfg.seed * 1_000_003 + run).sample(range(pool), min(want, pool)))
     replay = [older[i] if i < len(older) else earlier[i - len(older)] for i in picks]
@@ -113,13 +116,15 @@ class IncrementalResult:
 
 
 def fine_tune(trainer, store: SampleStore, older: Sequence, cfg: IncrementalConfig, *, run: int = 0,
-              should_stop: Callable[[], bool] | None = None) -> IncrementalResult | None:
-    """One incremental run on the trainer's model (in place); None when no new sample is waiting.
+              should_stop: Callable[[], bool] | None = None,
+              new: Sequence[Sample] | None = None) -> IncrementalResult | None:
+    """One incremental run on the trainer's model (in place); None when there is nothing to learn.
 
-    `trainer` is an `edge_agent.trainer.Trainer` (anything with its `train`). The new samples are
-    marked used in the store once the run completed, so the next run sees only newer ones.
+    `trainer` is an `edge_agent.trainer.Trainer` (anything with its `train`). `new`: the samples
+    to learn (default: the pending ones). They are marked used in the store once the run
+    completed, so the next run sees only newer ones.
     """
-    mix = select_mix(store, older, cfg, run=run)
+    mix = select_mix(store, older, cfg, run=run, new=new)
     if not mix.new:
         return None
     if cfg.distill_weight and mix.replay:

@@ -24,6 +24,10 @@ class StateDirError(RuntimeError):
     """The state dir is unset, missing, or holds no model yet; the message says what to do."""
 
 
+class DeviceSetupError(RuntimeError):
+    """The agent cannot open its store or serve its HTTP API; the message says what to change."""
+
+
 class OnDeviceSettings(BaseModel):
     state_dir: str | None = Field(None, description="outbox, sample store and exported models; unset: no durable state")
     labels: tuple[str, ...] = Field(("negative", "positive"), min_length=2, description="class names, in index order")

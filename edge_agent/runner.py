@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -28,7 +29,7 @@ from broker.transport import MqttTransport, Will
 from data.partition import partition
 from data.sentiment import train_test_split
 from edge_agent import incremental
-from edge_agent.local_settings import CURRENT_FILE, MODELS_DIR, STORE_FILE
+from edge_agent.local_settings import CURRENT_FILE, MODELS_DIR, STORE_FILE, DeviceSetupError
 from edge_agent.metrics import AgentMetrics, serve
 from edge_agent.settings import AgentSettings
 from edge_agent.trainer import Trainer
@@ -95,6 +96,7 @@ class AgentRunner:
         self.http = None
         self.holdout_examples: list = []
         self._model_dirty: str | None = None  # why the served model should be re-exported
+        self._relearn = False  # a new global arrived: learn the stored samples on top of it
         self._incremental_run = 0
         self._next_store_check = 0.0
 
@@ -151,6 +153,7 @@ class AgentRunner:
                     self.trainer.load_global(frame.tensors, msg.version)
                     self.metrics.global_version.set(msg.version)
                     self._model_dirty = f"global adapter v{msg.version}"
+                    self._relearn = True
                     log.info("loaded global adapter v%d (round %d)", msg.version, msg.round)
             elif topic == self.topics.round:
                 ann = parse(frame.header, RoundAnnouncement)
@@ -243,9 +246,13 @@ class AgentRunner:
         from edge_agent.store import SampleStore
 
         state = Path(self.s.state_dir).expanduser()
-        state.mkdir(parents=True, exist_ok=True)
-        self.store = SampleStore(state / STORE_FILE, self.s.store_max_samples, labels=self.s.labels,
-                                 max_text_chars=self.s.store_max_text_chars)
+        try:
+            state.mkdir(parents=True, exist_ok=True)
+            self.store = SampleStore(state / STORE_FILE, self.s.store_max_samples, labels=self.s.labels,
+                                     max_text_chars=self.s.store_max_text_chars)
+        except (OSError, RuntimeError, sqlite3.Error) as e:
+            raise DeviceSetupError(f"cannot open the sample store in {state} ({e}): check EDGETUNE_STATE_DIR "
+                                   "(a writable local folder)") from None
         self.inc = incremental.IncrementalConfig.from_settings(self.s)
         # a fixed slice of the shard, never trained on: with the store's holdout samples it checks
         # each new model before it serves
@@ -265,39 +272,52 @@ class AgentRunner:
         except ModelLoadError as e:
             log.warning("the last exported model does not load (%s): the next global adapter replaces it", e)
         if self.s.http_port is not None:
-            self.http = make_server(self.slot, self.store, port=self.s.http_port, metrics=self.metrics,
-                                    max_text_chars=self.s.store_max_text_chars,
-                                    record_inputs=self.s.http_record_inputs).start()
+            try:
+                self.http = make_server(self.slot, self.store, port=self.s.http_port, metrics=self.metrics,
+                                        max_text_chars=self.s.store_max_text_chars,
+                                        record_inputs=self.s.http_record_inputs).start()
+            except OSError as e:
+                raise DeviceSetupError(f"the HTTP API cannot listen on 127.0.0.1:{self.s.http_port} ({e.strerror}): "
+                                       "set EDGETUNE_HTTP_PORT to a free port (0: any), or unset it") from None
             log.info("HTTP API (predict, feedback) on %s", self.http.url)
 
     def _device_tick(self) -> None:
         """Between rounds, on the main loop thread: count samples, learn from new ones, re-export."""
         if self.store is None:
             return
+        # learning starts from the fleet's model: not before the first global adapter
+        learning = bool(self.inc.min_new) and self.trainer.global_version >= 0
         now = time.monotonic()
         if now >= self._next_store_check:
             self._next_store_check = now + 1.0
             self.metrics.samples_stored.set(self.store.count())
-            if self.inc.min_new and len(incremental.pending(self.store, self.inc)) >= self.inc.min_new:
+            if learning and not self._relearn and len(incremental.pending(self.store, self.inc)) >= self.inc.min_new:
                 self._learn_incrementally()
+        if self._relearn:
+            # a new global replaced the adapter: learn the stored samples again on top of it, so
+            # that the model served is the global plus what this device's users taught it
+            self._relearn = False
+            stored = incremental.trainable(self.store, self.inc) if learning else []
+            if stored:
+                self._learn_incrementally(stored)
         if self._model_dirty and self.s.onnx_export:
             self._refresh_model()
 
-    def _learn_incrementally(self) -> None:
-        self._publish_status(AgentState.training)
+    def _learn_incrementally(self, samples: list | None = None) -> None:
+        # no "training" status: that tells the aggregator an update is coming, and none is
         with self.metrics.local_train_seconds.time():
             r = incremental.fine_tune(self.trainer, self.store, self.examples, self.inc, run=self._incremental_run,
-                                      should_stop=lambda: self._stop)
-        self._publish_status(AgentState.idle)
+                                      should_stop=lambda: self._stop, new=samples)
         if r is None:
             return
         self._incremental_run += 1
         self.metrics.incremental_runs.inc()
         self.metrics.local_loss.set(r.mean_loss)
-        log.info("incremental run: %d new samples + %d replay, %d steps, loss %.4f, %.1fs", r.new_examples,
-                 r.replay_examples, r.steps, r.mean_loss, r.seconds)
+        log.info("incremental run: %d %s samples + %d replay, %d steps, loss %.4f, %.1fs", r.new_examples,
+                 "new" if samples is None else "stored", r.replay_examples, r.steps, r.mean_loss, r.seconds)
         if r.completed:
-            self._model_dirty = "local learning"
+            self._model_dirty = ("local learning" if samples is None
+                                 else f"{self._model_dirty} + local learning")
 
     def _holdout(self) -> tuple[list[str], list[int]]:
         rows = [*self.holdout_examples, *incremental.holdout(self.store, self.inc)]
@@ -431,8 +451,7 @@ class AgentRunner:
                     final_wait_until = final_wait_until or time.monotonic() + 30
                     if self.trainer.global_version >= self.final_version or time.monotonic() > final_wait_until:
                         self.finished = True
-                        if self.store is not None and self._model_dirty and self.s.onnx_export:
-                            self._refresh_model()  # serve (and leave for `predict`) the final global
+                        self._device_tick()  # serve (and leave for `predict`) the final global
                         break
                 if self._announce_needed:
                     self._announce_needed = False

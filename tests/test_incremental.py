@@ -84,6 +84,19 @@ def test_fine_tune_trains_on_the_mix_and_marks_the_new_samples_used(store):
     assert fine_tune(t, store, [], cfg) is None and len(t.calls) == 1
 
 
+def test_relearning_stored_samples_replays_only_the_others(store):
+    """After a new global: the stored samples are learned again; replay never repeats them."""
+    cfg = IncrementalConfig(replay_ratio=5.0, holdout_every=10, distill_weight=0)
+    store.add_many([(f"s{i}", i % 2) for i in range(1, 7)])
+    store.mark_used([1, 2, 3])
+    again = trainable(store, cfg)
+    mix = select_mix(store, [Ex("shard", 0)] * 4, cfg, run=0, new=again)
+    assert [s.id for s in mix.new] == [1, 2, 3, 4, 5, 6]
+    assert [e.text for e in mix.replay] == ["shard"] * 4
+    r = fine_tune(StubTrainer(), store, [], cfg, new=again)
+    assert (r.new_examples, r.replay_examples) == (6, 0) and pending(store, cfg) == []
+
+
 def test_a_stopped_run_leaves_the_samples_pending(store):
     cfg = IncrementalConfig()
     store.add_many([("a", 1), ("b", 0)])
