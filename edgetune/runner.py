@@ -83,7 +83,9 @@ def _progress(row: dict) -> str:
         return f"round {row['round']}: FAILED ({len(row.get('answered', []))} answered, dropped {row.get('dropped')})"
     score = f"accuracy {row['accuracy']:.4f}" if "accuracy" in row else f"perplexity {row['perplexity']:.1f}"
     line = f"round {row['round']:>2}: {score}  loss {row['loss']:.4f}  global v{row['version']}"
-    if row["round"]:
+    if row.get("outcome") == "drain":
+        line += f"  (async: {len(row['applied'])} updates that came after the last step)"
+    elif row["round"]:
         line += f"  ({len(row['answered'])}/{len(row['selected'])} agents, {row['duration_s']:.0f}s)"
     else:
         line += "  (initial global)"

@@ -26,9 +26,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-torch = pytest.importorskip("torch")
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+try:  # a missing package fails the run with what to install; it never skips silently
+    import onnx
+    import onnxruntime  # noqa: F401
+    import torch
+except ImportError as e:
+    raise ImportError(f"{e}: the ONNX tests need the agent extra: pip install -e '.[agent]'") from e
 import torch.nn.functional as F  # noqa: E402
 
 from data.sentiment import LABELS, train_test_split  # noqa: E402
