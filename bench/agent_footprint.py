@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -113,18 +114,10 @@ def run_child(head: str, cfg: dict, head_path: str | None, threads: int) -> dict
     return json.loads(line[len("FOOTPRINT "):])
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
-    a = ap.parse_args(argv)
-
+def _measure(a, work: Path, rows: list[dict]) -> None:
     from models.lean_gpt2 import export_head
     from models.settings import DecoderSettings
 
-    rows = []
-    work = Path(tempfile.mkdtemp(prefix="edgetune-footprint-"))
     for name in a.configs.split(","):
         n_layer, n_embd, n_head, cut, batch, seq_len = CONFIGS[name]
         cfg = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, cut=cut, batch=batch, seq_len=seq_len)
@@ -160,6 +153,20 @@ def main(argv: list[str] | None = None) -> int:
             row["startup_vs_transformers"] = row["first_forward_s"] / base["first_forward_s"]
             row["rss_vs_transformers"] = row["peak_rss_mb"] / base["peak_rss_mb"]
         lean["note"] = f"head file {head_mb:.0f} MB (export {export_s:.1f} s, once)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
+    a = ap.parse_args(argv)
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="edgetune-footprint-"))
+    try:
+        _measure(a, work, rows)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     report("agent_footprint", rows,
            columns=["config", "head", "imports_s", "head_ready_s", "first_forward_s", "first_step_s",
                     "rss_head_ready_mb", "peak_rss_mb", "startup_vs_transformers", "rss_vs_transformers",
