@@ -456,9 +456,12 @@ class AgentRunner:
                 if self._announce_needed:
                     self._announce_needed = False
                     self._publish_status(AgentState.online)
+                # read everything queued before acting: after a long training a slow agent then
+                # starts from the newest announcement and global, not from each stale one in turn
                 m = self.transport.get(timeout=0.5)
-                if m is not None:
+                while m is not None:
                     self._handle(m.topic, m.payload)
+                    m = self.transport.get(timeout=0)
                 ann = self.pending
                 if ann is not None and self.trainer.global_version >= ann.global_version:
                     self.pending = None
