@@ -463,6 +463,8 @@ class AgentRunner:
                     self._handle(m.topic, m.payload)
                     m = self.transport.get(timeout=0)
                 ann = self.pending
+                if ann is not None and self.final_version is not None:
+                    self.pending = ann = None  # the run is over: no new work
                 if ann is not None and self.trainer.global_version >= ann.global_version:
                     self.pending = None
                     if self.trainer.global_version > ann.global_version:
