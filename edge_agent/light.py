@@ -83,8 +83,10 @@ class LightAgent:
                 ann = parse(f.header, RoundAnnouncement)
                 if ann.final:
                     self._final = ann.global_version
-                elif self.id in ann.selected and ann.round not in self.done:
-                    self._pending = ann
+                else:
+                    self._final = None  # a run (re)started after an earlier final announcement
+                    if self.id in ann.selected and ann.round not in self.done:
+                        self._pending = ann
         except WireError as e:
             log.warning("%s: refused a message on %s: %s", self.id, m.topic, e)
 

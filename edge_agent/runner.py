@@ -159,8 +159,10 @@ class AgentRunner:
                 ann = parse(frame.header, RoundAnnouncement)
                 if ann.final:
                     self.final_version = ann.global_version
-                elif self.s.agent_id in ann.selected and ann.round not in self.done_rounds:
-                    self.pending = ann
+                else:
+                    self.final_version = None  # a run (re)started after an earlier final announcement
+                    if self.s.agent_id in ann.selected and ann.round not in self.done_rounds:
+                        self.pending = ann
         except WireError as e:
             self._reject(e.reason, f"{topic}: {e}")
         except AdapterMismatch as e:
