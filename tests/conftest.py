@@ -49,3 +49,15 @@ def wait_all(procs: list[subprocess.Popen], timeout: float, logs: list[Path] = (
                 q.kill()
             tails = "\n".join(f"--- {lg}\n{lg.read_text()[-2000:]}" for lg in logs)
             pytest.fail(f"processes did not finish within {timeout}s\n{tails}")
+
+
+def finish_all(procs: list[subprocess.Popen], timeout: float, logs: list[Path]) -> None:
+    """wait_all, kill whatever is left, then fail with its log's tail if any exited non-zero."""
+    try:
+        wait_all(procs, timeout, logs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, f"{log.name} exited {p.returncode}:\n{log.read_text()[-3000:]}"

@@ -11,7 +11,7 @@ from broker import codec
 from broker.messages import AgentStatus, parse
 from broker.topics import Topics
 from broker.transport import MqttTransport
-from tests.conftest import spawn, wait_all
+from tests.conftest import finish_all, spawn
 
 AGENTS = 3
 ROUNDS = 2
@@ -37,9 +37,7 @@ def fed_run(tmp_path_factory):
                            EDGETUNE_PARTITION="iid", EDGETUNE_NUM_PARTITIONS=AGENTS,
                            EDGETUNE_PARTITION_INDEX=i, EDGETUNE_DATA_LIMIT=600, **common))
     try:
-        wait_all(procs, timeout=600, logs=logs)
-        for p, log in zip(procs, logs):
-            assert p.returncode == 0, f"{log.name} exited {p.returncode}:\n{log.read_text()[-3000:]}"
+        finish_all(procs, timeout=600, logs=logs)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         # every agent's retained status, as the broker holds it after the run
         watcher = MqttTransport("itest-watcher", broker.url)

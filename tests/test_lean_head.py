@@ -240,7 +240,7 @@ def test_one_lean_and_one_transformers_agent_against_mosquitto(mosquitto, tmp_pa
     from broker.topics import Topics
     from broker.transport import MqttTransport
     from models.settings import DecoderSettings
-    from tests.conftest import child_env, spawn, wait_all
+    from tests.conftest import child_env, finish_all, spawn
 
     fleet = "lean-itest"
     split = {"EDGETUNE_MODE": "split", "EDGETUNE_SPLIT_N_LAYER": "4", "EDGETUNE_SPLIT_N_EMBD": "128",
@@ -268,14 +268,7 @@ def test_one_lean_and_one_transformers_agent_against_mosquitto(mosquitto, tmp_pa
         stderr=subprocess.STDOUT, env=child_env(EDGETUNE_AGENT_ID="edge-lean", EDGETUNE_PARTITION_INDEX="1",
                                                 EDGETUNE_SPLIT_HEAD="lean", EDGETUNE_SPLIT_HEAD_PATH=str(head_dir),
                                                 **agent)))
-    try:
-        wait_all(procs, timeout=300, logs=logs)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, f"{log.name} exited {p.returncode}:\n{log.read_text()[-3000:]}"
+    finish_all(procs, timeout=300, logs=logs)
     assert json.loads(modules.read_text())["heavy"] == [], "the lean agent imported transformers or peft"
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert sorted(rows[-1]["answered"]) == ["edge-lean", "edge-peft"]

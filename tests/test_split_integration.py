@@ -13,7 +13,7 @@ from broker import codec
 from broker.messages import GlobalAdapter, ModelUpdate, parse
 from broker.topics import Topics
 from broker.transport import MqttTransport
-from tests.conftest import spawn, wait_all
+from tests.conftest import finish_all, spawn
 
 FLEET = "split-itest"
 ROUNDS = 2
@@ -39,14 +39,7 @@ def test_two_agents_int8_perplexity_falls_and_head_adapters_are_averaged(mosquit
                            EDGETUNE_PARTITION="iid", EDGETUNE_NUM_PARTITIONS="2", EDGETUNE_PARTITION_INDEX=str(i - 1),
                            EDGETUNE_SPLIT_ENCODING="int8", EDGETUNE_SPLIT_BATCH_SIZE="4", EDGETUNE_DATA_LIMIT="400",
                            **env))
-    try:
-        wait_all(procs, timeout=600, logs=logs)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, f"{log.name} exited {p.returncode}:\n{log.read_text()[-3000:]}"
+    finish_all(procs, timeout=600, logs=logs)
 
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
