@@ -4,9 +4,10 @@ Between federated rounds the agent fine-tunes its LoRA on the labelled samples u
 its last run (`SampleStore`, `used_in_training = 0`), mixed with a replay sample of older data
 (the agent's own shard and labelled samples of earlier runs), so that learning a new domain
 does not erase the old ones (catastrophic forgetting). The replay size is `replay_ratio` times
-the number of new samples. On the replay examples the run also keeps the model's own answers from
-before the run (a distillation term, `distill_weight`; as in dark experience replay): labels alone
-still let the older domains drift where the new data pulls the decision boundary.
+the number of new samples. Optionally (`distill_weight` > 0) the run also keeps the model's own
+answers from before the run on the replay examples (a distillation term, as in dark experience
+replay); measured on VADER it did not forget less than labels alone (BENCHMARKS.md), so it is off
+by default.
 
 Every `holdout_every`-th labelled sample (by store id) is a holdout sample: it is never trained
 on, here or in a round, and serves to check a newly exported model before it replaces the one
@@ -37,7 +38,7 @@ class IncrementalConfig:
     seed: int = 0
     # weight of a distillation term on the replay examples: KL from the model's own predictions
     # before the run (so the run keeps its answers on older data as well as their labels); 0: off
-    distill_weight: float = 1.0
+    distill_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.replay_ratio < 0:

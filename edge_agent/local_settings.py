@@ -46,7 +46,7 @@ class OnDeviceSettings(BaseModel):
     incremental_max_steps: int = Field(0, ge=0, description="cap on steps of one incremental run (0: no cap)")
     incremental_lr: float = Field(1e-3, gt=0)
     incremental_batch_size: int = Field(16, ge=1)
-    incremental_distill: float = Field(1.0, ge=0, description="weight of keeping the model's own answers on the "
+    incremental_distill: float = Field(0.0, ge=0, description="weight of keeping the model's own answers on the "
                                        "replay examples (distillation); 0: labels only")
     holdout_every: int = Field(10, ge=2, description="every k-th labelled sample (by id) is a holdout sample: "
                                "never trained on, used to check a new model before it serves")
