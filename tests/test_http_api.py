@@ -198,7 +198,6 @@ def test_refuses_to_bind_other_than_loopback(tmp_path, host):
 
 def test_with_a_real_onnx_predictor(tmp_path):
     """End to end: an exported (randomly initialised, 1-layer) classifier served over HTTP."""
-    pytest.importorskip("torch")
     from edge_agent.inference import OnnxPredictor
     from models.classifier import ClassifierSpec, build_classifier, load_tokenizer
     from models.onnx_export import export_onnx
