@@ -29,6 +29,9 @@ class AgentMetrics:
                                    "(first_model, accepted, worse, ...)", ["outcome"], registry=r)
         self.holdout_accuracy = Gauge(p + "serving_holdout_accuracy",
                                       "Local holdout accuracy of the model in service when it was swapped in", registry=r)
+        self.holdout_accuracy.set(float("nan"))  # no model swapped in yet: NaN, not a made-up 0
+        for outcome in ("first_model", "accepted", "worse", "labels_differ", "load_failed", "export_failed"):
+            self.model_swaps.labels(outcome=outcome)  # zeros on the dashboard, not "no data"
         self.predictions = Counter(p + "predictions", "Predictions served", ["backend"], registry=r)
         self.predict_seconds = Histogram(
             p + "predict_seconds", "Latency of one prediction request", buckets=_FAST_BUCKETS, registry=r

@@ -50,6 +50,12 @@ EXPECTED_WITHOUT_DATA = {
         "split learning only (edgetune_aggregator_split_microbatch_agents has no observations in a federated run)",
     "histogram_quantile(0.95, sum by (le) (rate(edgetune_aggregator_split_microbatch_agents_bucket[1m])))":
         "split learning only (edgetune_aggregator_split_microbatch_agents has no observations in a federated run)",
+    "edgetune_aggregator_dp_epsilon":
+        "differential privacy only (strategy dp_fedavg): epsilon stays NaN in a run without DP",
+    "histogram_quantile(0.95, sum by (le) (rate(edgetune_aggregator_update_staleness_versions_bucket[5m])))":
+        "async aggregation only (edgetune_aggregator_update_staleness_versions has no observations in sync rounds)",
+    "edgetune_agent_serving_holdout_accuracy":
+        "agents with a state dir only: no model is exported and swapped in during this run, so it stays NaN",
     "edgetune_aggregator_global_perplexity":
         "split learning only: perplexity stays NaN (not a made-up 0) while a classifier is trained",
 }
