@@ -78,7 +78,7 @@ class AggregatorService:
                 max_staleness=self.s.async_max_staleness, version=self.version,
             )
         self.async_selected: tuple[str, ...] = ()
-        self.async_updates: dict[str, ModelUpdate] = {}  # agent -> its update in the buffer now
+        self.async_updates: dict[str, ModelUpdate] = {}  # "agent:nonce" -> the updates in the buffer now
 
     def _connect(self) -> None:
         t = MqttTransport(
@@ -216,7 +216,7 @@ class AggregatorService:
 
     def _offer_async(self, meta: ModelUpdate, tensors: dict) -> None:
         """Async: any update from the fleet's agents goes into the buffer if it is fresh enough;
-        a full buffer becomes the next global at once (see _run_async)."""
+        a full buffer becomes the next global at once (see _run_async_step)."""
         agent = meta.agent_id
         if self._async_closed:
             return self._reject("wrong_round", f"update from {agent} after the run's last step")
