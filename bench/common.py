@@ -13,6 +13,20 @@ from pathlib import Path
 RESULTS_DIR = Path(os.environ.get("EDGETUNE_BENCH_DIR", Path(__file__).resolve().parent / "results"))
 
 
+def simulation_args(p, *, local_steps: int, partition: str | list[str] = "iid") -> None:
+    """The simulator options the strategy benches share: steps, lr, partition, model, data, seed."""
+    p.add_argument("--local-steps", type=int, default=local_steps)
+    p.add_argument("--lr", type=float, default=2e-3)
+    if isinstance(partition, list):
+        p.add_argument("--partition", nargs="+", default=partition)
+    else:
+        p.add_argument("--partition", default=partition)
+    p.add_argument("--model", default="head", choices=["head", "full"])
+    p.add_argument("--train-limit", type=int, default=0, help="a seeded sample of this many training examples (0: all)")
+    p.add_argument("--eval-limit", type=int, default=0, help="and of this many held-out examples (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def machine() -> dict:
     info = {
         "python": platform.python_version(),

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench.common import report  # noqa: E402
+from bench.common import report, simulation_args  # noqa: E402
 from bench.strategies_compare import FULL_NOTE, HEAD_NOTE  # noqa: E402
 
 ATTACKS = {  # column -> (attack, attack_scale, flip_scale)
@@ -35,14 +35,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--agents", type=int, default=5)
     p.add_argument("--attackers", type=int, default=1)
-    p.add_argument("--local-steps", type=int, default=10)
-    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--clip-bound", type=float, default=0.5)
-    p.add_argument("--partition", default="iid")
-    p.add_argument("--model", default="head", choices=["head", "full"])
-    p.add_argument("--train-limit", type=int, default=0)
-    p.add_argument("--eval-limit", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    simulation_args(p, local_steps=10)
     args = p.parse_args()
     from edgetune.simulate import SimConfig, load_splits, make_backend, run_simulation
 

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench.common import report  # noqa: E402
+from bench.common import report, simulation_args  # noqa: E402
 
 HEAD_NOTE = ("cached-feature model: frozen MiniLM-L6 pruned to 4 layers, mean-pooled sentence features computed "
              "once; trained: LoRA r=8 (alpha 16) on a 384x384 dense (+tanh) and a new 2-way classifier, via peft")
@@ -47,15 +47,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--agents", type=int, default=5)
-    p.add_argument("--local-steps", type=int, default=20)
-    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--prox-mu", type=float, default=0.1)
     p.add_argument("--server-eta", type=float, default=1e-2)
-    p.add_argument("--partition", nargs="+", default=["iid", "by-domain"])
-    p.add_argument("--model", default="head", choices=["head", "full"])
-    p.add_argument("--train-limit", type=int, default=0)
-    p.add_argument("--eval-limit", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    simulation_args(p, local_steps=20, partition=["iid", "by-domain"])
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
     if args.threads:

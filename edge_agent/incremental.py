@@ -145,48 +145,22 @@ def train_with_replay(model, tokenizer, mix: Mix, cfg: IncrementalConfig, *, max
     """`cfg.epochs` shuffled passes over new + replay (cross-entropy on every label) plus, on the
     replay examples of each batch, `cfg.distill_weight` x KL(the model's predictions before the
     run || now). Returns a models.train.TrainResult."""
-    import time
-
     import torch
     import torch.nn.functional as F
 
-    from models.train import TrainResult, predict_logits, trainable_parameters
+    from models.train import predict_logits, train_local
 
-    items = mix.examples
     n_new = len(mix.new)
     before = F.softmax(predict_logits(model, tokenizer, [e.text for e in mix.replay], max_length=max_length), -1)  # [R, C]
-    model.train()
-    opt = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr)
-    rng = random.Random(seed)
-    steps = seen = 0
-    total = 0.0
-    t0 = time.perf_counter()
-    done = False
-    for _ in range(cfg.epochs):
-        order = list(range(len(items)))
-        rng.shuffle(order)
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            batch = [items[j] for j in idx]
-            enc = tokenizer([e.text for e in batch], padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt")
-            logits = model(**enc).logits  # [B, C]
-            loss = F.cross_entropy(logits, torch.tensor([e.label for e in batch], dtype=torch.long))
-            rows = [k for k, j in enumerate(idx) if j >= n_new]
-            if rows:
-                target = before[torch.tensor([idx[k] - n_new for k in rows])]  # [R_b, C]
-                kl = F.kl_div(F.log_softmax(logits[rows], -1), target, reduction="batchmean")
-                loss = loss + cfg.distill_weight * kl * len(rows) / len(idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-            seen += len(batch)
-            total += float(loss.detach())
-            if (cfg.max_steps and steps >= cfg.max_steps) or (should_stop and should_stop()):
-                done = True
-                break
-        if done:
-            break
-    model.eval()
-    return TrainResult(steps, seen, total / max(steps, 1), time.perf_counter() - t0)
+
+    def distill(logits: torch.Tensor, idx: list[int]) -> torch.Tensor | None:
+        rows = [k for k, j in enumerate(idx) if j >= n_new]  # the batch's replay examples
+        if not rows:
+            return None
+        target = before[torch.tensor([idx[k] - n_new for k in rows])]  # [R_b, C]
+        kl = F.kl_div(F.log_softmax(logits[rows], -1), target, reduction="batchmean")
+        return cfg.distill_weight * kl * len(rows) / len(idx)
+
+    return train_local(model, tokenizer, mix.examples, epochs=cfg.epochs, max_steps=cfg.max_steps,
+                       batch_size=cfg.batch_size, lr=cfg.lr, max_length=max_length, seed=seed,
+                       should_stop=should_stop, extra_loss=distill)

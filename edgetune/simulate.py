@@ -80,7 +80,7 @@ from torch import nn
 from aggregator.strategies import ClientUpdate, StateDict, apply_delta, delta_of, global_norm, make_strategy, proximal_term
 from data.sentiment import Example
 from models.classifier import ClassifierSpec, adapter_state, load_adapter_state
-from models.train import EvalResult, TrainResult
+from models.train import EvalResult, TrainResult, sgd_loop, trainable_parameters
 
 MODES = ("fedavg", "fedprox", "fedadam", "sequential", "independent", "centralized", "async")
 ATTACKS = ("scale", "flip")
@@ -497,35 +497,18 @@ class HeadBackend:
     def _train(self, data: _Tensors, *, epochs: int, max_steps: int, batch_size: int, lr: float, seed: int,
                proximal: Callable[[], torch.Tensor] | None) -> TrainResult:
         model = self.model
+
+        def batch_loss(idx: list[int]) -> torch.Tensor:
+            b = torch.tensor(idx, dtype=torch.long)
+            loss = F.cross_entropy(model(data.x[b]), data.y[b])
+            return loss + proximal() if proximal is not None else loss
+
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr)
-        rng = random.Random(seed)
-        steps = seen = 0
-        total = 0.0
-        t0 = time.perf_counter()
-        done = False
-        for _ in range(epochs):
-            order = list(range(len(data)))
-            rng.shuffle(order)
-            for i in range(0, len(order), batch_size):
-                b = torch.tensor(order[i : i + batch_size], dtype=torch.long)
-                loss = F.cross_entropy(model(data.x[b]), data.y[b])
-                if proximal is not None:
-                    loss = loss + proximal()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                steps += 1
-                seen += len(b)
-                total += float(loss.detach())
-                if max_steps and steps >= max_steps:
-                    done = True
-                    break
-            if done:
-                break
-        model.eval()
-        return TrainResult(steps, seen, total / max(steps, 1), time.perf_counter() - t0)
+        try:
+            return sgd_loop(trainable_parameters(model), len(data), batch_loss, epochs=epochs, max_steps=max_steps,
+                            batch_size=batch_size, lr=lr, seed=seed)
+        finally:
+            model.eval()
 
     @torch.no_grad()
     def evaluate(self, data: _Tensors) -> EvalResult:

@@ -32,6 +32,35 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def sgd_loop(params, n: int, batch_loss: Callable[[list[int]], torch.Tensor], *, epochs: int = 1,
+             max_steps: int = 0, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+             should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """The one training loop: `epochs` passes over indices 0..n-1 shuffled by random.Random(seed),
+    batches of `batch_size`, AdamW on `params` stepping on `batch_loss(indices)`, at most
+    `max_steps` steps (0: no cap), stopping early when `should_stop()` says so. The agent, its
+    incremental runs and the simulator (over cached features) all train through it."""
+    opt = torch.optim.AdamW(params, lr=lr)
+    rng = random.Random(seed)
+    steps = seen = 0
+    total = 0.0
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        order = list(range(n))
+        rng.shuffle(order)
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            loss = batch_loss(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            seen += len(idx)
+            total += float(loss.detach())
+            if (max_steps and steps >= max_steps) or (should_stop and should_stop()):
+                return TrainResult(steps, seen, total / max(steps, 1), time.perf_counter() - t0)
+    return TrainResult(steps, seen, total / max(steps, 1), time.perf_counter() - t0)
+
+
 def train_local(
     model,
     tokenizer,
@@ -45,44 +74,34 @@ def train_local(
     seed: int = 0,
     proximal: Callable[[], torch.Tensor] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    extra_loss: Callable[[torch.Tensor, list[int]], torch.Tensor | None] | None = None,
 ) -> TrainResult:
     """`epochs` passes over `examples` (shuffled by `seed`), at most `max_steps` steps (0: no cap).
 
-    `proximal`, when given, returns a term added to each step's loss (FedProx).
+    `proximal`, when given, returns a term added to each step's loss (FedProx); `extra_loss`,
+    given the batch's logits [B, C] and the examples' indices, returns another (or None).
     """
     if not examples:
         raise ValueError("no examples to train on")
+
+    def batch_loss(idx: list[int]) -> torch.Tensor:
+        batch = [examples[j] for j in idx]
+        enc = _encode(tokenizer, [e.text for e in batch], max_length)
+        labels = torch.tensor([e.label for e in batch], dtype=torch.long)
+        logits = model(**enc).logits  # [B, C]
+        loss = F.cross_entropy(logits, labels)
+        if proximal is not None:
+            loss = loss + proximal()
+        if extra_loss is not None and (extra := extra_loss(logits, idx)) is not None:
+            loss = loss + extra
+        return loss
+
     model.train()
-    params = trainable_parameters(model)
-    opt = torch.optim.AdamW(params, lr=lr)
-    rng = random.Random(seed)
-    steps = seen = 0
-    total = 0.0
-    t0 = time.perf_counter()
-    for _ in range(epochs):
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for i in range(0, len(order), batch_size):
-            batch = [examples[j] for j in order[i : i + batch_size]]
-            enc = _encode(tokenizer, [e.text for e in batch], max_length)
-            labels = torch.tensor([e.label for e in batch], dtype=torch.long)
-            out = model(**enc)
-            loss = F.cross_entropy(out.logits, labels)
-            if proximal is not None:
-                loss = loss + proximal()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-            seen += len(batch)
-            total += float(loss.detach())
-            if (max_steps and steps >= max_steps) or (should_stop and should_stop()):
-                break
-        else:
-            continue
-        break
-    model.eval()
-    return TrainResult(steps, seen, total / max(steps, 1), time.perf_counter() - t0)
+    try:
+        return sgd_loop(trainable_parameters(model), len(examples), batch_loss, epochs=epochs, max_steps=max_steps,
+                        batch_size=batch_size, lr=lr, seed=seed, should_stop=should_stop)
+    finally:
+        model.eval()
 
 
 @torch.no_grad()

@@ -56,8 +56,13 @@ def finish_all(procs: list[subprocess.Popen], timeout: float, logs: list[Path]) 
     try:
         wait_all(procs, timeout, logs)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        kill_all(procs)
     for p, log in zip(procs, logs):
         assert p.returncode == 0, f"{log.name} exited {p.returncode}:\n{log.read_text()[-3000:]}"
+
+
+def kill_all(procs) -> None:
+    """Kill whichever of `procs` are still running (a test's cleanup)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()

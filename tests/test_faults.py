@@ -25,7 +25,7 @@ from broker.messages import AgentState, AgentStatus, GlobalAdapter, ModelUpdate,
 from broker.topics import Topics
 from broker.transport import MqttTransport
 from edge_agent.light import synthetic_update
-from tests.conftest import ROOT, child_env, spawn
+from tests.conftest import ROOT, child_env, kill_all, spawn
 
 
 def light(agent_id: str, url: str, fleet: str, log: Path, train_seconds: float = 0.5) -> subprocess.Popen:
@@ -93,9 +93,7 @@ def test_agents_killed_mid_round_do_not_stop_rounds(mosquitto, tmp_path):
                 agents[v] = light(v, mosquitto.url, fleet, logs[int(v[1:]) + 1], train_seconds=3)
         agg.wait(60)
     finally:
-        for p in [agg, *agents.values()]:
-            if p.poll() is None:
-                p.kill()
+        kill_all([agg, *agents.values()])
     rows = rows_of(out)
     assert agg.returncode == 0, logs[0].read_text()[-2000:]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
@@ -122,9 +120,7 @@ def _run_light_fleet(url, fleet, out, tmp, rounds, kill_after=None):
         agg.wait(180)
         finish(agents)
     finally:
-        for p in [agg, *agents]:
-            if p.poll() is None:
-                p.kill()
+        kill_all([agg, *agents])
     assert agg.returncode == 0, logs[0].read_text()[-3000:]
     return rows_of(out)
 
@@ -156,9 +152,7 @@ def test_broker_restart_mid_run_loses_no_update(mosquitto, tmp_path):
         agg.wait(180)
         finish(agents)
     finally:
-        for p in [agg, *agents]:
-            if p.poll() is None:
-                p.kill()
+        kill_all([agg, *agents])
     rows = rows_of(out)
     assert agg.returncode == 0, logs[0].read_text()[-2000:]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
@@ -262,9 +256,7 @@ def test_hostile_frames_are_rejected_counted_and_change_nothing(mosquitto, tmp_p
         agg.wait(60)
         finish(good)
     finally:
-        for p in [agg, *good]:
-            if p.poll() is None:
-                p.kill()
+        kill_all([agg, *good])
         rogue.close()
     expected: dict[str, int] = {}
     for _, _, reason in sends:
