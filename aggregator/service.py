@@ -1,8 +1,10 @@
-"""The aggregator service: the thin I/O shell around `rounds.Round` and a strategy.
+"""The aggregator service: the MQTT driver of the round engine.
 
-It owns the transport, the model used for evaluation, the checkpoints and the metrics file.
-Everything that decides (accept or reject, when a round is over, how to combine) lives in pure
-code: rounds.py and strategies.py.
+It owns the transport, the model used for evaluation (aggregator/tasks.py), the checkpoints and
+the metrics. Everything that decides (accept or refuse, when a round or a buffer step is over,
+how to combine, when to serve a split micro-batch) lives in pure code that the in-process
+simulator drives too: coordinator.py (over rounds.py, async_buffer.py and the strategies) and
+split_server.py's SplitBatcher.
 """
 
 from __future__ import annotations
@@ -14,24 +16,21 @@ import signal
 import time
 from pathlib import Path
 
-import torch
-
-from aggregator.metrics import AggregatorMetrics, serve
-from aggregator.rounds import Outcome, Rejection, Round, select_agents
-from aggregator.settings import AggregatorSettings
-from aggregator.split_server import SplitRequest
 from aggregator.async_buffer import AsyncBuffer
-from aggregator.strategies import ClientUpdate, InvalidUpdate, make_strategy, report
+from aggregator.coordinator import AsyncCoordinator, RoundRecord, SyncCoordinator, Verdict
+from aggregator.metrics import AggregatorMetrics, serve
+from aggregator.settings import AggregatorSettings
+from aggregator.split_server import SplitBatcher, decode_split_request
+from aggregator.strategies import make_strategy
 from aggregator.tasks import make_task
 from broker import activations, codec
 from broker.errors import WireError
-from broker.messages import (AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement, SplitForward,
-                             SplitGradient, parse)
+from broker.messages import AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement, SplitGradient, parse
 from broker.settings import dump_settings
 from broker.metrics_http import linger
 from broker.topics import Topics
 from broker.transport import Incoming, MqttTransport
-from models.classifier import AdapterMismatch, check_adapter_state, set_threads
+from models.classifier import set_threads
 
 log = logging.getLogger("edgetune.aggregator")
 
@@ -41,6 +40,8 @@ class Stop(Exception):
 
 
 class AggregatorService:
+    """The MQTT driver of the round engine (aggregator/coordinator.py)."""
+
     def __init__(self, settings: AggregatorSettings, metrics: AggregatorMetrics | None = None) -> None:
         self.s = settings
         self.topics = Topics(settings.fleet)
@@ -48,37 +49,32 @@ class AggregatorService:
         self.out = Path(settings.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.online: dict[str, AgentStatus] = {}
-        self.round: Round | None = None
-        self.version = 0
-        self.round_number = 0
-        self.seen_nonces: set[tuple[str, int, str]] = set()
-        self.early: dict[str, tuple[ModelUpdate, dict]] = {}  # next round's updates that came first
         self._stop = False
-        self._async_closed = False
         self.transport: MqttTransport | None = None
 
     # -- setup ------------------------------------------------------------------------------
     def _build(self) -> None:
-        set_threads(self.s.threads)
-        self.task = make_task(self.s, self.out)
-        self.strategy = make_strategy(self.s.strategy, **self.s.strategy_options)
-        self.split_queue: list[SplitRequest] = []
+        s = self.s
+        set_threads(s.threads)
+        self.task = make_task(s, self.out)
+        self.strategy = make_strategy(s.strategy, **s.strategy_options)
+        self.split_batcher = SplitBatcher(s.split_batch_window_ms / 1000)
+        round_number = version = 0
         ck = self.task.resume()
         if ck is not None:
-            self.round_number, self.version = ck.round, ck.version
+            round_number, version = ck.round, ck.version
             log.info("resuming from %s: round %d, global v%d", ck.path, ck.round, ck.version)
             if hasattr(self.strategy, "load_state_dict") and ck.extra.get("strategy_state"):
                 self.strategy.load_state_dict(ck.extra["strategy_state"])
-        self.global_state = self.task.global_state()
-        self.buffer: AsyncBuffer | None = None
-        if self.s.aggregation == "async":
-            self.buffer = AsyncBuffer(
-                self.s.buffer_size(), self.s.async_staleness_weight, self.s.async_staleness_a,
-                global_state=self.global_state, server_lr=self.s.async_server_lr,
-                max_staleness=self.s.async_max_staleness, version=self.version,
-            )
-        self.async_selected: tuple[str, ...] = ()
-        self.async_updates: dict[str, ModelUpdate] = {}  # "agent:nonce" -> the updates in the buffer now
+        common = dict(quorum=s.min_agents, timeout_s=s.round_timeout_s, seed=s.seed, selection_size=s.selection_size,
+                      round_number=round_number)
+        if s.aggregation == "async":
+            buffer = AsyncBuffer(s.buffer_size(), s.async_staleness_weight, s.async_staleness_a,
+                                 global_state=self.task.global_state(), server_lr=s.async_server_lr,
+                                 max_staleness=s.async_max_staleness, version=version)
+            self.coord: SyncCoordinator | AsyncCoordinator = AsyncCoordinator(buffer, **common)
+        else:
+            self.coord = SyncCoordinator(self.strategy, self.task.global_state(), version=version, **common)
 
     def _connect(self) -> None:
         t = MqttTransport(
@@ -111,20 +107,7 @@ class AggregatorService:
         except WireError as e:
             return self._reject(e.reason, str(e))
         if rest == "status":
-            if not m.payload:  # a cleared retained status
-                self.online.pop(agent, None)
-            else:
-                try:
-                    st = parse(codec.decode(m.payload, max_size=64 * 1024).header, AgentStatus)
-                except WireError as e:
-                    return self._reject(e.reason, f"status on {m.topic}: {e}")
-                if st.agent_id != agent:
-                    return self._reject("bad_topic", f"status for {st.agent_id} on {agent}'s topic")
-                if st.state == AgentState.offline:
-                    self.online.pop(agent, None)
-                else:
-                    self.online[agent] = st
-            self.metrics.agents_connected.set(len(self.online))
+            self._handle_status(agent, m)
         elif rest == "update":
             self.metrics.update_bytes_received.inc(len(m.payload))
             self._handle_update(agent, m)
@@ -134,35 +117,45 @@ class AggregatorService:
         else:
             self._reject("bad_topic", f"nothing is expected on {m.topic}")
 
+    def _handle_status(self, agent: str, m: Incoming) -> None:
+        if not m.payload:  # a cleared retained status
+            st = None
+        else:
+            try:
+                st = parse(codec.decode(m.payload, max_size=64 * 1024).header, AgentStatus)
+            except WireError as e:
+                return self._reject(e.reason, f"status on {m.topic}: {e}")
+            if st.agent_id != agent:
+                return self._reject("bad_topic", f"status for {st.agent_id} on {agent}'s topic")
+        if st is None or st.state == AgentState.offline:
+            if self.online.pop(agent, None) is not None:
+                self.coord.agent_offline(agent, time.time())
+        else:
+            self.online[agent] = st
+            if isinstance(self.coord, AsyncCoordinator):
+                self.coord.agent_online(agent)
+        self.metrics.agents_connected.set(len(self.online))
+
     def _handle_split(self, agent: str, m: Incoming) -> None:
+        hidden = getattr(self.task.head.config, "hidden_size", None)
         try:
-            frame = codec.decode(m.payload, max_size=self.s.max_activation_bytes)
-            msg = parse(frame.header, SplitForward)
-            if msg.agent_id != agent:
-                return self._reject("bad_topic", f"activations claim {msg.agent_id} but came on {agent}'s topic")
-            act = activations.decode(frame.tensors, msg.encoding, "act")
-            mask = frame.tensors.get("attention_mask")
-            labels = frame.tensors.get("labels")
-            hidden = self.task.head.config.hidden_size if hasattr(self.task.head.config, "hidden_size") else None
-            if (act.dim() != 3 or mask is None or labels is None or tuple(mask.shape) != tuple(act.shape[:2])
-                    or tuple(labels.shape) != tuple(act.shape[:2]) or labels.dtype != torch.int64
-                    or (hidden and act.shape[-1] != hidden) or act.shape[0] * act.shape[1] > self.s.split_max_tokens):
-                return self._reject("bad_tensors", f"split request from {agent}: shapes {tuple(act.shape)} do not fit")
+            req = decode_split_request(agent, m.payload, max_bytes=self.s.max_activation_bytes, hidden=hidden,
+                                       max_tokens=self.s.split_max_tokens, correlation=m.correlation,
+                                       response_topic=m.response_topic or self.topics.split_gradient(agent))
         except (WireError, activations.EncodingError) as e:
             return self._reject(e.reason, f"split request on {m.topic}: {e}")
-        self.split_queue.append(SplitRequest(agent, msg.step, act, mask, labels, m.correlation,
-                                             m.response_topic or self.topics.split_gradient(agent), msg.encoding))
-        self.metrics.split_queue_depth.set(len(self.split_queue))
+        self.split_batcher.add(req)
+        self.metrics.split_queue_depth.set(len(self.split_batcher))
 
     def _serve_split(self) -> None:
         """Gather the other agents' activations for a moment, then serve them as micro-batches."""
-        waiting_for = len(self.round.selected) - len(self.round.accepted) if self.round else 1
-        window_end = time.monotonic() + self.s.split_batch_window_ms / 1000
-        while len({r.agent_id for r in self.split_queue}) < waiting_for and time.monotonic() < window_end:
-            m = self.transport.get(timeout=max(0.0, window_end - time.monotonic()))
+        rnd = self.coord.round if isinstance(self.coord, SyncCoordinator) else None
+        waiting_for = len(rnd.selected) - len(rnd.accepted) if rnd else 1
+        while not self.split_batcher.ready(waiting_for, time.monotonic()):
+            m = self.transport.get(timeout=self.split_batcher.wait_s(time.monotonic()))
             if m is not None:
                 self._handle(m)
-        batch, self.split_queue = self.split_queue, []
+        batch = self.split_batcher.take()
         self.metrics.split_queue_depth.set(0)
         if not batch:
             return
@@ -188,54 +181,21 @@ class AggregatorService:
             return self._reject(e.reason, f"update on {m.topic}: {e}")
         if meta.agent_id != agent:
             return self._reject("bad_topic", f"update claims {meta.agent_id} but came on {agent}'s topic")
-        key = (meta.agent_id, meta.round, meta.nonce)
-        if key in self.seen_nonces:
-            return self._reject("duplicate", f"replayed update {key}")
-        if self.buffer is not None:
-            return self._offer_async(meta, frame.tensors)
-        if self.round is None:
-            if meta.round == self.round_number + 1 and meta.base_version == self.version:
-                # the next round's update, queued by the broker while we were down (or raced ahead of
-                # our announcement): keep it until the round opens, checked then like any other
-                self.early[agent] = (meta, frame.tensors)
-                return
-            return self._reject("wrong_round", f"update from {agent} for round {meta.round} while no round is open")
-        self._offer(meta, frame.tensors)
+        self._verdict(self.coord.offer(meta, frame.tensors, time.time()), meta)
 
-    def _offer(self, meta: ModelUpdate, tensors: dict) -> None:
-        key = (meta.agent_id, meta.round, meta.nonce)
-        try:
-            self.round.offer(meta, tensors, time.time())
-        except Rejection as e:
-            return self._reject(e.reason, str(e))
-        self.seen_nonces.add(key)
-        agent = meta.agent_id
+    def _verdict(self, v: Verdict, meta: ModelUpdate) -> None:
+        if v.reason is not None:
+            return self._reject(v.reason, v.message)
+        if v.queued:
+            return
         self.metrics.agents_answered.inc()
-        log.info("round %d: update from %s (%d examples, loss %.4f)", meta.round, agent, meta.num_examples,
-                 meta.train_loss if meta.train_loss is not None else math.nan)
-
-    def _offer_async(self, meta: ModelUpdate, tensors: dict) -> None:
-        """Async: any update from the fleet's agents goes into the buffer if it is fresh enough;
-        a full buffer becomes the next global at once (see _run_async_step)."""
-        agent = meta.agent_id
-        if self._async_closed:
-            return self._reject("wrong_round", f"update from {agent} after the run's last step")
-        if agent not in self.online and agent not in self.async_selected:
-            return self._reject("not_selected", f"update from {agent}, which is neither online nor selected")
-        try:
-            check_adapter_state(dict(self.global_state), tensors)
-            self.buffer.add(ClientUpdate(agent, tensors, meta.num_examples, base_version=meta.base_version,
-                                         nonce=meta.nonce))
-        except AdapterMismatch as e:
-            return self._reject(e.reason, f"update from {agent}: {e}")
-        except InvalidUpdate as e:
-            return self._reject(e.reason, f"update from {agent}: {e}")
-        self.seen_nonces.add((agent, meta.round, meta.nonce))
-        self.async_updates[f"{agent}:{meta.nonce}"] = meta
-        self.metrics.agents_answered.inc()
-        self.metrics.async_buffer_pending.set(self.buffer.pending)
-        log.info("async: update from %s (base v%d, global v%d, %d examples), buffer %d", agent, meta.base_version,
-                 self.buffer.version, meta.num_examples, self.buffer.pending)
+        if isinstance(self.coord, AsyncCoordinator):
+            self.metrics.async_buffer_pending.set(self.coord.buffer.pending)
+            log.info("async: update from %s (base v%d, global v%d, %d examples), buffer %d", meta.agent_id,
+                     meta.base_version, self.coord.version, meta.num_examples, self.coord.buffer.pending)
+        else:
+            log.info("round %d: update from %s (%d examples, loss %.4f)", meta.round, meta.agent_id, meta.num_examples,
+                     meta.train_loss if meta.train_loss is not None else math.nan)
 
     def _pump(self, until: float) -> None:
         """Handle incoming messages until `until` (monotonic) or until one arrives and is handled."""
@@ -247,30 +207,27 @@ class AggregatorService:
             m = self.transport.get(timeout=min(remaining, 0.5))
             if m is not None:
                 self._handle(m)
-                if self.split_queue:
+                if len(self.split_batcher):
                     self._serve_split()
                 return
         raise Stop
 
     # -- publishing -------------------------------------------------------------------------
     def _publish_global(self, accuracy: float | None, loss: float | None) -> None:
-        msg = GlobalAdapter(version=self.version, round=self.round_number, accuracy=accuracy, loss=loss)
-        payload = codec.encode(msg, self.global_state)
+        msg = GlobalAdapter(version=self.coord.version, round=self.coord.round_number, accuracy=accuracy, loss=loss)
+        payload = codec.encode(msg, self.task.global_state())
         self.transport.publish(self.topics.global_adapter, payload, retain=True, wait=True)
         self.metrics.global_bytes_published.inc(len(payload))
-        self.metrics.global_version.set(self.version)
+        self.metrics.global_version.set(self.coord.version)
 
-    def _announce(self, rnd: Round, final: bool = False) -> None:
-        ann = RoundAnnouncement(
-            round=max(rnd.number, 1) if rnd else 1,
-            selected=list(rnd.selected) if rnd else [],
-            deadline=rnd.deadline if rnd else time.time(),
-            global_version=self.version,
-            local_epochs=self.s.local_epochs,
-            max_local_steps=self.s.max_local_steps,
-            final=final,
-        )
+    def _announce(self, number: int, selected, deadline: float, final: bool = False) -> None:
+        ann = RoundAnnouncement(round=max(number, 1), selected=list(selected), deadline=deadline,
+                                global_version=self.coord.version, local_epochs=self.s.local_epochs,
+                                max_local_steps=self.s.max_local_steps, final=final)
         self.transport.publish(self.topics.round, codec.encode(ann), retain=True, wait=True)
+
+    def _announce_final(self) -> None:
+        self._announce(self.coord.round_number, (), time.time(), final=True)
 
     def _evaluate(self) -> dict:
         t0 = time.perf_counter()
@@ -290,7 +247,7 @@ class AggregatorService:
         extra = {k: row[k] for k in ("accuracy", "loss", "perplexity") if k in row}
         if hasattr(self.strategy, "state_dict"):
             extra["strategy_state"] = self.strategy.state_dict()
-        self.task.checkpoint(self.round_number, self.version, extra)
+        self.task.checkpoint(self.coord.round_number, self.coord.version, extra)
 
     # -- the loop ---------------------------------------------------------------------------
     def _wait_for_agents(self) -> None:
@@ -308,73 +265,53 @@ class AggregatorService:
                 last_log = time.monotonic()
             self._pump(time.monotonic() + 0.5)
 
-    def _run_round(self) -> dict:
-        number = self.round_number + 1
-        selected = select_agents(list(self.online), self.s.selection_size(len(self.online)), number, self.s.seed)
-        if len(selected) < self.s.min_agents:
+    def _enough_agents(self) -> None:
+        if len(self.coord.select(self.online)) < self.s.min_agents:
             self._wait_for_agents()
-            selected = select_agents(list(self.online), self.s.selection_size(len(self.online)), number, self.s.seed)
-        t0 = time.time()
-        rnd = Round(number, selected, t0 + self.s.round_timeout_s, self.version, self.s.min_agents, self.global_state)
-        self.round = rnd
-        self.metrics.current_round.set(number)
-        self.metrics.agents_selected.set(len(selected))
-        self._announce(rnd)
-        log.info("round %d: announced to %d agents (%s), deadline in %.0fs", number, len(selected),
-                 ", ".join(selected), self.s.round_timeout_s)
-        early, self.early = self.early, {}
-        for meta, tensors in early.values():
-            if meta.round == number:
-                self._offer(meta, tensors)
-        while rnd.status(time.time()) is Outcome.collecting:
-            self._pump(time.monotonic() + 0.5)
-        outcome = rnd.status(time.time())
-        self.round = None
-        self.metrics.agents_dropped.inc(len(rnd.dropped))
-        row = {"round": number, "outcome": outcome.value, "selected": list(selected),
-               "answered": sorted(rnd.accepted), "dropped": rnd.dropped}
-        if outcome is Outcome.failed:
-            log.error("round %d failed: %d of %d answered, quorum %d; the global adapter stays v%d",
-                      number, len(rnd.accepted), len(selected), self.s.min_agents, self.version)
-            row.update(version=self.version, duration_s=time.time() - t0)
-            self.round_number = number
-            return row
-        updates = [
-            ClientUpdate(a.meta.agent_id, a.tensors, a.meta.num_examples)
-            for a in sorted(rnd.accepted.values(), key=lambda a: a.meta.agent_id)
-        ]
-        ta = time.perf_counter()
-        try:
-            new_state = self.strategy.aggregate(self.global_state, updates)
-        except (ValueError, InvalidUpdate) as e:  # e.g. krum with fewer updates than it needs
-            log.error("round %d: %s could not aggregate %d updates: %s; the global adapter stays v%d", number,
-                      self.s.strategy, len(updates), e, self.version)
-            row.update(outcome=Outcome.failed.value, error=str(e), version=self.version, duration_s=time.time() - t0)
-            self.round_number = number
-            return row
-        row["agents"] = {a.meta.agent_id: _agent_row(a.meta) for a in rnd.accepted.values()}
-        row.update(report(self.strategy))
-        if row.get("dp_epsilon") is not None:
-            self.metrics.dp_epsilon.set(row["dp_epsilon"])
-        return self._publish_step(row, new_state, number, time.perf_counter() - ta, t0)
 
-    def _publish_step(self, row: dict, new_state: dict, number: int, aggregation_s: float, t0: float) -> dict:
+    def _run_round(self) -> dict:
+        self._enough_agents()
+        t0 = time.time()
+        rnd, early = self.coord.open_round(list(self.online), t0)
+        self.metrics.current_round.set(rnd.number)
+        self.metrics.agents_selected.set(len(rnd.selected))
+        self._announce(rnd.number, rnd.selected, rnd.deadline)
+        log.info("round %d: announced to %d agents (%s), deadline in %.0fs", rnd.number, len(rnd.selected),
+                 ", ".join(rnd.selected), self.s.round_timeout_s)
+        for v in early:
+            if v.reason is not None:
+                self._reject(v.reason, v.message)
+            else:
+                self.metrics.agents_answered.inc()
+        while (rec := self.coord.poll(time.time())) is None:
+            self._pump(time.monotonic() + 0.5)
+        self.metrics.agents_dropped.inc(len(rec.dropped))
+        if rec.new_state is None:
+            if rec.error:
+                log.error("round %d: %s could not aggregate %d updates: %s; the global adapter stays v%d", rec.round,
+                          self.s.strategy, len(rec.answered), rec.error, rec.version)
+            else:
+                log.error("round %d failed: %d of %d answered, quorum %d; the global adapter stays v%d", rec.round,
+                          len(rec.answered), len(rec.selected), self.s.min_agents, rec.version)
+            return rec.row(duration_s=time.time() - t0)
+        if rec.strategy.get("dp_epsilon") is not None:
+            self.metrics.dp_epsilon.set(rec.strategy["dp_epsilon"])
+        return self._publish_step(rec, t0)
+
+    def _publish_step(self, rec: RoundRecord, t0: float) -> dict:
         """A new global: load it, evaluate it, publish it, checkpoint it; the row for metrics.jsonl."""
-        self.metrics.aggregation_seconds.observe(aggregation_s)
-        self.task.load_global(new_state)
-        self.global_state = self.task.global_state()
-        self.version += 1
-        self.round_number = number
-        row.update(self._evaluate())
-        agents = row.get("agents", {})
-        row.update(version=self.version, num_examples=sum(a["num_examples"] for a in agents.values()),
-                   train_loss=_mean([a["train_loss"] for a in agents.values()]), aggregation_s=aggregation_s)
-        self._publish_global(row.get("accuracy"), row["loss"])
+        self.metrics.aggregation_seconds.observe(rec.aggregation_s or 0.0)
+        self.task.load_global(rec.new_state)
+        if isinstance(self.coord, SyncCoordinator):
+            self.coord.set_global(self.task.global_state())
+        ev = self._evaluate()
+        self._publish_global(ev.get("accuracy"), ev["loss"])
+        row = rec.row(**ev)
         row["duration_s"] = time.time() - t0
         self._checkpoint(row)
         self.metrics.rounds_completed.inc()
         self.metrics.round_duration.observe(row["duration_s"])
-        log.info("round %d: %s, global v%d, %s (%.1fs)", number, row["outcome"], self.version, _fmt(row),
+        log.info("round %d: %s, global v%d, %s (%.1fs)", rec.round, rec.outcome, rec.version, _fmt(row),
                  row["duration_s"])
         return row
 
@@ -383,49 +320,28 @@ class AggregatorService:
         """Announce the current global to the online agents and wait until the buffer has taken
         async_buffer_size updates (from this version or older ones, weighted down by staleness),
         or until round_timeout_s, when a partly filled buffer of at least min_agents is applied."""
-        number = self.round_number + 1
-        selected = select_agents(list(self.online), self.s.selection_size(len(self.online)), number, self.s.seed)
-        if len(selected) < self.s.min_agents:
-            self._wait_for_agents()
-            selected = select_agents(list(self.online), self.s.selection_size(len(self.online)), number, self.s.seed)
-        self.async_selected = tuple(sorted(set(self.async_selected) | set(selected)))
+        self._enough_agents()
         t0 = time.time()
+        selected = self.coord.open_step(list(self.online), t0)
+        number = self.coord.round_number + 1
         self.metrics.current_round.set(number)
         self.metrics.agents_selected.set(len(selected))
-        self._announce(Round(number, tuple(selected), t0 + self.s.round_timeout_s, self.version, self.s.min_agents, {}))
-        log.info("async step %d: v%d announced to %d agents, buffer %d of %d", number, self.version, len(selected),
-                 self.buffer.pending, self.buffer.options.buffer_size)
-        deadline = time.monotonic() + self.s.round_timeout_s
-        while self.buffer.version == self.version and time.monotonic() < deadline:
-            self._pump(min(deadline, time.monotonic() + 0.5))
-        row = {"round": number, "selected": list(selected)}
-        if self.buffer.version == self.version:
-            if self.buffer.pending < self.s.min_agents:
-                log.error("async step %d: %d updates by the deadline, fewer than min_agents %d; the global stays v%d",
-                          number, self.buffer.pending, self.s.min_agents, self.version)
-                row.update(outcome=Outcome.failed.value, version=self.version, pending=self.buffer.pending,
-                           duration_s=time.time() - t0)
-                self.round_number = number
-                return row
-            self.buffer.flush()
-            row["outcome"] = Outcome.deadline.value
-        else:
-            row["outcome"] = Outcome.complete.value
-        return self._async_applied(row, number, t0)
+        self._announce(number, selected, t0 + self.s.round_timeout_s)
+        log.info("async step %d: v%d announced to %d agents, buffer %d of %d", number, self.coord.version,
+                 len(selected), self.coord.buffer.pending, self.coord.buffer.options.buffer_size)
+        while (rec := self.coord.poll(time.time())) is None:
+            self._pump(time.monotonic() + 0.5)
+        if rec.new_state is None:
+            log.error("async step %d: %d updates by the deadline, fewer than min_agents %d; the global stays v%d",
+                      rec.round, rec.pending, self.s.min_agents, rec.version)
+            return rec.row(duration_s=time.time() - t0)
+        return self._async_applied(rec, t0)
 
-    def _async_applied(self, row: dict, number: int, t0: float) -> dict:
-        assert self.buffer.version == self.version + 1, "one buffer step at a time"
-        applied = self.buffer.last_applied
-        metas = [self.async_updates.pop(k) for k in list(self.async_updates)]
-        by_agent = {m.agent_id: m for m in metas}
-        row["applied"] = [dict(agent_id=a.agent_id, base_version=a.base_version, staleness=a.staleness,
-                               num_examples=a.num_examples, weight=a.weight) for a in applied]
-        row["answered"] = sorted({a.agent_id for a in applied})
-        row["agents"] = {a: _agent_row(m) for a, m in by_agent.items()}
-        for a in applied:
-            self.metrics.update_staleness.observe(a.staleness)
-        self.metrics.async_buffer_pending.set(self.buffer.pending)
-        return self._publish_step(row, self.buffer.global_state, number, 0.0, t0)
+    def _async_applied(self, rec: RoundRecord, t0: float) -> dict:
+        for a in rec.applied:
+            self.metrics.update_staleness.observe(a["staleness"])
+        self.metrics.async_buffer_pending.set(self.coord.buffer.pending)
+        return self._publish_step(rec, t0)
 
     def _drain_async(self) -> list[dict]:
         """After the last step: let agents still training send their updates, and apply them as
@@ -435,19 +351,17 @@ class AggregatorService:
         deadline = time.monotonic() + self.s.round_timeout_s
         t0 = time.time()
         while time.monotonic() < deadline and not self._stop:
-            if self.buffer.version > self.version:  # a full buffer while draining
-                rows.append(self._async_applied({"round": self.round_number + 1, "selected": [], "outcome": "drain"},
-                                                self.round_number + 1, t0))
+            while (rec := self.coord.poll(time.time())) is not None:  # a full buffer while draining
+                rec.outcome, rec.selected = "drain", []
+                rows.append(self._async_applied(rec, t0))
             busy = [a for a, st in self.online.items() if st.state == AgentState.training]
             if not busy and time.monotonic() > grace_end:
                 break
             self._pump(min(deadline, time.monotonic() + 0.5))
-        self._async_closed = True
-        if self.buffer.pending:
-            log.info("async: applying %d updates that arrived after the last step", self.buffer.pending)
-            self.buffer.flush()
-            rows.append(self._async_applied({"round": self.round_number + 1, "selected": [], "outcome": "drain"},
-                                            self.round_number + 1, t0))
+        rec = self.coord.close()
+        if rec is not None:
+            log.info("async: applying %d updates that arrived after the last step", len(rec.applied))
+            rows.append(self._async_applied(rec, t0))
         return rows
 
     def run(self) -> None:
@@ -461,27 +375,27 @@ class AggregatorService:
             if self.s.metrics_port is not None:
                 self.metrics_server, _ = serve(self.metrics.registry, self.s.metrics_port, self.s.metrics_addr)
             self._connect()
-            if self.round_number == 0:
+            if self.coord.round_number == 0:
                 row = {"round": 0, "version": 0, **self._evaluate()}
                 self._record(row)
                 self._checkpoint(row)
                 log.info("round 0 (initial global): %s", _fmt(row))
-            self.metrics.current_round.set(self.round_number)
+            self.metrics.current_round.set(self.coord.round_number)
             self._publish_global(None, None)
             self._wait_for_agents()
-            while self.round_number < self.s.rounds:
-                row = self._run_round() if self.buffer is None else self._run_async_step()
-                self._record(row)
-            self._announce(Round(self.round_number, (), time.time(), self.version, 0, {}), final=True)
-            if self.buffer is not None:
+            is_async = isinstance(self.coord, AsyncCoordinator)
+            while self.coord.round_number < self.s.rounds:
+                self._record(self._run_async_step() if is_async else self._run_round())
+            self._announce_final()
+            if is_async:
                 rows = self._drain_async()
                 for row in rows:
                     self._record(row)
                 if rows:
-                    self._announce(Round(self.round_number, (), time.time(), self.version, 0, {}), final=True)
-            log.info("done: %d rounds, global v%d in %s", self.round_number, self.version, self.out)
+                    self._announce_final()
+            log.info("done: %d rounds, global v%d in %s", self.coord.round_number, self.coord.version, self.out)
         except Stop:
-            log.info("stopping: the last checkpoint is round %d (v%d)", self.round_number, self.version)
+            log.info("stopping: the last checkpoint is round %d (v%d)", self.coord.round_number, self.coord.version)
         finally:
             if self.transport is not None:
                 self.transport.close()
@@ -494,14 +408,3 @@ class AggregatorService:
 
 def _fmt(row: dict) -> str:
     return ", ".join(f"{k} {row[k]:.4f}" for k in ("accuracy", "perplexity", "loss") if row.get(k) is not None)
-
-
-def _agent_row(meta: ModelUpdate) -> dict:
-    """Per-agent figures of an applied update, for metrics.jsonl."""
-    return {"num_examples": meta.num_examples, "train_loss": meta.train_loss, "train_seconds": meta.train_seconds,
-            "base_version": meta.base_version}
-
-
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from broker import activations, codec
+from broker.errors import TopicError, WireError
+from broker.messages import SplitForward, parse
 from models.split import lm_loss_per_sequence_group
 
 
@@ -40,6 +43,58 @@ class SplitReply:
     tokens: int
     server_step: int
     cached: bool = False
+
+
+class BadSplitRequest(WireError):
+    reason = "bad_tensors"
+
+
+def decode_split_request(agent_id: str, payload: bytes, *, max_bytes: int, hidden: int | None, max_tokens: int,
+                         correlation: bytes | None, response_topic: str) -> SplitRequest:
+    """A split forward frame from `agent_id`'s topic as a SplitRequest; raises WireError (reason
+    bad_topic, bad_tensors, or the codec's) or activations.EncodingError for anything malformed."""
+    frame = codec.decode(payload, max_size=max_bytes)
+    msg = parse(frame.header, SplitForward)
+    if msg.agent_id != agent_id:
+        raise TopicError(f"activations claim {msg.agent_id} but came on {agent_id}'s topic")
+    act = activations.decode(frame.tensors, msg.encoding, "act")
+    mask = frame.tensors.get("attention_mask")
+    labels = frame.tensors.get("labels")
+    if (act.dim() != 3 or mask is None or labels is None or tuple(mask.shape) != tuple(act.shape[:2])
+            or tuple(labels.shape) != tuple(act.shape[:2]) or labels.dtype != torch.int64
+            or (hidden and act.shape[-1] != hidden) or act.shape[0] * act.shape[1] > max_tokens):
+        raise BadSplitRequest(f"split request from {agent_id}: shapes {tuple(act.shape)} do not fit")
+    return SplitRequest(agent_id, msg.step, act, mask, labels, correlation, response_topic, msg.encoding)
+
+
+class SplitBatcher:
+    """When to serve split requests: gather them until every agent the round still waits for has
+    one queued, or until `window_s` after the first one arrived; then they are one micro-batch
+    set. Pure: the driver gives the time."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._queue: list[SplitRequest] = []
+        self._first: float | None = None
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, req: SplitRequest, now: float | None = None) -> None:
+        if not self._queue:
+            self._first = req.received if now is None else now
+        self._queue.append(req)
+
+    def ready(self, waiting_for: int, now: float) -> bool:
+        agents = len({r.agent_id for r in self._queue})
+        return not self._queue or agents >= waiting_for or now >= self._first + self.window_s
+
+    def wait_s(self, now: float) -> float:
+        return 0.0 if self._first is None else max(0.0, self._first + self.window_s - now)
+
+    def take(self) -> list[SplitRequest]:
+        batch, self._queue, self._first = self._queue, [], None
+        return batch
 
 
 class SplitServer:

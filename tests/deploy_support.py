@@ -129,6 +129,8 @@ class Prometheus:
             with urllib.request.urlopen(url, timeout=5) as r:
                 body = json.load(r)
         except urllib.error.HTTPError as e:
+            if e.code == 503:
+                return None  # up, but its storage is still starting (slow on a loaded machine)
             pytest.fail(f"Prometheus refused {expr!r}: {e.read().decode()}")
         except OSError:
             return None  # not up yet
