@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import report
-from broker.local import start_mosquitto
+from edgetune.local_broker import start_mosquitto
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker.local import LocalBroker, start_local_broker
+from edgetune.local_broker import LocalBroker, start_local_broker
 
 
 @dataclass

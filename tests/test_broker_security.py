@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from broker import codec
-from broker.local import SecureBroker, start_secure_mosquitto
+from edgetune.local_broker import SecureBroker, start_secure_mosquitto
 from broker.messages import ModelUpdate, parse
 from broker.topics import Topics
 from broker.transport import BrokerError, MqttTransport
@@ -158,7 +158,7 @@ def test_tls_with_the_ca_works(broker, clients):
 
 
 def test_tls_with_a_wrong_ca_fails(broker, clients, tmp_path):
-    from broker.tls import make_test_certs
+    from edgetune.dev_tls import make_test_certs
 
     other = make_test_certs(tmp_path / "other-ca")  # a CA that did not sign the broker's certificate
     with pytest.raises(BrokerError):

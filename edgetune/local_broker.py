@@ -20,7 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CONF = Path(__file__).resolve().parent / "mosquitto.conf"
+import broker
+
+CONF = Path(broker.__file__).resolve().parent / "mosquitto.conf"
 
 
 class BrokerUnavailable(RuntimeError):
@@ -136,7 +138,7 @@ def start_amqtt(port: int | None = None, workdir: Path | None = None, timeout: f
     workdir = Path(workdir or tempfile.mkdtemp(prefix="edgetune-amqtt-"))
     port = port or free_port()
     log = workdir / "amqtt.log"
-    proc = subprocess.Popen([sys.executable, "-m", "broker.local", "--amqtt", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "edgetune.local_broker", "--amqtt", str(port)],
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT)
     _wait_port(port, proc, timeout, log)
     return LocalBroker(port, proc, "amqtt", workdir, None, log, owned)
@@ -181,7 +183,7 @@ if __name__ == "__main__":  # pragma: no cover
 
 # -- the secure broker: passwords, ACL, TLS (broker/mosquitto-secure.conf) --------------------
 
-SECURE_CONF = Path(__file__).resolve().parent / "mosquitto-secure.conf"
+SECURE_CONF = Path(broker.__file__).resolve().parent / "mosquitto-secure.conf"
 
 
 @dataclass
@@ -266,7 +268,7 @@ def start_secure_mosquitto(workdir: Path, users: dict[str, str], acl_text: str, 
                            timeout: float = 10) -> SecureBroker:
     """Mosquitto with mosquitto-secure.conf on free loopback ports: `users` (name -> password)
     in a password file, `acl_text` as the ACL (deploy/mosquitto/acl is the project's), and with
-    tls a test CA and server certificate (broker.tls) for `hosts` in workdir/certs."""
+    tls a test CA and server certificate (edgetune.dev_tls) for `hosts` in workdir/certs."""
     binary = mosquitto_binary()
     if binary is None:
         raise BrokerUnavailable(
@@ -280,7 +282,7 @@ def start_secure_mosquitto(workdir: Path, users: dict[str, str], acl_text: str, 
     acl.chmod(0o600)
     certs = None
     if tls:
-        from broker.tls import make_test_certs
+        from edgetune.dev_tls import make_test_certs
 
         certs = make_test_certs(workdir / "certs", hosts)
         tls_port = tls_port or free_port()
