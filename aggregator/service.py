@@ -27,10 +27,10 @@ from broker import activations, codec
 from broker.errors import WireError
 from broker.messages import (AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement, SplitForward,
                              SplitGradient, parse)
-from broker.settings import dump_settings
-from broker.metrics_http import linger
 from broker.topics import Topics
 from broker.transport import Incoming, MqttTransport
+from common.metrics_http import linger
+from common.settings import dump_settings
 from models.classifier import AdapterMismatch, check_adapter_state, set_threads
 
 log = logging.getLogger("edgetune.aggregator")

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from aggregator.settings import AggregatorSettings
-from broker.settings import SettingsError, dump_settings, load_settings
+from common.settings import SettingsError, dump_settings, load_settings
 from edge_agent.settings import AgentSettings
 
 
