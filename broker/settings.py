@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from broker.topics import Topics
-from broker.transport import BrokerAddress
+from broker.transport import DEFAULT_MAX_PACKET_BYTES, MAX_PACKET_BYTES, MIN_PACKET_BYTES, BrokerAddress
 
 
 class ConnectionSettings(BaseModel):
@@ -19,6 +19,10 @@ class ConnectionSettings(BaseModel):
     mqtt_password: SecretStr | None = None
     ca_file: str | None = Field(None, description="CA certificate for mqtts://")
     mqtt_protocol: int = Field(5, ge=4, le=5, description="5 (MQTT 5) or 4 (MQTT 3.1.1, for brokers without 5)")
+    max_packet_bytes: int = Field(
+        DEFAULT_MAX_PACKET_BYTES, ge=MIN_PACKET_BYTES, le=MAX_PACKET_BYTES,
+        description="the broker's largest packet (mosquitto.conf max_packet_size): larger frames travel in "
+                    "chunks, a larger retained message is refused")
 
     @field_validator("broker_url")
     @classmethod

@@ -75,3 +75,26 @@ def test_unreachable_broker_says_what_to_check():
     t = MqttTransport("nobody", f"mqtt://127.0.0.1:{port}")
     with pytest.raises(BrokerError, match="EDGETUNE_BROKER_URL"):
         t.connect(timeout=2)
+
+
+def test_chunks_reassemble_under_the_packet_limit():
+    from broker.transport import PACKET_HEADROOM, Reassembler, max_payload_for, split_chunks
+
+    limit = 256 * 1024
+    assert max_payload_for(limit) == limit - PACKET_HEADROOM
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    chunks = split_chunks(payload, max_payload_for(limit))
+    assert len(chunks) == 6 and all(len(c) <= max_payload_for(limit) for c in chunks)
+    r = Reassembler()
+    assert [r.add("t", c) for c in chunks[:-1]] == [None] * 5
+    assert r.add("t", chunks[-1]) == payload
+    assert split_chunks(b"small", max_payload_for(limit)) == [b"small"]
+
+
+def test_the_packet_limit_is_checked():
+    t = MqttTransport("limits", "mqtt://127.0.0.1:1", max_packet_bytes=256 * 1024)
+    assert t.max_payload == 256 * 1024 - 64 * 1024
+    with pytest.raises(ValueError, match="a retained message must fit in one packet"):
+        t.publish("edgetune/v1/x/global", b"x" * (t.max_payload + 1), retain=True)
+    with pytest.raises(ValueError, match="EDGETUNE_MAX_PACKET_BYTES"):
+        MqttTransport("tiny", "mqtt://127.0.0.1:1", max_packet_bytes=1000)
