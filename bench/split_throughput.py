@@ -2,7 +2,7 @@
 
 Everything runs on this machine in one run:
 
-- a Mosquitto (edgetune.local_broker.start_mosquitto, the project's mosquitto.conf) on a loopback port;
+- a Mosquitto (edgetune.local_broker.start_mosquitto, the project's config) on a loopback port;
 - the server: the aggregator's own split path, AggregatorService._pump -> _handle_split
   (frame decode, checks) -> _serve_split (batch window, SplitServer micro-batches, gradient
   frames published with the request's correlation), in a thread of this process; only the

@@ -21,7 +21,8 @@ class ConnectionSettings(BaseModel):
     mqtt_protocol: int = Field(5, ge=4, le=5, description="5 (MQTT 5) or 4 (MQTT 3.1.1, for brokers without 5)")
     max_packet_bytes: int = Field(
         DEFAULT_MAX_PACKET_BYTES, ge=MIN_PACKET_BYTES, le=MAX_PACKET_BYTES,
-        description="the broker's largest packet (mosquitto.conf max_packet_size): larger frames travel in "
+        description="the broker's largest packet (mosquitto.conf max_packet_size; `python -m "
+                    "broker.mosquitto_conf render --max-packet-bytes N` writes it): larger frames travel in "
                     "chunks, a larger retained message is refused")
 
     @field_validator("broker_url")

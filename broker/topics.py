@@ -8,7 +8,7 @@
     edgetune/v1/<fleet>/agents/<agent>/split/grad split-learning gradients (response)
 
 `Topics.parse(topic)` reads one back: a `ParsedTopic` of a `TopicKind` and the agent id, or a
-TopicError for anything else. The ACL (deploy/mosquitto/acl) relies on every
+TopicError for anything else. The ACL (broker.mosquitto_conf.render_acl) relies on every
 per-agent topic living under `agents/<agent>/`.
 """
 

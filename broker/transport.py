@@ -28,8 +28,8 @@ from paho.mqtt.properties import Properties
 log = logging.getLogger(__name__)
 
 
-# The broker's packet limit (mosquitto.conf max_packet_size): one setting, EDGETUNE_MAX_PACKET_BYTES
-# (broker.settings.ConnectionSettings), that the transport reads.
+# The broker's packet limit: one setting, EDGETUNE_MAX_PACKET_BYTES (broker.settings.ConnectionSettings),
+# that the transport reads and broker.mosquitto_conf writes into mosquitto.conf as max_packet_size.
 DEFAULT_MAX_PACKET_BYTES = 4 * 1024 * 1024
 PACKET_HEADROOM = 64 * 1024  # what a packet needs besides the payload: header, topic, properties
 MIN_PACKET_BYTES = 2 * PACKET_HEADROOM

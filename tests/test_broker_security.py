@@ -1,5 +1,5 @@
-"""The project's secure broker config (broker/mosquitto-secure.conf) in a real Mosquitto, seen
-through the project's own transport: who may connect, who may write where, and TLS.
+"""The project's secure broker config (broker.mosquitto_conf, target secure) in a real Mosquitto,
+seen through the project's own transport: who may connect, who may write where, and TLS.
 
 The ACL is the production one (deploy/mosquitto/acl); tests/test_deploy_docker_compose.py
 checks it rule by rule with the compose config, this file checks that the secure config

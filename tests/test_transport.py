@@ -98,3 +98,43 @@ def test_the_packet_limit_is_checked():
         t.publish("edgetune/v1/x/global", b"x" * (t.max_payload + 1), retain=True)
     with pytest.raises(ValueError, match="EDGETUNE_MAX_PACKET_BYTES"):
         MqttTransport("tiny", "mqtt://127.0.0.1:1", max_packet_bytes=1000)
+
+
+def test_the_packet_limit_reaches_the_broker_and_the_transport(tmp_path):
+    """One number, EDGETUNE_MAX_PACKET_BYTES: the local broker's max_packet_size and the
+    transport's chunking. A sender with the broker's limit gets a 1 MB frame through a 256 KiB
+    broker in chunks; one that assumes a larger limit sends a packet the broker refuses."""
+    import os
+
+    from edgetune.local_broker import start_mosquitto
+
+    limit = 256 * 1024
+    broker = start_mosquitto(workdir=tmp_path / "mosquitto", max_packet_bytes=limit)
+    made = []
+    try:
+        assert f"\nmax_packet_size {limit}\n" in broker.conf.read_text()
+        topic = Topics("limit").update("a1")
+        sub = MqttTransport("limit-sub", broker.url, max_packet_bytes=limit)
+        made.append(sub)
+        sub.subscribe(topic)
+        sub.connect()
+        pub = MqttTransport("limit-pub", broker.url, max_packet_bytes=limit)
+        made.append(pub)
+        pub.connect()
+        payload = os.urandom(1_000_000)
+        pub.publish(topic, payload, wait=True)
+        assert _recv(sub, topic, timeout=10).payload == payload
+
+        unaware = MqttTransport("limit-unaware", broker.url)  # the default 4 MiB, above this broker's
+        made.append(unaware)
+        unaware.connect()
+        unaware.publish(topic, payload)
+        assert sub.get(timeout=2) is None, "the broker passed on a packet above its max_packet_size"
+        deadline = time.monotonic() + 10
+        while "limit-unaware disconnected due to oversize packet" not in broker.log.read_text():
+            assert time.monotonic() < deadline, f"the broker did not refuse the packet:\n{broker.log.read_text()}"
+            time.sleep(0.1)
+    finally:
+        for t in made:
+            t.close()
+        broker.close()
