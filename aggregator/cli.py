@@ -32,8 +32,8 @@ def run(
     metrics_port: Optional[int] = typer.Option(None),
 ) -> None:
     """Run federated rounds until --rounds are done (Ctrl-C stops cleanly after a checkpoint)."""
-    from broker.settings import SettingsError, load_settings
-    from edgetune.logs import setup_logging
+    from common.logs import setup_logging
+    from common.settings import SettingsError, load_settings
 
     from aggregator.settings import AggregatorSettings
 

@@ -26,10 +26,10 @@ from aggregator.tasks import make_task
 from broker import activations, codec
 from broker.errors import WireError
 from broker.messages import AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement, SplitGradient, parse
-from broker.settings import dump_settings
-from broker.metrics_http import linger
-from broker.topics import Topics
+from broker.topics import Topics, TopicKind
 from broker.transport import Incoming, MqttTransport
+from common.metrics_http import linger
+from common.settings import dump_settings
 from models.classifier import set_threads
 
 log = logging.getLogger("edgetune.aggregator")
@@ -85,6 +85,7 @@ class AggregatorService:
             ca_file=self.s.ca_file,
             protocol=self.s.mqtt_protocol,
             persistent_session=True,
+            max_packet_bytes=self.s.max_packet_bytes,
             on_state=lambda up: self.metrics.broker_connected.set(1 if up else 0),
         )
         t.subscribe(self.topics.all_status)
@@ -103,17 +104,17 @@ class AggregatorService:
 
     def _handle(self, m: Incoming) -> None:
         try:
-            agent, rest = self.topics.parse_agent_topic(m.topic)
+            t = self.topics.parse(m.topic)
         except WireError as e:
             return self._reject(e.reason, str(e))
-        if rest == "status":
-            self._handle_status(agent, m)
-        elif rest == "update":
+        if t.kind is TopicKind.status:
+            self._handle_status(t.agent_id, m)
+        elif t.kind is TopicKind.update:
             self.metrics.update_bytes_received.inc(len(m.payload))
-            self._handle_update(agent, m)
-        elif rest == "split/fwd" and self.s.mode == "split":
+            self._handle_update(t.agent_id, m)
+        elif t.kind is TopicKind.split_forward and self.s.mode == "split":
             self.metrics.activation_bytes.inc(len(m.payload))
-            self._handle_split(agent, m)
+            self._handle_split(t.agent_id, m)
         else:
             self._reject("bad_topic", f"nothing is expected on {m.topic}")
 

@@ -1,4 +1,4 @@
-"""The aggregator's settings (EDGETUNE_ prefix; see broker.settings for the loader)."""
+"""The aggregator's settings (EDGETUNE_ prefix; see common.settings for the loader)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from broker.settings import ConnectionSettings, EdgeTuneSettings
+from broker.settings import ConnectionSettings
+from common.settings import EdgeTuneSettings, ProcessSettings
 from models.settings import DecoderSettings, ModelSettings
 
 
-class AggregatorSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings, DecoderSettings):
+class AggregatorSettings(EdgeTuneSettings, ConnectionSettings, ProcessSettings, ModelSettings, DecoderSettings):
     mode: Literal["federated", "split"] = Field("federated", description="federated classifier or split decoder")
     rounds: int = Field(5, ge=1, description="federated rounds to run")
     min_agents: int = Field(1, ge=1, description="quorum: a round needs this many updates")

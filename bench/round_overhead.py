@@ -2,7 +2,7 @@
 
 N light agents (edge_agent.light: the real protocol, synthetic adapters, no model; up to
 --per-process agents as threads in each of a few processes) against a real Mosquitto
-(broker/mosquitto.conf) and the real aggregator service as a subprocess (`python -m
+(broker.mosquitto_conf, target local) and the real aggregator service as a subprocess (`python -m
 aggregator.cli run`, MiniLM, evaluating each round on --eval-limit examples).
 
 A round's overhead is what the protocol and the aggregator add to the work itself:
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import report
-from broker.local import start_mosquitto
+from edgetune.local_broker import start_mosquitto
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 
 Everything runs on this machine in one run:
 
-- a Mosquitto (broker.local.start_mosquitto, the project's mosquitto.conf) on a loopback port;
+- a Mosquitto (edgetune.local_broker.start_mosquitto, the project's config) on a loopback port;
 - the server: the aggregator's own split path, AggregatorService._pump -> _handle_split
   (frame decode, checks) -> _serve_split (batch window, SplitServer micro-batches, gradient
   frames published with the request's correlation), in a thread of this process; only the
@@ -293,7 +293,7 @@ def main() -> None:
     load0 = os.getloadavg()
 
     from bench.common import report
-    from broker.local import start_mosquitto
+    from edgetune.local_broker import start_mosquitto
 
     B, T, C, cut = args.batch, args.seq, args.n_embd, args.cut
     cen = Centralized(a)

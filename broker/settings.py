@@ -1,25 +1,15 @@
-"""Settings shared by both sides: how to reach the broker, and the loader every CLI uses.
+"""How to reach the broker: the wire's part of both sides' settings.
 
-Settings are built once, in a CLI, from (highest first) command-line options, the environment
-(prefix EDGETUNE_) and an optional JSON/TOML/YAML file, then passed down.
+Each side's settings class (pydantic-settings, prefix EDGETUNE_, loaded by common.settings)
+takes these fields along with its own.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any, TypeVar
-
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
-from pydantic_settings import SettingsError as PydanticSettingsError
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from broker.topics import Topics
-from broker.transport import BrokerAddress
-
-
-class SettingsError(ValueError):
-    """A setting is missing or wrong; the message names the field and its variable."""
+from broker.transport import DEFAULT_MAX_PACKET_BYTES, MAX_PACKET_BYTES, MIN_PACKET_BYTES, BrokerAddress
 
 
 class ConnectionSettings(BaseModel):
@@ -29,12 +19,11 @@ class ConnectionSettings(BaseModel):
     mqtt_password: SecretStr | None = None
     ca_file: str | None = Field(None, description="CA certificate for mqtts://")
     mqtt_protocol: int = Field(5, ge=4, le=5, description="5 (MQTT 5) or 4 (MQTT 3.1.1, for brokers without 5)")
-    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; unset: off")
-    metrics_addr: str = "0.0.0.0"
-    metrics_linger_s: float = Field(30, ge=0, description="keep /metrics up this long after the run ends, "
-                                    "so that Prometheus scrapes the last round (SIGTERM ends it early)")
-    log_level: str = "INFO"
-    threads: int = Field(0, ge=0, description="torch threads (0: torch's default)")
+    max_packet_bytes: int = Field(
+        DEFAULT_MAX_PACKET_BYTES, ge=MIN_PACKET_BYTES, le=MAX_PACKET_BYTES,
+        description="the broker's largest packet (mosquitto.conf max_packet_size; `python -m "
+                    "broker.mosquitto_conf render --max-packet-bytes N` writes it): larger frames travel in "
+                    "chunks, a larger retained message is refused")
 
     @field_validator("broker_url")
     @classmethod
@@ -50,70 +39,3 @@ class ConnectionSettings(BaseModel):
 
     def password(self) -> str | None:
         return self.mqtt_password.get_secret_value() if self.mqtt_password else None
-
-
-class EdgeTuneSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EDGETUNE_", extra="forbid", validate_default=True)
-
-
-S = TypeVar("S", bound=EdgeTuneSettings)
-
-
-def _read_file(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise SettingsError(f"settings file {path} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        elif path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            raise SettingsError(f"settings file {path}: use .json, .toml or .yaml")
-    except SettingsError:
-        raise
-    except Exception as e:
-        raise SettingsError(f"settings file {path} is not valid {path.suffix[1:]}: {e}") from None
-    if not isinstance(data, dict):
-        raise SettingsError(f"settings file {path} must hold a mapping of setting names to values")
-    return data
-
-
-def load_settings(cls: type[S], config_file: str | Path | None = None, **overrides: Any) -> S:
-    """Command-line overrides (None = not given) > environment > file > defaults."""
-    file_values = _read_file(Path(config_file)) if config_file else {}
-
-    class _WithFile(cls):  # type: ignore[misc, valid-type]
-        @classmethod
-        def settings_customise_sources(cls_, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
-            from pydantic_settings import InitSettingsSource
-
-            return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=file_values))
-
-    _WithFile.__name__ = cls.__name__
-    try:
-        return _WithFile(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            field = ".".join(str(p) for p in err["loc"])
-            where = f"{field} (EDGETUNE_{field.upper()})" if field else "settings"
-            lines.append(f"  {where}: {err['msg']}")
-        raise SettingsError(f"invalid {cls.__name__}:\n" + "\n".join(lines)) from None
-    except PydanticSettingsError as e:  # e.g. a JSON setting in the environment that is not JSON
-        raise SettingsError(f"invalid {cls.__name__}: {e} (give JSON, e.g. EDGETUNE_STRATEGY_OPTIONS='{{\"bound\": 0.5}}')") from None
-
-
-def dump_settings(settings: BaseSettings, path: Path) -> None:
-    """Write the effective settings (secrets masked) beside a run's metrics."""
-    data = settings.model_dump(mode="json")
-    for k, v in list(data.items()):
-        if "password" in k and v:
-            data[k] = "**********"
-    path.write_text(json.dumps(data, indent=2, sort_keys=True))

@@ -7,14 +7,16 @@
     edgetune/v1/<fleet>/agents/<agent>/split/fwd split-learning activations (request)
     edgetune/v1/<fleet>/agents/<agent>/split/grad split-learning gradients (response)
 
-The ACL (deploy/ and broker/mosquitto.acl) relies on every per-agent topic living under
-`agents/<agent>/`.
+`Topics.parse(topic)` reads one back: a `ParsedTopic` of a `TopicKind` and the agent id, or a
+TopicError for anything else. The ACL (broker.mosquitto_conf.render_acl) relies on every
+per-agent topic living under `agents/<agent>/`.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import Enum
 
 from broker.errors import TopicError
 
@@ -30,6 +32,27 @@ def _check_segment(value: str, what: str) -> str:
             "(at most 64, starting with a letter or digit)"
         )
     return value
+
+
+class TopicKind(str, Enum):
+    round = "round"
+    global_adapter = "global_adapter"
+    status = "status"
+    update = "update"
+    split_forward = "split_forward"
+    split_gradient = "split_gradient"
+
+
+# the topic below the fleet's base, or below agents/<agent>/, of each kind
+_FLEET_SUFFIX = {"round": TopicKind.round, "global": TopicKind.global_adapter}
+_AGENT_SUFFIX = {"status": TopicKind.status, "update": TopicKind.update,
+                 "split/fwd": TopicKind.split_forward, "split/grad": TopicKind.split_gradient}
+
+
+@dataclass(frozen=True)
+class ParsedTopic:
+    kind: TopicKind
+    agent_id: str | None = None  # None for the fleet's round and global topics
 
 
 @dataclass(frozen=True)
@@ -79,12 +102,21 @@ class Topics:
     def all_split_forward(self) -> str:
         return f"{self.base}/agents/+/split/fwd"
 
-    def parse_agent_topic(self, topic: str) -> tuple[str, str]:
-        """`.../agents/<agent>/<rest>` -> (agent, rest). Raises TopicError otherwise."""
-        prefix = f"{self.base}/agents/"
+    def parse(self, topic: str) -> ParsedTopic:
+        """What a topic of this fleet is, and whose. Raises TopicError for another fleet's topic,
+        an invalid agent segment, or a topic that is none of the kinds."""
+        prefix = f"{self.base}/"
         if not topic.startswith(prefix):
-            raise TopicError(f"topic {topic!r} is not an agent topic of fleet {self.fleet!r}")
-        agent, _, rest = topic[len(prefix) :].partition("/")
-        if not _SEGMENT.match(agent) or not rest:
-            raise TopicError(f"topic {topic!r} has no valid agent segment")
-        return agent, rest
+            raise TopicError(f"topic {topic!r} is not in fleet {self.fleet!r} ({prefix}...)")
+        rest = topic[len(prefix) :]
+        if rest in _FLEET_SUFFIX:
+            return ParsedTopic(_FLEET_SUFFIX[rest])
+        group, _, rest = rest.partition("/")
+        if group == "agents":
+            agent, _, suffix = rest.partition("/")
+            if not _SEGMENT.match(agent):
+                raise TopicError(f"topic {topic!r} has no valid agent segment")
+            if suffix in _AGENT_SUFFIX:
+                return ParsedTopic(_AGENT_SUFFIX[suffix], agent)
+        raise TopicError(f"nothing is expected on topic {topic!r}: expected {self.base}/round, /global or "
+                         f"/agents/<agent>/{{{','.join(_AGENT_SUFFIX)}}}")

@@ -28,14 +28,28 @@ from paho.mqtt.properties import Properties
 log = logging.getLogger(__name__)
 
 
+# The broker's packet limit: one setting, EDGETUNE_MAX_PACKET_BYTES (broker.settings.ConnectionSettings),
+# that the transport reads and broker.mosquitto_conf writes into mosquitto.conf as max_packet_size.
+DEFAULT_MAX_PACKET_BYTES = 4 * 1024 * 1024
+PACKET_HEADROOM = 64 * 1024  # what a packet needs besides the payload: header, topic, properties
+MIN_PACKET_BYTES = 2 * PACKET_HEADROOM
+MAX_PACKET_BYTES = 268_435_455  # MQTT's largest remaining length
+
 # Frames above the broker's max_packet_size travel as chunks: b"ETK\0", a 16-byte message id,
 # index and count (u32), the whole length (u64), then the bytes. The receiver reassembles them
 # before anything else sees the frame, whose own sha256 then checks the whole.
 CHUNK_MAGIC = b"ETK\x00"
 _CHUNK = struct.Struct(">4s16sIIQ")
-DEFAULT_MAX_PAYLOAD = 4 * 1024 * 1024 - 64 * 1024  # under mosquitto.conf's max_packet_size
 MAX_PENDING_CHUNK_BYTES = 512 * 1024 * 1024
 CHUNK_TTL_S = 120.0
+
+
+def max_payload_for(max_packet_bytes: int) -> int:
+    """The largest payload sent as one packet under a broker limit of max_packet_bytes."""
+    if not MIN_PACKET_BYTES <= max_packet_bytes <= MAX_PACKET_BYTES:
+        raise ValueError(f"max packet size {max_packet_bytes} bytes: give {MIN_PACKET_BYTES} to {MAX_PACKET_BYTES} "
+                         "(EDGETUNE_MAX_PACKET_BYTES, the broker's max_packet_size)")
+    return max_packet_bytes - PACKET_HEADROOM
 
 
 def split_chunks(payload: bytes, max_payload: int) -> list[bytes]:
@@ -150,12 +164,14 @@ class MqttTransport:
         keepalive: int = 30,
         on_state: "callable | None" = None,
         protocol: int = 5,
-        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES,
     ) -> None:
         self.client_id = client_id
         self.address = BrokerAddress.parse(broker_url)
         self.inbox: queue.Queue[Incoming] = queue.Queue()
-        self.max_payload = max_payload
+        # payloads above max_payload travel in chunks; a retained one is refused (see publish)
+        self.max_packet_bytes = max_packet_bytes
+        self.max_payload = max_payload_for(max_packet_bytes)
         self._reassembler = Reassembler()
         self._waiting: dict[bytes, Future] = {}  # correlation -> Future of the reply
         self._waiting_lock = threading.Lock()
@@ -305,7 +321,8 @@ class MqttTransport:
                 props.ResponseTopic = response_topic
         chunks = split_chunks(payload, self.max_payload)
         if len(chunks) > 1 and retain:
-            raise ValueError(f"a retained message must fit in one packet ({len(payload)} > {self.max_payload} bytes)")
+            raise ValueError(f"a retained message must fit in one packet ({len(payload)} > {self.max_payload} bytes; "
+                             f"EDGETUNE_MAX_PACKET_BYTES is {self.max_packet_bytes})")
         for chunk in chunks:
             info = self._client.publish(topic, chunk, qos=qos, retain=retain, properties=props)
         if wait and qos > 0:

@@ -32,8 +32,8 @@ def run(
     metrics_port: Optional[int] = typer.Option(None),
 ) -> None:
     """Join the fleet and train in every round this agent is selected for."""
-    from broker.settings import SettingsError, load_settings
-    from edgetune.logs import setup_logging
+    from common.logs import setup_logging
+    from common.settings import SettingsError, load_settings
 
     from edge_agent.settings import AgentSettings
 
@@ -65,7 +65,7 @@ EXIT_STATE = 4  # no state dir, or no exported model in it yet
 
 
 def _local_settings(config: Optional[Path], state_dir: Optional[Path]):
-    from broker.settings import SettingsError, load_settings
+    from common.settings import SettingsError, load_settings
     from edge_agent.local_settings import LocalCommandSettings
 
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from broker.settings import EdgeTuneSettings
+from common.settings import EdgeTuneSettings
 
 STORE_FILE = "samples.db"
 MODELS_DIR = "models"

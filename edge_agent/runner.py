@@ -23,9 +23,9 @@ from broker import codec
 from broker.errors import WireError
 from broker.messages import (AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement, SplitForward,
                              SplitGradient, parse)
-from broker.metrics_http import linger
 from broker.topics import Topics
 from broker.transport import MqttTransport, Will
+from common.metrics_http import linger
 from data.partition import partition
 from data.sentiment import train_test_split
 from edge_agent import incremental

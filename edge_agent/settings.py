@@ -1,4 +1,4 @@
-"""The edge agent's settings (EDGETUNE_ prefix; see broker.settings for the loader)."""
+"""The edge agent's settings (EDGETUNE_ prefix; see common.settings for the loader)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from broker.messages import AGENT_ID_PATTERN
-from broker.settings import ConnectionSettings, EdgeTuneSettings
+from broker.settings import ConnectionSettings
+from common.settings import EdgeTuneSettings, ProcessSettings
 from data.partition import PARTITIONERS
 from edge_agent.local_settings import OnDeviceSettings
 from models.settings import DecoderSettings, ModelSettings
 
 
-class AgentSettings(EdgeTuneSettings, ConnectionSettings, ModelSettings, DecoderSettings, OnDeviceSettings):
+class AgentSettings(EdgeTuneSettings, ConnectionSettings, ProcessSettings, ModelSettings, DecoderSettings,
+                    OnDeviceSettings):
     mode: Literal["federated", "split"] = Field("federated", description="federated classifier or split decoder")
     agent_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0][:64], pattern=AGENT_ID_PATTERN)
     # where the demo agent's examples come from: one shard of the shipped data set

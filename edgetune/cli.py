@@ -52,7 +52,7 @@ def run(
     if partition not in PARTITIONERS:
         typer.echo(f"error: --partition {partition!r}: choose one of {', '.join(PARTITIONERS)}", err=True)
         raise typer.Exit(2)
-    from broker.local import BrokerUnavailable
+    from edgetune.local_broker import BrokerUnavailable
     from edgetune.runner import RunOptions, run_local
 
     opts = RunOptions(agents=agents, rounds=rounds, local_epochs=local_epochs, max_local_steps=max_local_steps,

@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker.local import LocalBroker, start_local_broker
+from broker.transport import DEFAULT_MAX_PACKET_BYTES
+from edgetune.local_broker import LocalBroker, start_local_broker
 
 
 @dataclass
@@ -48,6 +49,7 @@ class RunOptions:
     split_cut: int = 2
     seq_len: int = 64
     split_batch_size: int = 8
+    max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES  # the embedded broker's and every process's
     extra_env: dict = field(default_factory=dict)
 
 
@@ -57,6 +59,7 @@ def _env(opts: RunOptions, broker_url: str, protocol: int) -> dict:
         "EDGETUNE_BROKER_URL": broker_url,
         "EDGETUNE_FLEET": opts.fleet,
         "EDGETUNE_MQTT_PROTOCOL": str(protocol),
+        "EDGETUNE_MAX_PACKET_BYTES": str(opts.max_packet_bytes),
         "EDGETUNE_THREADS": str(opts.threads_per_process),
         "OMP_NUM_THREADS": str(opts.threads_per_process),
         "HF_HUB_OFFLINE": "1",
@@ -149,7 +152,7 @@ def run_local(opts: RunOptions, echo=print) -> dict:
     if opts.broker_url:
         url, protocol = opts.broker_url, int(opts.extra_env.get("EDGETUNE_MQTT_PROTOCOL", 5))
     else:
-        broker = start_local_broker(out / "broker")
+        broker = start_local_broker(out / "broker", opts.max_packet_bytes)
         url, protocol = broker.url, broker.mqtt_protocol
         echo(f"broker: {broker.kind} on {url}")
     env = _env(opts, url, protocol)

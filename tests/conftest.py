@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.local import LocalBroker, start_mosquitto
+from edgetune.local_broker import LocalBroker, start_mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

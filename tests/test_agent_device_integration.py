@@ -21,7 +21,7 @@ import urllib.request
 import pytest
 
 from broker import codec
-from broker.local import free_port
+from edgetune.local_broker import free_port
 from broker.messages import ModelUpdate, parse
 from broker.topics import Topics
 from broker.transport import MqttTransport

@@ -1,5 +1,5 @@
-"""The project's secure broker config (broker/mosquitto-secure.conf) in a real Mosquitto, seen
-through the project's own transport: who may connect, who may write where, and TLS.
+"""The project's secure broker config (broker.mosquitto_conf, target secure) in a real Mosquitto,
+seen through the project's own transport: who may connect, who may write where, and TLS.
 
 The ACL is the production one (deploy/mosquitto/acl); tests/test_deploy_docker_compose.py
 checks it rule by rule with the compose config, this file checks that the secure config
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from broker import codec
-from broker.local import SecureBroker, start_secure_mosquitto
+from edgetune.local_broker import SecureBroker, start_secure_mosquitto
 from broker.messages import ModelUpdate, parse
 from broker.topics import Topics
 from broker.transport import BrokerError, MqttTransport
@@ -158,7 +158,7 @@ def test_tls_with_the_ca_works(broker, clients):
 
 
 def test_tls_with_a_wrong_ca_fails(broker, clients, tmp_path):
-    from broker.tls import make_test_certs
+    from edgetune.dev_tls import make_test_certs
 
     other = make_test_certs(tmp_path / "other-ca")  # a CA that did not sign the broker's certificate
     with pytest.raises(BrokerError):

@@ -107,9 +107,16 @@ def test_dockerfile_targets(target, base_arg, script, port):
 def test_dockerignore_keeps_the_context_small():
     lines = [x.strip() for x in (REPO / ".dockerignore").read_text().splitlines()]
     assert "*" in lines, ".dockerignore should allow-list what the image needs"
-    for needed in ("pyproject.toml", "broker/", "models/", "data/", "edge_agent/", "aggregator/", "edgetune/"):
+    # every package the wheel is built from (pyproject's packages.find include), so that a new
+    # one cannot be left out of the image
+    import tomllib
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = [pattern.rstrip("*") for pattern in include]
+    assert {"common", "broker", "models", "data", "edge_agent", "aggregator", "edgetune"} <= set(packages), packages
+    for needed in ("pyproject.toml", *(f"{pkg}/" for pkg in packages)):
         assert f"!{needed}" in lines, f"{needed} is not in the build context"
-    for pkg in ("broker", "models", "data", "edge_agent", "aggregator", "edgetune"):
+    for pkg in packages:
         assert (REPO / pkg).is_dir(), pkg
 
 

@@ -291,6 +291,24 @@ def test_mosquitto_config_matches_compose(chart):
     assert config_lines(cm["data"]["acl"]) == config_lines((MOSQUITTO_DIR / "acl").read_text())
 
 
+def test_the_packet_limit_is_one_value(chart, helm):
+    """maxPacketBytes is Mosquitto's max_packet_size and the aggregator's EDGETUNE_MAX_PACKET_BYTES
+    (the transport chunks above it); its default is the wire's."""
+    from broker.transport import DEFAULT_MAX_PACKET_BYTES
+
+    for values, expected in (({}, DEFAULT_MAX_PACKET_BYTES), ({"maxPacketBytes": 2097152}, 2097152)):
+        kinds = by_kind(manifests(render(chart, values)))
+        [cm] = [c for c in kinds["ConfigMap"] if c["metadata"]["name"].endswith("-mosquitto")]
+        assert f"max_packet_size {expected}" in config_lines(cm["data"]["mosquitto.conf"])
+        assert _settings(kinds)["EDGETUNE_MAX_PACKET_BYTES"] == str(expected)
+    # with an external broker the aggregator still gets it (that broker's limit)
+    kinds = by_kind(manifests(render(chart, {**SCENARIOS["external-broker"], "maxPacketBytes": 1048576})))
+    assert _settings(kinds)["EDGETUNE_MAX_PACKET_BYTES"] == "1048576"
+    # the value's old name would silently set only the broker: the chart says where it went
+    with pytest.raises(helm.HelmError, match="maxPacketBytes"):
+        render(chart, {"mosquitto": {"maxPacketSize": 2097152}})
+
+
 def test_service_monitor(chart):
     kinds = by_kind(manifests(render(chart, SCENARIOS["service-monitor"])))
     [sm] = kinds["ServiceMonitor"]

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from broker import codec
-from broker.local import free_port
+from edgetune.local_broker import free_port
 from broker.messages import AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement, parse
 from broker.topics import Topics
 from broker.transport import MqttTransport

@@ -21,7 +21,7 @@ FLEET = "itest"
 
 @pytest.fixture(scope="module")
 def fed_run(tmp_path_factory):
-    from broker.local import start_mosquitto
+    from edgetune.local_broker import start_mosquitto
 
     tmp = tmp_path_factory.mktemp("fed")
     broker = start_mosquitto(workdir=tmp / "mosquitto")

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from aggregator.settings import AggregatorSettings
-from broker.settings import SettingsError, dump_settings, load_settings
+from common.settings import SettingsError, dump_settings, load_settings
 from edge_agent.settings import AgentSettings
 
 
@@ -34,6 +34,7 @@ def test_toml_and_yaml_files(tmp_path):
         (AgentSettings, {"partition": "nope"}, "partition"),
         (AgentSettings, {"agent_id": "bad id!"}, "agent_id"),
         (AgentSettings, {"num_partitions": 2, "partition_index": 2}, "partition_index"),
+        (AgentSettings, {"max_packet_bytes": 1000}, "max_packet_bytes"),
     ],
 )
 def test_errors_name_the_bad_field(cls, kwargs, field):
@@ -62,3 +63,12 @@ def test_effective_settings_are_written_with_secrets_masked(tmp_path):
     data = json.loads((tmp_path / "settings.json").read_text())
     assert data["agent_id"] == "kiosk-17"
     assert "hunter2" not in (tmp_path / "settings.json").read_text()
+
+
+def test_the_packet_limit_is_one_setting_of_both_sides(monkeypatch):
+    from broker.transport import DEFAULT_MAX_PACKET_BYTES
+
+    assert load_settings(AggregatorSettings).max_packet_bytes == DEFAULT_MAX_PACKET_BYTES == 4 * 1024 * 1024
+    monkeypatch.setenv("EDGETUNE_MAX_PACKET_BYTES", "2097152")
+    assert load_settings(AggregatorSettings).max_packet_bytes == 2097152
+    assert load_settings(AgentSettings, agent_id="a1").max_packet_bytes == 2097152

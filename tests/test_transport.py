@@ -75,3 +75,66 @@ def test_unreachable_broker_says_what_to_check():
     t = MqttTransport("nobody", f"mqtt://127.0.0.1:{port}")
     with pytest.raises(BrokerError, match="EDGETUNE_BROKER_URL"):
         t.connect(timeout=2)
+
+
+def test_chunks_reassemble_under_the_packet_limit():
+    from broker.transport import PACKET_HEADROOM, Reassembler, max_payload_for, split_chunks
+
+    limit = 256 * 1024
+    assert max_payload_for(limit) == limit - PACKET_HEADROOM
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    chunks = split_chunks(payload, max_payload_for(limit))
+    assert len(chunks) == 6 and all(len(c) <= max_payload_for(limit) for c in chunks)
+    r = Reassembler()
+    assert [r.add("t", c) for c in chunks[:-1]] == [None] * 5
+    assert r.add("t", chunks[-1]) == payload
+    assert split_chunks(b"small", max_payload_for(limit)) == [b"small"]
+
+
+def test_the_packet_limit_is_checked():
+    t = MqttTransport("limits", "mqtt://127.0.0.1:1", max_packet_bytes=256 * 1024)
+    assert t.max_payload == 256 * 1024 - 64 * 1024
+    with pytest.raises(ValueError, match="a retained message must fit in one packet"):
+        t.publish("edgetune/v1/x/global", b"x" * (t.max_payload + 1), retain=True)
+    with pytest.raises(ValueError, match="EDGETUNE_MAX_PACKET_BYTES"):
+        MqttTransport("tiny", "mqtt://127.0.0.1:1", max_packet_bytes=1000)
+
+
+def test_the_packet_limit_reaches_the_broker_and_the_transport(tmp_path):
+    """One number, EDGETUNE_MAX_PACKET_BYTES: the local broker's max_packet_size and the
+    transport's chunking. A sender with the broker's limit gets a 1 MB frame through a 256 KiB
+    broker in chunks; one that assumes a larger limit sends a packet the broker refuses."""
+    import os
+
+    from edgetune.local_broker import start_mosquitto
+
+    limit = 256 * 1024
+    broker = start_mosquitto(workdir=tmp_path / "mosquitto", max_packet_bytes=limit)
+    made = []
+    try:
+        assert f"\nmax_packet_size {limit}\n" in broker.conf.read_text()
+        topic = Topics("limit").update("a1")
+        sub = MqttTransport("limit-sub", broker.url, max_packet_bytes=limit)
+        made.append(sub)
+        sub.subscribe(topic)
+        sub.connect()
+        pub = MqttTransport("limit-pub", broker.url, max_packet_bytes=limit)
+        made.append(pub)
+        pub.connect()
+        payload = os.urandom(1_000_000)
+        pub.publish(topic, payload, wait=True)
+        assert _recv(sub, topic, timeout=10).payload == payload
+
+        unaware = MqttTransport("limit-unaware", broker.url)  # the default 4 MiB, above this broker's
+        made.append(unaware)
+        unaware.connect()
+        unaware.publish(topic, payload)
+        assert sub.get(timeout=2) is None, "the broker passed on a packet above its max_packet_size"
+        deadline = time.monotonic() + 10
+        while "limit-unaware disconnected due to oversize packet" not in broker.log.read_text():
+            assert time.monotonic() < deadline, f"the broker did not refuse the packet:\n{broker.log.read_text()}"
+            time.sleep(0.1)
+    finally:
+        for t in made:
+            t.close()
+        broker.close()

@@ -90,6 +90,17 @@ app.kubernetes.io/component: mosquitto
 {{- end }}
 {{- end }}
 
+{{/*
+The broker's packet limit (maxPacketBytes): Mosquitto's max_packet_size and the aggregator's
+EDGETUNE_MAX_PACKET_BYTES, so that the two cannot differ.
+*/}}
+{{- define "edgetune.maxPacketBytes" -}}
+{{- if hasKey .Values.mosquitto "maxPacketSize" }}
+{{- fail "mosquitto.maxPacketSize is now maxPacketBytes (top level): it sets the aggregator's EDGETUNE_MAX_PACKET_BYTES too" }}
+{{- end }}
+{{- int .Values.maxPacketBytes }}
+{{- end }}
+
 {{/* The aggregator image reference. */}}
 {{- define "edgetune.aggregator.image" -}}
 {{- printf "%s:%s" .Values.aggregator.image.repository (default .Chart.AppVersion .Values.aggregator.image.tag) }}

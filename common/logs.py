@@ -1,3 +1,5 @@
+"""Logging set-up for every CLI: one line format, quiet paho and transformers."""
+
 import logging
 import os
 import sys

@@ -1,15 +1,17 @@
-"""A broker on this machine for the one-machine runner and the tests.
+"""A broker on this machine for the one-machine runner, the tests and the benches.
 
 `start_local_broker()` starts the mosquitto binary (PATH or /usr/sbin) with the project's
-mosquitto.conf on a free loopback port; where there is none, it falls back to amqtt, an
-in-process Python broker (MQTT 3.1.1 only, about 36 MB/s against Mosquitto's 200+ MB/s), run in
-a child process. Tests use `start_mosquitto()`, which never falls back.
+configuration (broker.mosquitto_conf, target "local", rendered at start) on a free loopback
+port; where there is none, it falls back to amqtt, an in-process Python broker (MQTT 3.1.1 only,
+about 36 MB/s against Mosquitto's 200+ MB/s), run in a child process. Tests use
+`start_mosquitto()`, which never falls back, and `start_secure_mosquitto()` (target "secure":
+passwords, the ACL and a TLS listener with test certificates from edgetune.dev_tls).
 """
 
 from __future__ import annotations
 
-import getpass
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -20,7 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CONF = Path(__file__).resolve().parent / "mosquitto.conf"
+from broker.mosquitto_conf import TlsFiles, local_options, render_acl, render_mosquitto_conf, secure_options
+from broker.transport import DEFAULT_MAX_PACKET_BYTES
 
 
 class BrokerUnavailable(RuntimeError):
@@ -53,22 +56,10 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float, log: Path) -> 
     raise BrokerUnavailable(f"broker did not open port {port} within {timeout}s")
 
 
-def render_conf(port: int, data_dir: Path, base: Path = CONF, extra: str = "") -> str:
-    """The project's config with this listener port and persistence folder.
-
-    Started as root, mosquitto drops to the `mosquitto` user and then cannot write its
-    persistence file in our folder (sessions and queued messages would not survive a restart):
-    run it as the user who owns the folder.
-    """
-    lines = [f"user {getpass.getuser()}"]
-    for line in base.read_text().splitlines():
-        key = line.split(" ", 1)[0]
-        if key == "listener":
-            line = f"listener {port} 127.0.0.1"
-        elif key == "persistence_location":
-            line = f"persistence_location {data_dir}/"
-        lines.append(line)
-    return "\n".join(lines) + "\n" + extra
+def _me() -> str:
+    """Who runs this. Mosquitto runs as this user: started as root it would otherwise switch to
+    a `mosquitto` user that can neither write our persistence folder nor read our 0600 files."""
+    return pwd.getpwuid(os.getuid()).pw_name
 
 
 @dataclass
@@ -112,22 +103,41 @@ class LocalBroker:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def start_mosquitto(port: int | None = None, workdir: Path | None = None, *, conf: Path = CONF,
-                    extra_conf: str = "", timeout: float = 10) -> LocalBroker:
+def _need_mosquitto() -> str:
     binary = mosquitto_binary()
     if binary is None:
         raise BrokerUnavailable(
             "mosquitto is not installed: `sudo apt-get install mosquitto` (Debian/Ubuntu), or run scripts/install"
         )
+    return binary
+
+
+def _launch(binary: str, workdir: Path, conf: str, ports: list[int | None],
+            timeout: float) -> tuple[subprocess.Popen, Path, Path]:
+    """Write workdir/mosquitto.conf, start mosquitto with it and wait for each port."""
+    conf_path = workdir / "mosquitto.conf"
+    conf_path.write_text(conf)
+    log = workdir / "mosquitto.log"
+    proc = subprocess.Popen([binary, "-c", str(conf_path)], stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    for port in ports:
+        if port is not None:
+            _wait_port(port, proc, timeout, log)
+    return proc, conf_path, log
+
+
+def start_mosquitto(port: int | None = None, workdir: Path | None = None, *,
+                    max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES, extra_conf: str = "",
+                    timeout: float = 10) -> LocalBroker:
+    """Mosquitto with the "local" config (anonymous, loopback) on `port` (default: a free one),
+    its persistence in `workdir` (default: a temporary folder removed by close())."""
+    binary = _need_mosquitto()
     owned = workdir is None
     workdir = Path(workdir or tempfile.mkdtemp(prefix="edgetune-mosquitto-"))
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    conf_path = workdir / "mosquitto.conf"
-    conf_path.write_text(render_conf(port, workdir, conf, extra_conf))
-    log = workdir / "mosquitto.log"
-    proc = subprocess.Popen([binary, "-c", str(conf_path)], stdout=open(log, "ab"), stderr=subprocess.STDOUT)
-    _wait_port(port, proc, timeout, log)
+    conf = render_mosquitto_conf(local_options(
+        port, f"{workdir}/", max_packet_bytes=max_packet_bytes, user=_me(), extra=extra_conf))
+    proc, conf_path, log = _launch(binary, workdir, conf, [port], timeout)
     return LocalBroker(port, proc, "mosquitto", workdir, conf_path, log, owned)
 
 
@@ -136,15 +146,16 @@ def start_amqtt(port: int | None = None, workdir: Path | None = None, timeout: f
     workdir = Path(workdir or tempfile.mkdtemp(prefix="edgetune-amqtt-"))
     port = port or free_port()
     log = workdir / "amqtt.log"
-    proc = subprocess.Popen([sys.executable, "-m", "broker.local", "--amqtt", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "edgetune.local_broker", "--amqtt", str(port)],
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT)
     _wait_port(port, proc, timeout, log)
     return LocalBroker(port, proc, "amqtt", workdir, None, log, owned)
 
 
-def start_local_broker(workdir: Path | None = None) -> LocalBroker:
+def start_local_broker(workdir: Path | None = None, max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES) -> LocalBroker:
+    """Mosquitto where there is one (its max_packet_size: max_packet_bytes), else amqtt."""
     if mosquitto_binary():
-        return start_mosquitto(workdir=workdir)
+        return start_mosquitto(workdir=workdir, max_packet_bytes=max_packet_bytes)
     try:
         import amqtt  # noqa: F401
     except ImportError:
@@ -179,9 +190,7 @@ if __name__ == "__main__":  # pragma: no cover
         _run_amqtt(int(sys.argv[2]))
 
 
-# -- the secure broker: passwords, ACL, TLS (broker/mosquitto-secure.conf) --------------------
-
-SECURE_CONF = Path(__file__).resolve().parent / "mosquitto-secure.conf"
+# -- the secure broker: passwords, ACL, TLS (broker.mosquitto_conf.secure_options) ------------
 
 
 @dataclass
@@ -196,49 +205,6 @@ class SecureBroker(LocalBroker):
         if self.tls_port is None:
             raise BrokerUnavailable("this broker was started without its TLS listener (tls=False)")
         return f"mqtts://127.0.0.1:{self.tls_port}"
-
-
-def render_secure_conf(port: int, tls_port: int | None, workdir: Path, *, password_file: Path, acl_file: Path,
-                       cafile: Path | None = None, certfile: Path | None = None, keyfile: Path | None = None,
-                       base: Path = SECURE_CONF, extra: str = "") -> str:
-    """The secure config with loopback ports and this folder's files.
-
-    The first listener becomes `listener <port> 127.0.0.1`; the second (TLS, the file's last
-    block) `listener <tls_port> 127.0.0.1`, or is left out with its options when tls_port is None.
-    File options are replaced by name; `user` is set to whoever runs this (as root, Mosquitto
-    would otherwise switch to a `mosquitto` user that cannot read 0600 files of ours).
-    """
-    import pwd
-
-    files = {"password_file": password_file, "acl_file": acl_file, "persistence_location": f"{workdir}/",
-             "cafile": cafile, "certfile": certfile, "keyfile": keyfile}
-    lines: list[str] = []
-    listeners = 0
-    skipping = False
-    for line in base.read_text().splitlines():
-        key = line.split(" ", 1)[0]
-        if key == "listener":
-            listeners += 1
-            if listeners == 1:  # global additions go above the first listener's comment block
-                at = len(lines)
-                while at and (not lines[at - 1].strip() or lines[at - 1].lstrip().startswith("#")):
-                    at -= 1
-                lines[at:at] = [f"user {pwd.getpwuid(os.getuid()).pw_name}"] + ([extra.rstrip("\n")] if extra else [])
-                line = f"listener {port} 127.0.0.1"
-            elif listeners == 2:
-                skipping = tls_port is None
-                line = f"listener {tls_port} 127.0.0.1"
-            else:
-                raise ValueError(f"{base}: expected two listeners (plain, then TLS), found more")
-        elif key in files:
-            if files[key] is None and not skipping:
-                raise ValueError(f"{base}: {key} needs a file, none was given")
-            line = f"{key} {files[key]}"
-        if not skipping:
-            lines.append(line)
-    if listeners < 1 + (tls_port is not None):
-        raise ValueError(f"{base}: expected a plain and a TLS listener, found {listeners}")
-    return "\n".join(lines) + "\n"
 
 
 def write_password_file(path: Path, users: dict[str, str]) -> Path:
@@ -260,27 +226,24 @@ def write_password_file(path: Path, users: dict[str, str]) -> Path:
     return path
 
 
-def start_secure_mosquitto(workdir: Path, users: dict[str, str], acl_text: str, tls: bool = True, *,
-                           port: int | None = None, tls_port: int | None = None, conf: Path = SECURE_CONF,
-                           hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), extra_conf: str = "",
+def start_secure_mosquitto(workdir: Path, users: dict[str, str], acl_text: str | None = None, tls: bool = True, *,
+                           port: int | None = None, tls_port: int | None = None,
+                           hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+                           max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES, extra_conf: str = "",
                            timeout: float = 10) -> SecureBroker:
-    """Mosquitto with mosquitto-secure.conf on free loopback ports: `users` (name -> password)
-    in a password file, `acl_text` as the ACL (deploy/mosquitto/acl is the project's), and with
-    tls a test CA and server certificate (broker.tls) for `hosts` in workdir/certs."""
-    binary = mosquitto_binary()
-    if binary is None:
-        raise BrokerUnavailable(
-            "mosquitto is not installed: `sudo apt-get install mosquitto` (Debian/Ubuntu), or run scripts/install"
-        )
+    """Mosquitto with the "secure" config on free loopback ports: `users` (name -> password) in a
+    password file, `acl_text` as the ACL (default: the project's, broker.mosquitto_conf.render_acl),
+    and with tls a test CA and server certificate (edgetune.dev_tls) for `hosts` in workdir/certs."""
+    binary = _need_mosquitto()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     passwd = write_password_file(workdir / "passwd", users)
     acl = workdir / "acl"
-    acl.write_text(acl_text)
+    acl.write_text(render_acl() if acl_text is None else acl_text)
     acl.chmod(0o600)
     certs = None
     if tls:
-        from broker.tls import make_test_certs
+        from edgetune.dev_tls import make_test_certs
 
         certs = make_test_certs(workdir / "certs", hosts)
         tls_port = tls_port or free_port()
@@ -289,15 +252,10 @@ def start_secure_mosquitto(workdir: Path, users: dict[str, str], acl_text: str, 
     port = port or free_port()
     while tls_port == port:
         tls_port = free_port()
-    conf_path = workdir / "mosquitto.conf"
-    conf_path.write_text(render_secure_conf(
-        port, tls_port, workdir, password_file=passwd, acl_file=acl, base=conf, extra=extra_conf,
-        cafile=certs.ca_cert if certs else None, certfile=certs.server_cert if certs else None,
-        keyfile=certs.server_key if certs else None))
-    log = workdir / "mosquitto.log"
-    proc = subprocess.Popen([binary, "-c", str(conf_path)], stdout=open(log, "ab"), stderr=subprocess.STDOUT)
-    _wait_port(port, proc, timeout, log)
-    if tls_port is not None:
-        _wait_port(tls_port, proc, timeout, log)
+    options = secure_options(
+        port, tls_port, password_file=str(passwd), acl_file=str(acl), persistence_location=f"{workdir}/",
+        certs=TlsFiles(str(certs.ca_cert), str(certs.server_cert), str(certs.server_key)) if certs else None,
+        max_packet_bytes=max_packet_bytes, user=_me(), extra=extra_conf)
+    proc, conf_path, log = _launch(binary, workdir, render_mosquitto_conf(options), [port, tls_port], timeout)
     return SecureBroker(port, proc, "mosquitto", workdir, conf_path, log, False, tls_port=tls_port,
                         ca_file=certs.ca_cert if certs else None)

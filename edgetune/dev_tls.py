@@ -3,12 +3,12 @@
 For the tests and for trying `mqtts://` on one machine, not for production (use your own PKI
 or Let's Encrypt there). Needs the `cryptography` package (`pip install cryptography`).
 
-    python -m broker.tls certs/                        # certs/ca.crt, server.crt, server.key (+ ca.key)
-    python -m broker.tls certs/ --host broker.lan --host 192.168.1.10
+    python -m edgetune.dev_tls certs/                  # certs/ca.crt, server.crt, server.key (+ ca.key)
+    python -m edgetune.dev_tls certs/ --host broker.lan --host 192.168.1.10
 
 Then `listener 8883` with `cafile certs/ca.crt`, `certfile certs/server.crt`,
-`keyfile certs/server.key` (broker/mosquitto-secure.conf), and on the clients
-`EDGETUNE_BROKER_URL=mqtts://<host>:8883 EDGETUNE_CA_FILE=certs/ca.crt`. The server
+`keyfile certs/server.key` (`python -m broker.mosquitto_conf render --target secure`), and on
+the clients `EDGETUNE_BROKER_URL=mqtts://<host>:8883 EDGETUNE_CA_FILE=certs/ca.crt`. The server
 certificate names every `--host` as a subject alternative name (IP address or DNS name); the
 clients check the broker's address against them.
 """
@@ -43,7 +43,7 @@ def _crypto():
         from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
     except ImportError:
         raise RuntimeError(
-            "broker.tls needs the cryptography package: `pip install cryptography` "
+            "edgetune.dev_tls needs the cryptography package: `pip install cryptography` "
             "(or make the certificates with openssl)"
         ) from None
     return x509, hashes, serialization, ec, ExtendedKeyUsageOID, NameOID
