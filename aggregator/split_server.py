@@ -19,7 +19,7 @@ import torch
 from broker import activations, codec
 from broker.errors import TopicError, WireError
 from broker.messages import SplitForward, parse
-from models.split import lm_loss_per_sequence_group
+from models.lm_loss import lm_loss_per_sequence_group
 
 
 @dataclass

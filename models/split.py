@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.lm_loss import causal_lm_labels, lm_loss_per_sequence_group  # noqa: F401  (re-exported)
+
 GPT2_LORA_TARGETS = ("c_attn",)  # peft matches by suffix: "c_proj" would also catch mlp.c_proj
 LLAMA_LORA_TARGETS = ("q_proj", "v_proj")
 
@@ -239,26 +241,6 @@ def build_split(spec: DecoderSpec, *, head: bool = True, tail: bool = True):
     return h, t
 
 
-def lm_loss_per_sequence_group(logits: torch.Tensor, labels: torch.Tensor, groups: list[slice]) -> list[torch.Tensor]:
-    """Mean next-token cross-entropy of each group of rows (one group per agent request).
-
-    logits (B, T, V), labels (B, T) with -100 where no loss; the shift is done here, as in
-    transformers' causal LM loss, so a group alone gives exactly the model's own loss. The
-    token losses are computed once for the whole batch and then summed per group.
-    """
-    B, T, V = logits.shape
-    shift_labels = labels[:, 1:]  # (B, T-1)
-    tok = F.cross_entropy(logits[:, :-1, :].reshape(-1, V).float(), shift_labels.reshape(-1),
-                          ignore_index=-100, reduction="none").view(B, T - 1)
-    valid = (shift_labels != -100)
-    losses = []
-    for g in groups:
-        losses.append(tok[g].sum() / valid[g].sum().clamp_min(1))
-    return losses
-
-
-def causal_lm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    return input_ids.masked_fill(attention_mask == 0, -100)
 
 
 _HEAD_KEY = re.compile(r"^base_model\.model\.body\.(h|layers)\.(\d+)\.(.*)$")
