@@ -290,37 +290,6 @@ def krum_select(states: Sequence[Mapping[str, torch.Tensor]], f: int, m: int = 1
     return sorted(range(len(states)), key=lambda i: (scores[i], i))[:m]
 
 
-def proximal_term(params, global_params, mu: float) -> torch.Tensor:
-    """FedProx proximal term mu/2 * sum ||w - w_g||^2 (Li et al. 2020), for the agent's loss.
-
-    `params` and `global_params` are either mappings with the same keys (name -> tensor) or
-    sequences of tensors in the same order. Gradients flow into `params`; `global_params` is
-    detached. Returns a scalar tensor of params' dtype on params' device."""
-    if mu < 0:
-        raise ValueError(f"FedProx mu must be >= 0, got {mu}")
-    if isinstance(params, Mapping) != isinstance(global_params, Mapping):
-        raise TypeError("params and global_params must both be mappings or both be sequences")
-    if isinstance(params, Mapping):
-        if set(params) != set(global_params):
-            diff = sorted(set(params) ^ set(global_params))[:3]
-            raise ValueError(f"params and global_params have different names: {diff}")
-        pairs = [(params[k], global_params[k], k) for k in params]
-    else:
-        params, global_params = list(params), list(global_params)
-        if len(params) != len(global_params):
-            raise ValueError(f"{len(params)} params but {len(global_params)} global params")
-        pairs = [(p, g, str(i)) for i, (p, g) in enumerate(zip(params, global_params))]
-    if not pairs:
-        raise ValueError("no parameters for the proximal term")
-    total = None
-    for w, g, name in pairs:
-        if w.shape != g.shape:
-            raise ValueError(f"parameter {name}: shape {tuple(w.shape)} vs global {tuple(g.shape)}")
-        sq = (w - g.detach().to(device=w.device, dtype=w.dtype)).pow(2).sum()
-        total = sq if total is None else total + sq
-    return total * (mu / 2)
-
-
 # -- strategies -------------------------------------------------------------------------------
 
 

@@ -77,10 +77,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aggregator.strategies import ClientUpdate, StateDict, apply_delta, delta_of, global_norm, make_strategy, proximal_term
+from aggregator.strategies import ClientUpdate, StateDict, apply_delta, delta_of, global_norm, make_strategy
 from data.sentiment import Example
 from models.classifier import ClassifierSpec, adapter_state, load_adapter_state
-from models.train import EvalResult, TrainResult, sgd_loop, trainable_parameters
+from models.train import EvalResult, TrainResult, proximal_term, sgd_loop, trainable_parameters
 
 MODES = ("fedavg", "fedprox", "fedadam", "sequential", "independent", "centralized", "async")
 ATTACKS = ("scale", "flip")
