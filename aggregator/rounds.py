@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 
 from broker.messages import ModelUpdate
-from models.classifier import AdapterMismatch, check_adapter_state
+from models.adapters import AdapterMismatch, check_adapter_state
 
 
 class Rejection(Exception):

@@ -31,7 +31,8 @@ from broker.settings import dump_settings
 from broker.metrics_http import linger
 from broker.topics import Topics
 from broker.transport import Incoming, MqttTransport
-from models.classifier import AdapterMismatch, check_adapter_state, set_threads
+from models.adapters import AdapterMismatch, check_adapter_state
+from models.classifier import set_threads
 
 log = logging.getLogger("edgetune.aggregator")
 
