@@ -42,14 +42,14 @@ from typing import Any, Callable, Literal, Mapping
 import torch
 from pydantic import Field
 
-from aggregator.strategies import (
+from aggregator.strategies.base import (
     ClientUpdate,
     InvalidUpdate,
     StateDict,
-    _Options,
-    _parse_options,
-    check_update,
+    StrategyOptions,
     delta_of,
+    ensure_checked,
+    parse_options,
 )
 
 
@@ -87,7 +87,7 @@ STALENESS_WEIGHTS: dict[str, Callable[[int, float], float]] = {
 }
 
 
-class AsyncBufferOptions(_Options):
+class AsyncBufferOptions(StrategyOptions):
     buffer_size: int = Field(ge=1, description="B: updates per server step")
     staleness_weight: Literal["polynomial", "constant"] = "polynomial"
     a: float = Field(0.5, ge=0, description="exponent of the polynomial staleness weight")
@@ -114,7 +114,7 @@ class AsyncBuffer:
 
     def __init__(self, buffer_size: int, staleness_weight: str = "polynomial", a: float = 0.5, *,
                  global_state: Mapping[str, torch.Tensor], **options: Any) -> None:
-        self.options: AsyncBufferOptions = _parse_options(
+        self.options: AsyncBufferOptions = parse_options(
             AsyncBufferOptions, self.name, dict(buffer_size=buffer_size, staleness_weight=staleness_weight, a=a, **options)
         )
         if not global_state:
@@ -173,7 +173,7 @@ class AsyncBuffer:
                 update.agent_id,
             )
         base_state = self._globals[base]
-        check_update(base_state, update)
+        ensure_checked(base_state, update)  # unless the boundary checked it (update.checked)
         weight = update.num_examples * self.staleness_factor(staleness)
         if not (weight > 0 and math.isfinite(weight)):
             raise InvalidUpdate("bad_weight", f"update from {update.agent_id}: weight {weight}", update.agent_id)

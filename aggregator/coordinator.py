@@ -209,7 +209,8 @@ class SyncCoordinator(_Coordinator):
         if outcome is Outcome.failed:
             return rec
         accepted = sorted(rnd.accepted.values(), key=lambda a: a.meta.agent_id)
-        updates = [ClientUpdate(a.meta.agent_id, a.tensors, a.meta.num_examples) for a in accepted]
+        # checked at the boundary (Round.offer): the strategy does not check them again
+        updates = [ClientUpdate(a.meta.agent_id, a.tensors, a.meta.num_examples, checked=True) for a in accepted]
         t0 = time.perf_counter()
         try:
             new_state = self.strategy.aggregate(self.global_state, updates)

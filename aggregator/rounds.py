@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 
 from broker.messages import ModelUpdate
-from models.classifier import AdapterMismatch, check_adapter_state
+from models.adapters import InvalidUpdate, check_adapter_state
 
 
 class Rejection(Exception):
@@ -65,9 +65,9 @@ class Round:
                 "stale", f"update from {meta.agent_id} trained from v{meta.base_version}, round uses v{self.global_version}"
             )
         try:
-            check_adapter_state(dict(self.expected), tensors)
-        except AdapterMismatch as e:
-            raise Rejection(e.reason, f"update from {meta.agent_id}: {e}") from None
+            check_adapter_state(dict(self.expected), tensors, num_examples=meta.num_examples, agent_id=meta.agent_id)
+        except InvalidUpdate as e:
+            raise Rejection(e.reason, str(e)) from None
         acc = Accepted(meta, tensors, now)
         self.accepted[meta.agent_id] = acc
         return acc

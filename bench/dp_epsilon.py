@@ -68,7 +68,7 @@ def main() -> None:
         "setup": f"{args.agents} agents ({args.partition}), {args.participation:g} of them per round, {args.rounds} rounds, "
                  f"{args.local_steps} local AdamW steps (lr {args.lr:g}, batch 32)",
         "epsilon": f"(epsilon, delta={args.delta:g})-DP at the agent level after all rounds, RDP accountant "
-                   "(aggregator/privacy.py), fixed-size sampling approximated as Poisson with q = n/N",
+                   "(aggregator/strategies/accountant.py), fixed-size sampling approximated as Poisson with q = n/N",
         "metric": "accuracy = held-out accuracy, mean of the last 3 rounds; final = last round",
         "train_limit": args.train_limit, "eval_limit": args.eval_limit, "wall_seconds": round(wall, 1),
     })

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import torch
 
 from models.classifier import ClassifierSpec, adapter_state, build_classifier, load_adapter_state, load_tokenizer
-from models.train import TrainResult, train_local, trainable_parameters
+from models.train import TrainResult, anchored_proximal, train_local, trainable_parameters
 
 
 @dataclass
@@ -36,16 +36,8 @@ class Trainer:
         return adapter_state(self.model)
 
     def _proximal(self) -> Callable[[], torch.Tensor] | None:
-        if not self.prox_mu:
-            return None
-        anchors = [p.detach().clone() for p in trainable_parameters(self.model)]
-        params = trainable_parameters(self.model)
-        mu = self.prox_mu
-
-        def term() -> torch.Tensor:
-            return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
-
-        return term
+        """FedProx: mu/2 ||w - w_global||^2 around the adapter as it is now (the loaded global)."""
+        return anchored_proximal(trainable_parameters(self.model), self.prox_mu) if self.prox_mu else None
 
     def train(self, examples: Sequence, *, epochs: int, max_steps: int, round_number: int,
               should_stop: Callable[[], bool] | None = None, lr: float | None = None,

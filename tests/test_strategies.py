@@ -25,8 +25,8 @@ from aggregator.strategies import (
     fedavg,
     krum_scores,
     make_strategy,
-    proximal_term,
 )
+from models.train import proximal_term
 
 F64 = torch.float64
 

@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from aggregator.privacy import PrivacyAccountant
+from aggregator.strategies import PrivacyAccountant
 from edgetune.local_broker import free_port
 from edge_agent.light import LightAgent
 from tests.conftest import ROOT, child_env, spawn, wait_all
