@@ -61,7 +61,6 @@ accuracy/loss where evaluated}}), DP and robust-strategy diagnostics where they 
 
 from __future__ import annotations
 
-import heapq
 import json
 import random
 import time
@@ -291,107 +290,10 @@ class Simulator(BaselineModes):
         return {"kind": "update", "agent_id": meta.agent_id, "meta": meta, "tensors": tensors, "reason": v.reason}
 
     def _run_async(self) -> None:
-        """Buffered async aggregation through the service's AsyncCoordinator, on a virtual clock:
-        agent i takes steps x speeds[i] simulated seconds per local update."""
-        from aggregator.async_buffer import AsyncBuffer
-        from aggregator.coordinator import AsyncCoordinator
+        """Buffered async aggregation through the service's AsyncCoordinator (edgetune/sim_async.py)."""
+        from edgetune.sim_async import AsyncRun
 
-        cfg = self.cfg
-        buf = AsyncBuffer(cfg.buffer_size, cfg.staleness_weight, cfg.staleness_a, global_state=self.global_state,
-                          server_lr=cfg.server_lr, max_staleness=cfg.max_staleness)
-        coord = AsyncCoordinator(buf, **self._coordinator_options())
-        for a in self.agent_ids:
-            coord.agent_online(a)
-        speeds = list(cfg.speeds) if cfg.speeds is not None else [1.0] * cfg.agents
-        total = cfg.rounds * cfg.buffer_size
-        rng = random.Random(f"{cfg.seed}:redeliver")
-        heap: list[tuple[float, int, int]] = []  # (finish time, job number, agent index)
-        jobs: dict[int, dict] = {}
-        started = 0
-        counts = [0] * cfg.agents
-        if cfg.keep_trace:
-            self.trace.append({"globals": {0: dict(buf.global_state)}, "jobs": jobs, "deliveries": []})
-        self.async_stats = {"delivered": 0, "duplicates_refused": 0, "stale_refused": 0, "applied": 0}
-
-        def start(i: int, now: float) -> None:
-            nonlocal started
-            if started >= total:
-                return
-            job = started
-            started += 1
-            counts[i] += 1
-            aid = self.agent_ids[i]
-            current = buf.global_state
-            self.backend.load(current)
-            res = self.local_train(i, counts[i])
-            tensors = self.backend.state()
-            if aid in self.attackers:
-                tensors = poison(current, tensors, cfg.attack, cfg.attack_scale if cfg.attack == "scale" else cfg.flip_scale)
-            n = min(res.examples_seen, len(self.shards[i]))
-            jobs[job] = {"agent": aid, "base_version": buf.version, "nonce": f"{aid}-{counts[i]}", "num_examples": n,
-                         "start": now, "finish": now + res.steps * speeds[i], "train_loss": res.mean_loss,
-                         "steps": res.steps, "status": "in flight", "round": counts[i]}
-            if cfg.keep_trace:
-                jobs[job]["tensors"] = tensors
-            jobs[job]["_tensors"] = tensors
-            heapq.heappush(heap, (jobs[job]["finish"], job, i))
-
-        def record_step(rec, now: float, t_step: float) -> None:
-            self.version = rec.version
-            self.backend.load(rec.new_state)
-            self.global_state = self.backend.state()
-            if cfg.keep_trace:
-                self.trace[0]["globals"][rec.version] = self.global_state
-            agents: dict[str, dict] = {}
-            for a in rec.applied:
-                m = agents.setdefault(a["agent_id"], {"updates": 0, "examples": 0, "staleness": [], "attacker": a["agent_id"] in self.attackers})
-                m["updates"] += 1
-                m["examples"] += a["num_examples"]
-                m["staleness"].append(a["staleness"])
-            ids = [a["agent_id"] for a in rec.applied]
-            self._record(rec.row(**self._evaluate(), selected=ids, answered=ids, strategy="fedbuff", time=now,
-                                 max_staleness_seen=max(a["staleness"] for a in rec.applied),
-                                 duration_s=time.perf_counter() - t_step, agents=agents))
-
-        for i in range(cfg.agents):
-            start(i, 0.0)
-        t_step = time.perf_counter()
-        now = 0.0
-        while heap:
-            now, job, i = heapq.heappop(heap)
-            j = jobs[job]
-            meta = ModelUpdate(agent_id=j["agent"], round=j["round"], base_version=j["base_version"],
-                               num_examples=j["num_examples"], nonce=j["nonce"], train_loss=j["train_loss"])
-            tensors = j.pop("_tensors")
-            copies = 2 if cfg.redeliver and rng.random() < cfg.redeliver else 1
-            j["step"] = buf.version + 1  # the server step that will apply it, if taken
-            for c in range(copies):
-                self.async_stats["delivered"] += 1
-                verdict = coord.offer(meta, tensors, now)
-                if cfg.keep_trace:
-                    self.trace[0]["deliveries"].append({"kind": "update", "agent_id": meta.agent_id, "meta": meta,
-                                                        "tensors": tensors, "reason": verdict.reason})
-                if verdict.reason == "stale":
-                    j["status"] = "stale"
-                    self.async_stats["stale_refused"] += 1
-                    continue
-                if verdict.reason == "duplicate" and c > 0:  # the redelivered copy
-                    self.async_stats["duplicates_refused"] += 1
-                    continue
-                if not verdict.accepted:
-                    raise SimulationError(f"the coordinator refused {j['agent']}'s update: {verdict.message}")
-                j["status"] = "applied"
-                self.async_stats["applied"] += 1
-                while (rec := coord.poll(now)) is not None:
-                    record_step(rec, now, t_step)
-                    t_step = time.perf_counter()
-            start(i, now)
-        rec = coord.close()
-        if rec is not None:
-            record_step(rec, now, t_step)
-        for j in jobs.values():
-            j.pop("_tensors", None)
-        self.async_jobs = jobs
+        AsyncRun(self).run()
 
 
 def run_simulation(cfg: SimConfig, *, backend=None, splits=None, log: Callable[[str], None] | None = None) -> SimResult:
