@@ -262,3 +262,12 @@ def test_protocol_imports_neither_torch_nor_paho():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "IMPURE []" in r.stdout
+
+
+def test_light_agent_imports_no_torch():
+    # the light agent runs on devices without torch: its loop (edge_agent.driver) is numpy only
+    code = ("import sys, edge_agent.light\n"
+            "print('HEAVY', sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft'}))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "HEAVY []" in r.stdout
