@@ -271,3 +271,67 @@ def test_light_agent_imports_no_torch():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "HEAVY []" in r.stdout
+
+
+# -- the rooms around the machine: the durable outbox, and the shared loop with a fake transport ----
+def test_outbox_keeps_an_update_until_removed_and_moves_unreadable_files_aside(tmp_path):
+    import numpy as np
+
+    from broker import codec
+    from broker.messages import ModelUpdate
+    from edge_agent.outbox import Outbox
+
+    frame = codec.encode(ModelUpdate(agent_id=ME, round=3, base_version=2, num_examples=5, nonce="n" * 16),
+                         {"w": np.zeros(2, np.float32)})
+    box = Outbox(tmp_path)
+    box.put(3, frame)
+    (tmp_path / "outbox" / "round-000009.frame").write_bytes(b"not a frame")
+    again = Outbox(tmp_path)  # a restarted agent
+    assert list(again.unsent()) == [(3, frame)]
+    assert (tmp_path / "outbox" / "round-000009.bad").exists()
+    again.remove(3)
+    assert list(Outbox(tmp_path).unsent()) == []
+    assert list(Outbox(None).unsent()) == [] and Outbox(None).put(1, frame) is None
+
+
+class FakeTransport:
+    def __init__(self, incoming):
+        from collections import deque
+
+        self.inbox, self.published = deque(incoming), []
+
+    def get(self, timeout=None):
+        return self.inbox.popleft() if self.inbox else None
+
+    def publish(self, topic, payload, **kw):
+        self.published.append((topic, payload))
+
+
+def test_light_agent_loop_late_join_trains_on_the_retained_global_and_finishes():
+    import numpy as np
+
+    from broker import codec
+    from broker.messages import AgentStatus, ModelUpdate, parse
+    from broker.transport import Incoming
+    from edge_agent.light import LightAgent, synthetic_update
+
+    agent = LightAgent(ME, "mqtt://127.0.0.1:1", "f")
+    t = agent.topics
+    g = {"w": np.arange(4, dtype=np.float32)}
+    agent.transport = FakeTransport([  # what a late joiner reads at connect: the retained messages
+        Incoming(t.round, codec.encode(ann(2, 1)), True),
+        Incoming(t.global_adapter, codec.encode(glob(1), g), True),
+        Incoming(t.round, b"", True),  # a cleared retained message: ignored
+    ])
+    agent._on_state(True)
+    agent.step(0)
+    states = [parse(codec.decode(p).header, AgentStatus).state for tp, p in agent.transport.published
+              if tp == t.status(ME)]
+    assert states == [AgentState.online, AgentState.training, AgentState.idle]
+    (upd,) = [codec.decode(p, as_torch=False) for tp, p in agent.transport.published if tp == t.update(ME)]
+    meta = parse(upd.header, ModelUpdate)
+    assert (meta.round, meta.base_version) == (2, 1) and agent.sent_updates == [(2, 1)]
+    np.testing.assert_array_equal(upd.tensors["w"], synthetic_update(g, ME, 2)["w"])
+    agent.transport.inbox.append(Incoming(t.round, codec.encode(ann(2, 1, selected=(), final=True)), True))
+    agent.step(0)
+    assert agent.proto.finished
