@@ -17,7 +17,7 @@ from typing import Any
 from broker import codec
 from broker.errors import WireError
 from broker.messages import AgentState, AgentStatus, GlobalAdapter, RoundAnnouncement, parse
-from broker.topics import Topics
+from broker.topics import TopicKind, Topics
 from edge_agent.protocol import (Action, AgentProtocol, Finish, Idle, LoadGlobal, PublishStatus, SendUpdate, Skip,
                                  Train)
 
@@ -98,12 +98,15 @@ class ProtocolDriver:
         if not payload:
             return  # a cleared retained message
         try:
+            kind = self.topics.parse(topic).kind
+            if kind not in (TopicKind.global_adapter, TopicKind.round):
+                return  # split gradients are answered through their Futures (edge_agent.split_rpc)
             frame = codec.decode(payload, as_torch=self.as_torch)
-            if topic == self.topics.global_adapter:
+            if kind is TopicKind.global_adapter:
                 header = parse(frame.header, GlobalAdapter)
                 self.received_global(header, len(payload))
                 self.act(self.proto.on_global(header, frame.tensors))
-            elif topic == self.topics.round:
+            else:
                 self.act(self.proto.on_announcement(parse(frame.header, RoundAnnouncement)))
         except WireError as e:
             self.rejected(e.reason, f"{topic}: {e}")
