@@ -159,6 +159,7 @@ class AgentRunner(ProtocolDriver):
             password=self.s.password(),
             ca_file=self.s.ca_file,
             protocol=self.s.mqtt_protocol,
+            max_packet_bytes=self.s.max_packet_bytes,
             will=Will(self.topics.status(self.s.agent_id), self.status_frame(AgentState.offline)),
             on_state=self._on_state,
             persistent_session=True,
