@@ -9,7 +9,7 @@ Everything runs on this machine in one run:
   federated rounds around it are left out (a fixed set of selected agents stands in for a round);
 - 1 or 3 agents, each a separate process (torch.set_num_threads(1)) running
   edge_agent.split_trainer.SplitTrainer.split_step with a request function that does what
-  edge_agent.runner.AgentRunner.split_request does (SplitForward frame, MQTT 5 correlation and
+  edge_agent.split_rpc.SplitClient.request does (SplitForward frame, MQTT 5 correlation and
   response topic, a Future for the SplitGradient);
 - centralized: the unsplit model with LoRA on c_attn of every block (head + tail), the same
   batch, sequence length, optimizer and tokens, in this process.

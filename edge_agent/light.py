@@ -1,7 +1,8 @@
 """A light agent: the real protocol with a synthetic adapter and no model (numpy only).
 
 It takes the retained global adapter, perturbs it (seeded by agent and round) after an
-optional delay that stands in for training, and publishes the update. Used for load tests,
+optional delay that stands in for training, and publishes the update. The protocol is the real
+agent's own state machine (edge_agent.protocol) and loop (edge_agent.driver). Used for load tests,
 fault tests and to try a broker setup without installing torch on the device.
 
     python -m edge_agent.light --id light-1 --broker mqtt://127.0.0.1:1883 [--train-seconds 2]
@@ -15,18 +16,15 @@ import hashlib
 import logging
 import signal
 import threading
-import time
 import uuid
 
 import numpy as np
 
 from broker import codec
-from broker.errors import WireError
-from broker.messages import AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement, parse
-from broker.topics import Topics
+from broker.messages import AgentState, ModelUpdate
 from broker.transport import MqttTransport, Will
-
-log = logging.getLogger("edgetune.light")
+from edge_agent.driver import ProtocolDriver
+from edge_agent.protocol import LoadGlobal, SendUpdate, Train
 
 
 def synthetic_update(global_tensors: dict[str, np.ndarray], agent_id: str, round_number: int,
@@ -38,93 +36,64 @@ def synthetic_update(global_tensors: dict[str, np.ndarray], agent_id: str, round
                 * scale).astype(global_tensors[k].dtype) for k in sorted(global_tensors)}
 
 
-class LightAgent:
+class LightAgent(ProtocolDriver):
+    """The protocol machine (edge_agent.protocol) driven like the real agent; training is a wait."""
+
+    as_torch = False
+    log = logging.getLogger("edgetune.light")
+
     def __init__(self, agent_id: str, broker_url: str, fleet: str = "default", *, train_seconds: float = 0.0,
                  num_examples: int = 100, protocol: int = 5, username: str | None = None,
                  password: str | None = None, persistent: bool = True) -> None:
         self.id = agent_id
-        self.topics = Topics(fleet)
+        self._init_protocol(agent_id, fleet)
         self.train_seconds = train_seconds
-        self.num_examples = num_examples
-        self.global_version = -1
+        self.example_count = num_examples
         self.global_tensors: dict[str, np.ndarray] = {}
-        self.done: set[int] = set()
         self.sent = 0
         self.sent_updates: list[tuple[int, int]] = []  # (round, base version) of each update sent
         self.finished = threading.Event()
         self.stop = threading.Event()
-        self._announce = threading.Event()
-        self._pending: RoundAnnouncement | None = None
-        self._final: int | None = None
-        self.t = MqttTransport(f"edgetune-agent-{agent_id}", broker_url, protocol=protocol, username=username,
-                               password=password, persistent_session=persistent, on_state=self._on_state,
-                               will=Will(self.topics.status(agent_id), self._status(AgentState.offline)))
-        self.t.subscribe(self.topics.round)
-        self.t.subscribe(self.topics.global_adapter)
+        self.transport = self.t = MqttTransport(
+            f"edgetune-agent-{agent_id}", broker_url, protocol=protocol, username=username, password=password,
+            persistent_session=persistent, on_state=self._on_state,
+            will=Will(self.topics.status(agent_id), self.status_frame(AgentState.offline)))
+        self.transport.subscribe(self.topics.round)
+        self.transport.subscribe(self.topics.global_adapter)
 
-    def _status(self, state: AgentState) -> bytes:
-        return codec.encode(AgentStatus(agent_id=self.id, state=state, global_version=self.global_version,
-                                        num_examples=self.num_examples))
+    @property
+    def global_version(self) -> int:
+        return self.proto.global_version
 
-    def _on_state(self, up: bool) -> None:
-        if up:  # paho's thread: only flag it; the loop re-announces us after every (re)connect
-            self._announce.set()
+    # -- the driver's hooks (edge_agent.driver.ProtocolDriver) ----------------------------------
+    def num_examples(self) -> int:
+        return self.example_count
 
-    def _take(self, m) -> None:
-        if not m.payload:
-            return
-        try:
-            f = codec.decode(m.payload, as_torch=False)
-            if m.topic == self.topics.global_adapter:
-                g = parse(f.header, GlobalAdapter)
-                if g.version > self.global_version:
-                    self.global_version, self.global_tensors = g.version, f.tensors
-            elif m.topic == self.topics.round:
-                ann = parse(f.header, RoundAnnouncement)
-                if ann.final:
-                    self._final = ann.global_version
-                else:
-                    self._final = None  # a run (re)started after an earlier final announcement
-                    if self.id in ann.selected and ann.round not in self.done:
-                        self._pending = ann
-        except WireError as e:
-            log.warning("%s: refused a message on %s: %s", self.id, m.topic, e)
+    def stopping(self) -> bool:
+        return self.stop.is_set()
+
+    def load_global(self, a: LoadGlobal) -> bool:
+        self.global_tensors = a.tensors
+        return True
+
+    def train(self, a: Train) -> None:
+        if self.train_seconds:
+            self.stop.wait(self.train_seconds)  # stands in for training
+        upd = ModelUpdate(agent_id=self.id, round=a.round, base_version=a.base_version,
+                          num_examples=self.example_count, nonce=uuid.uuid4().hex)
+        if self.trained(a.round, codec.encode(upd, synthetic_update(self.global_tensors, self.id, a.round))):
+            self.sent += 1
+            self.sent_updates.append((a.round, a.base_version))
+
+    def send_update(self, a: SendUpdate) -> None:
+        self.transport.publish(self.topics.update(self.id), a.update, wait=True)
 
     def run(self) -> None:
-        self.t.connect()
-        while not self.stop.is_set():
-            if self._announce.is_set():
-                self._announce.clear()
-                self.t.publish(self.topics.status(self.id), self._status(AgentState.online), retain=True)
-            # read everything queued before acting, so that a slow agent trains on the newest
-            # announcement and global, not on each stale one it missed while it was busy
-            m = self.t.get(timeout=0.2)
-            while m is not None:
-                self._take(m)
-                m = self.t.get(timeout=0)
-            if self._final is not None and self.global_version >= self._final:
-                break
-            pending = self._pending
-            if pending is not None and self.global_version >= pending.global_version:
-                ann, self._pending = pending, None
-                if self.global_version > ann.global_version:
-                    continue
-                self.t.publish(self.topics.status(self.id), self._status(AgentState.training), retain=True)
-                if self.train_seconds:
-                    self.stop.wait(self.train_seconds)
-                    if self.stop.is_set():
-                        break
-                upd = ModelUpdate(agent_id=self.id, round=ann.round, base_version=ann.global_version,
-                                  num_examples=self.num_examples, nonce=uuid.uuid4().hex)
-                self.t.publish(self.topics.update(self.id),
-                               codec.encode(upd, synthetic_update(self.global_tensors, self.id, ann.round)),
-                               wait=True)
-                self.done.add(ann.round)
-                self.sent += 1
-                self.sent_updates.append((ann.round, ann.global_version))
-                self.t.publish(self.topics.status(self.id), self._status(AgentState.idle), retain=True)
+        self.transport.connect()
+        while not self.stop.is_set() and not self.proto.finished:
+            self.step(timeout=0.2)
         self.finished.set()
-        self.t.close(final=(self.topics.status(self.id), self._status(AgentState.offline)))
+        self.transport.close(final=(self.topics.status(self.id), self.status_frame(AgentState.offline)))
 
 
 def main() -> None:

@@ -1,0 +1,140 @@
+"""The loop both agents share around the protocol machine (edge_agent.protocol.AgentProtocol).
+
+paho's network thread only enqueues (broker.transport) and flags a (re)connect; the driver, on
+its own thread, reads the whole queue into the machine, then asks it what to do and does it.
+Subclasses (edge_agent.runner.AgentRunner, edge_agent.light.LightAgent) supply the work: install
+a global, train a round, publish an update; the rules stay in the machine. numpy only: the
+light agent uses this too.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from broker import codec
+from broker.errors import WireError
+from broker.messages import AgentState, AgentStatus, GlobalAdapter, RoundAnnouncement, parse
+from broker.topics import TopicKind, Topics
+from edge_agent.protocol import (Action, AgentProtocol, Finish, Idle, LoadGlobal, PublishStatus, SendUpdate, Skip,
+                                 Train)
+
+
+class ProtocolDriver:
+    """Feeds an AgentProtocol from a transport and carries out its actions (see `act`)."""
+
+    log = logging.getLogger("edgetune.agent")
+    as_torch = True  # decode tensors as torch (the real agent) or numpy (the light agent)
+    transport: Any  # a broker.transport.MqttTransport, set by the subclass
+
+    def _init_protocol(self, agent_id: str, fleet: str) -> None:
+        self.proto = AgentProtocol(agent_id)
+        self.topics = Topics(fleet)
+        self._reconnected = threading.Event()
+
+    # -- what a subclass supplies ---------------------------------------------------------------
+    def num_examples(self) -> int:
+        raise NotImplementedError
+
+    def stopping(self) -> bool:
+        raise NotImplementedError
+
+    def load_global(self, a: LoadGlobal) -> bool:
+        """Install the global; False if it was refused (it is then not held)."""
+        raise NotImplementedError
+
+    def train(self, a: Train) -> None:
+        """Train the round, then hand the update to `self.trained(round, update)`."""
+        raise NotImplementedError
+
+    def send_update(self, a: SendUpdate) -> None:
+        """Publish the update and wait until the broker has it."""
+        raise NotImplementedError
+
+    def finish(self, a: Finish) -> None:
+        pass
+
+    def idle(self) -> None:
+        pass
+
+    def rejected(self, reason: str, msg: str) -> None:
+        self.log.warning("%s: rejected (%s): %s", self.proto.agent_id, reason, msg)
+
+    def received_global(self, header: GlobalAdapter, nbytes: int) -> None:
+        pass
+
+    # -- the loop -------------------------------------------------------------------------------
+    def status_frame(self, state: AgentState) -> bytes:
+        return codec.encode(AgentStatus(agent_id=self.proto.agent_id, state=state,
+                                        global_version=self.proto.global_version, num_examples=self.num_examples()))
+
+    def publish_status(self, state: AgentState) -> None:
+        self.transport.publish(self.topics.status(self.proto.agent_id), self.status_frame(state), retain=True)
+
+    def _on_state(self, up: bool) -> None:
+        if up:  # paho's thread: only flag it; the loop re-announces us after every (re)connect
+            self._reconnected.set()
+
+    def step(self, timeout: float) -> None:
+        """One turn: re-announce after a (re)connect, read the whole queue, then act on it.
+
+        Reading everything queued before acting lets a slow agent start from the newest
+        announcement and global, not from each stale one it missed while it was busy."""
+        if self._reconnected.is_set():
+            self._reconnected.clear()
+            self.act(self.proto.connected())
+        m = self.transport.get(timeout=timeout)
+        while m is not None:
+            self.take(m.topic, m.payload)
+            m = self.transport.get(timeout=0)
+        if self.stopping():
+            self.proto.stop()
+        self.act(self.proto.poll(time.monotonic()))
+
+    def take(self, topic: str, payload: bytes) -> None:
+        """One message from the queue into the machine."""
+        if not payload:
+            return  # a cleared retained message
+        try:
+            kind = self.topics.parse(topic).kind
+            if kind not in (TopicKind.global_adapter, TopicKind.round):
+                return  # split gradients are answered through their Futures (edge_agent.split_rpc)
+            frame = codec.decode(payload, as_torch=self.as_torch)
+            if kind is TopicKind.global_adapter:
+                header = parse(frame.header, GlobalAdapter)
+                self.received_global(header, len(payload))
+                self.act(self.proto.on_global(header, frame.tensors))
+            else:
+                self.act(self.proto.on_announcement(parse(frame.header, RoundAnnouncement)))
+        except WireError as e:
+            self.rejected(e.reason, f"{topic}: {e}")
+
+    def trained(self, round_number: int, update: Any) -> bool:
+        """Hand a trained round's update to the machine (it sends it unless the agent is stopping);
+        True once the broker has it."""
+        if self.stopping():
+            self.proto.stop()
+        self.act(self.proto.trained(round_number, update))
+        return round_number in self.proto.done
+
+    def act(self, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, PublishStatus):
+                self.publish_status(a.state)
+            elif isinstance(a, LoadGlobal):
+                if self.load_global(a):
+                    self.act(self.proto.global_loaded(a.version))
+            elif isinstance(a, Train):
+                self.train(a)
+            elif isinstance(a, SendUpdate):
+                self.send_update(a)
+                self.act(self.proto.sent(a.round))
+            elif isinstance(a, Skip):
+                self.log.info("%s: round %d skipped (%s; holding global v%d)", self.proto.agent_id, a.round,
+                         "the run is over" if a.reason == "final" else "older than the global held", a.held_version)
+            elif isinstance(a, Finish):
+                self.finish(a)
+            elif isinstance(a, Idle):
+                self.idle()
