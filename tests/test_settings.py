@@ -47,6 +47,17 @@ def test_env_errors_name_the_variable(monkeypatch):
         load_settings(AggregatorSettings)
 
 
+@pytest.mark.parametrize("cls", [AggregatorSettings, AgentSettings])
+def test_lora_settings_reach_both_modes(cls, monkeypatch):
+    default = load_settings(cls, mode="split")
+    assert (default.decoder_spec().lora_r, default.decoder_spec().lora_alpha) == (8, 16)
+    monkeypatch.setenv("EDGETUNE_LORA_R", "4")
+    monkeypatch.setenv("EDGETUNE_LORA_ALPHA", "32")
+    s = load_settings(cls, mode="split")
+    assert (s.decoder_spec().lora_r, s.decoder_spec().lora_alpha) == (4, 32)
+    assert (s.classifier_spec().lora_r, s.classifier_spec().lora_alpha) == (4, 32)
+
+
 def test_unknown_file_key_and_missing_file(tmp_path):
     f = tmp_path / "s.json"
     f.write_text(json.dumps({"roundz": 3}))
@@ -62,14 +73,3 @@ def test_effective_settings_are_written_with_secrets_masked(tmp_path):
     data = json.loads((tmp_path / "settings.json").read_text())
     assert data["agent_id"] == "kiosk-17"
     assert "hunter2" not in (tmp_path / "settings.json").read_text()
-
-
-@pytest.mark.parametrize("cls", [AggregatorSettings, AgentSettings])
-def test_lora_settings_reach_both_modes(cls, monkeypatch):
-    default = load_settings(cls, mode="split")
-    assert (default.decoder_spec().lora_r, default.decoder_spec().lora_alpha) == (8, 16)
-    monkeypatch.setenv("EDGETUNE_LORA_R", "4")
-    monkeypatch.setenv("EDGETUNE_LORA_ALPHA", "32")
-    s = load_settings(cls, mode="split")
-    assert (s.decoder_spec().lora_r, s.decoder_spec().lora_alpha) == (4, 32)
-    assert (s.classifier_spec().lora_r, s.classifier_spec().lora_alpha) == (4, 32)
