@@ -68,8 +68,8 @@ class SplitLMTask:
     def __init__(self, settings, out: Path) -> None:
         from aggregator.split_server import SplitServer
         from data.corpus import lm_split, token_blocks
-        from models.split import (add_lora, family_of, load_4bit, load_full_model, load_tokenizer, lora_targets,
-                                  split_model)
+        from models.split import (add_lora, add_split_lora, family_of, load_4bit, load_full_model, load_tokenizer,
+                                  lora_targets, split_model)
 
         self.s = settings
         self.out = out
@@ -88,10 +88,8 @@ class SplitLMTask:
         device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if settings.split_quantize == "4bit":  # QLoRA: the tail's base weights in NF4 on the GPU
             _, tail = split_model(load_4bit(base_dir, device), self.spec.cut)
-        torch.manual_seed(self.spec.seed + 1)  # the agents' head LoRA init
-        self.head = add_lora(head, targets, self.spec.lora_r, self.spec.lora_alpha).eval()
-        torch.manual_seed(self.spec.seed + 2)
-        tail = add_lora(tail, targets, self.spec.lora_r, self.spec.lora_alpha)
+        self.head = add_split_lora(head, targets, self.spec, "head").eval()  # the agents' head LoRA init
+        tail = add_split_lora(tail, targets, self.spec, "tail")
         self.server = SplitServer(tail, lr=settings.split_lr, max_tokens=settings.split_max_tokens, device=device)
         self.head.to(self.server.device)
         # the unsplit model with LoRA, used only to save checkpoints as one ordinary peft adapter

@@ -168,7 +168,9 @@ def main(argv: list[str] | None = None) -> Path:
     import torch
 
     from edge_agent.inference import OnnxPredictor
-    from models.onnx_export import export_onnx, merged_copy, quantize_int8, read_meta
+    from models.onnx_export import export_onnx, merged_copy
+    from models.onnx_folder import read_meta
+    from models.onnx_int8 import quantize_int8
 
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -260,7 +262,7 @@ def main(argv: list[str] | None = None) -> Path:
         "texts": f"VADER held-out split: {len(single)} texts at batch 1, {len(batches)} batches of 32",
         "threads": args.threads,
         "timing": "end to end: tokenization + forward + softmax",
-        "int8": "models.onnx_export.quantize_int8 guarded by 1,024 training texts (target agreement 0.999): "
+        "int8": "models.onnx_int8.quantize_int8 guarded by 1,024 training texts (target agreement 0.999): "
                 "DynamicQuantizeMatMul / MatMulNBits(8 bit, block 32) per node, embeddings int8 per row, Gemm head fp32",
         "peak_rss": "VmHWM of a fresh python process that imports its runtime, loads the model and serves 256 texts in batches of 32 and 32 one at a time",
         "model_mb (torch row)": "merged model.safetensors, what the torch path loads",

@@ -153,14 +153,11 @@ class Setup:
             yield self.train[order[s * self.batch : (s + 1) * self.batch]]
 
     def tail(self):
-        """The server's tail, built as aggregator/tasks.SplitLMTask does (LoRA seed spec.seed + 2)."""
-        import torch
-
-        from models.split import add_lora, lora_targets, split_model
+        """The server's tail, built as aggregator/tasks.SplitLMTask builds it."""
+        from models.split import add_split_lora, lora_targets, split_model
 
         _, tail = split_model(self.full, self.spec.cut)
-        torch.manual_seed(self.spec.seed + 2)
-        tail = add_lora(tail, lora_targets(self.full), self.spec.lora_r, self.spec.lora_alpha)
+        tail = add_split_lora(tail, lora_targets(self.full), self.spec, "tail")
         if self.train_all:
             _unfreeze(tail, keep_frozen=("transformer.wpe",))  # positions were added on the edge: wpe stays zero
         return tail

@@ -152,17 +152,14 @@ class Server:
     """AggregatorService's split path in a thread: _pump -> _handle_split -> _serve_split."""
 
     def __init__(self, url: str, a: dict, workdir: Path) -> None:
-        import torch
-
         from aggregator.service import AggregatorService
         from aggregator.settings import AggregatorSettings
-        from models.split import add_lora, load_full_model, lora_targets, split_model
+        from models.split import add_split_lora, load_full_model, lora_targets, split_model
 
         spec = _spec(a)
         full = load_full_model(spec)
         _, tail = split_model(full, spec.cut)
-        torch.manual_seed(spec.seed + 2)
-        self.tail = add_lora(tail, lora_targets(full), spec.lora_r, spec.lora_alpha)
+        self.tail = add_split_lora(tail, lora_targets(full), spec, "tail")
         self.B, self.T = a["batch"], a["seq"]
         s = AggregatorSettings(mode="split", broker_url=url, fleet=FLEET, output_dir=workdir / "aggregator",
                                device="cpu", split_lr=1e-3, split_n_layer=spec.n_layer, split_n_embd=spec.n_embd,
@@ -213,12 +210,12 @@ class Centralized:
     def __init__(self, a: dict) -> None:
         import torch
 
-        from models.split import add_lora, load_full_model, load_tokenizer, lora_targets
+        from models.split import add_split_lora, load_full_model, load_tokenizer, lora_targets
 
         spec = _spec(a)
         full = load_full_model(spec)
-        torch.manual_seed(spec.seed + 1)
-        self.model = add_lora(full, lora_targets(full), spec.lora_r, spec.lora_alpha).train()
+        # seeded as the head: peft draws the blocks' LoRA in order, so blocks 0..cut-1 start as the agents' head
+        self.model = add_split_lora(full, lora_targets(full), spec, "head").train()
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-3)
         self.B, self.T = a["batch"], a["seq"]
         self.blocks = _blocks(load_tokenizer(spec), self.T, self.B * 16, offset=0)

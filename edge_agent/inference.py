@@ -3,7 +3,7 @@
 This module imports onnxruntime, numpy and `tokenizers` only: a device that serves
 predictions never loads torch or transformers (tests check `sys.modules` in a fresh process).
 A model folder is what `models.onnx_export.export_onnx` writes: model.onnx (and
-model.int8.onnx after `quantize_int8`), tokenizer.json and model_meta.json.
+model.int8.onnx after `models.onnx_int8.quantize_int8`), tokenizer.json and model_meta.json.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-META_FILE = "model_meta.json"  # same names as models.onnx_export (not imported: it imports torch)
-TOKENIZER_FILE = "tokenizer.json"
-DEFAULT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+from models.onnx_folder import FP32_FILE, INT8_FILE, META_FILE, TOKENIZER_FILE  # no torch there
+
+DEFAULT_FILES = {"fp32": FP32_FILE, "int8": INT8_FILE}
 
 
 class ModelLoadError(RuntimeError):
@@ -68,7 +68,7 @@ class OnnxPredictor:
         self.precision = precision
         self.model_path = self.model_dir / files[precision]
         if not self.model_path.exists():
-            hint = " (run models.onnx_export.quantize_int8 on the fp32 model)" if precision == "int8" else ""
+            hint = " (run models.onnx_int8.quantize_int8 on the fp32 model)" if precision == "int8" else ""
             raise ModelLoadError(f"{self.model_path} is missing{hint}")
 
         self.labels: tuple[str, ...] = tuple(self.meta["labels"])

@@ -19,7 +19,8 @@ import torch
 from broker import activations
 from edge_agent.trainer import LocalUpdate
 from models.classifier import adapter_state, check_adapter_state, load_adapter_state
-from models.split import DecoderSpec, add_lora, causal_lm_labels, load_full_model, load_tokenizer, lora_targets, split_model
+from models.split import (DecoderSpec, add_split_lora, causal_lm_labels, load_full_model, load_tokenizer, lora_seed,
+                          lora_targets, split_model)
 from models.train import TrainResult
 
 RequestFn = Callable[[int, str, dict], tuple]  # (step, encoding, tensors) -> (SplitGradient, tensors)
@@ -36,8 +37,7 @@ class SplitTrainer:
             targets = lora_targets(full)
             h, _ = split_model(full, spec.cut)
             del full
-            torch.manual_seed(spec.seed + 1)  # the same head LoRA init as the aggregator's
-            self.model = add_lora(h, targets, spec.lora_r, spec.lora_alpha)
+            self.model = add_split_lora(h, targets, spec, "head")  # the same head LoRA init as the aggregator's
             self.tokenizer = load_tokenizer(spec)
         else:
             raise ValueError(f"split head {head!r}: use transformers or lean")
@@ -120,5 +120,5 @@ def _lean_head(spec: DecoderSpec, head_path: str | None):
                          "EDGETUNE_SPLIT_HEAD_PATH=DIR")
     check_export_matches(folder, spec)
     model = load_lean_head(folder, cut=spec.cut, lora_r=spec.lora_r, lora_alpha=spec.lora_alpha,
-                           lora_seed=spec.seed + 1)
+                           lora_seed=lora_seed(spec, "head"))
     return model, lean_tokenizer(spec.model if is_folder else None)

@@ -69,30 +69,11 @@ def compare(
     """Compare learning modes and strategies in-process (no broker) on the same data and budget.
 
     Per-round metrics go to OUTPUT/<run>/metrics.jsonl, one plot of all runs to OUTPUT/accuracy.png."""
-    from aggregator.strategies import STRATEGIES
-    from edgetune.simulate import MODELS, MODES, SimConfig, SimulationError, compare as run_compare
+    from edgetune.simulate import SimulationError, compare as run_compare
 
-    names = [m.strip() for m in modes.split(",") if m.strip()]
-    if not names:
-        _fail("--modes is empty")
-    unknown = [n for n in names if n not in MODES and n not in STRATEGIES]
-    if unknown:
-        _fail(f"--modes: unknown {', '.join(unknown)}; use modes ({', '.join(MODES)}) or strategies ({', '.join(STRATEGIES)})")
-    if model not in MODELS:
-        _fail(f"--model {model!r}: choose one of {', '.join(MODELS)}")
-    opts: dict[str, dict] = {}
-    for o in option:
-        key, eq, value = o.partition("=")
-        name, dot, k = key.partition(".")
-        if not eq or not dot or not k:
-            _fail(f"--option {o!r}: write NAME.KEY=VALUE, e.g. krum.f=1")
-        opts.setdefault(name, {})[k] = _parse_value(value)
-    speed_list = None
-    if speeds:
-        try:
-            speed_list = [float(x) for x in speeds.split(",")]
-        except ValueError:
-            _fail(f"--speeds {speeds!r}: give numbers separated by commas")
+    names = _check_runs(modes, model)
+    opts = _strategy_options(option)
+    speed_list = _parse_speeds(speeds)
     if threads:
         from models.classifier import set_threads
 
@@ -102,6 +83,58 @@ def compare(
                   lr=lr, attackers=attackers, attack=attack, attack_scale=attack_scale, flip_scale=flip_scale,
                   buffer_size=buffer_size, speeds=speed_list, model=model, data=str(data) if data else None,
                   train_limit=train_limit, eval_limit=eval_limit, eval_agents=eval_agents, seed=seed)
+    configs = _configs(names, opts, common, prox_mu)
+    try:
+        for c in configs.values():
+            c.check()
+        results = run_compare(configs, output=output, log=typer.echo)
+    except (SimulationError, ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    _report(results, common, output)
+
+
+def _check_runs(modes: str, model: str) -> list[str]:
+    """The run names of --modes, each a mode or a strategy; --model checked too."""
+    from aggregator.strategies import STRATEGIES
+    from edgetune.simulate import MODELS, MODES
+
+    names = [m.strip() for m in modes.split(",") if m.strip()]
+    if not names:
+        _fail("--modes is empty")
+    unknown = [n for n in names if n not in MODES and n not in STRATEGIES]
+    if unknown:
+        _fail(f"--modes: unknown {', '.join(unknown)}; use modes ({', '.join(MODES)}) or strategies ({', '.join(STRATEGIES)})")
+    if model not in MODELS:
+        _fail(f"--model {model!r}: choose one of {', '.join(MODELS)}")
+    return names
+
+
+def _strategy_options(option: List[str]) -> dict[str, dict]:
+    """--option NAME.KEY=VALUE, repeated -> {NAME: {KEY: VALUE}}."""
+    opts: dict[str, dict] = {}
+    for o in option:
+        key, eq, value = o.partition("=")
+        name, dot, k = key.partition(".")
+        if not eq or not dot or not k:
+            _fail(f"--option {o!r}: write NAME.KEY=VALUE, e.g. krum.f=1")
+        opts.setdefault(name, {})[k] = _parse_value(value)
+    return opts
+
+
+def _parse_speeds(speeds: Optional[str]) -> list[float] | None:
+    if not speeds:
+        return None
+    try:
+        return [float(x) for x in speeds.split(",")]
+    except ValueError:
+        _fail(f"--speeds {speeds!r}: give numbers separated by commas")
+
+
+def _configs(names: list[str], opts: dict[str, dict], common: dict, prox_mu: float) -> dict:
+    """One SimConfig per run: a mode as it is (attackers only where there is a federation), a strategy under fedavg."""
+    from edgetune.simulate import MODES, SimConfig
+
     configs = {}
     for n in names:
         if n in MODES:
@@ -113,13 +146,11 @@ def compare(
         else:
             c = SimConfig(mode="fedavg", strategy=n, strategy_options=opts.get(n, {}), **common)
         configs[n] = c
-    try:
-        for c in configs.values():
-            c.check()
-        results = run_compare(configs, output=output, log=typer.echo)
-    except (SimulationError, ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+    return configs
+
+
+def _report(results: dict, common: dict, output: Path) -> None:
+    """OUTPUT/summary.json and a markdown table of the runs on the terminal."""
     rows = []
     for n, r in results.items():
         acc = r.accuracies

@@ -143,6 +143,7 @@ def plot_accuracy(metrics_file: Path, png: Path, title: str = "") -> Path:
 
 
 def run_local(opts: RunOptions, echo=print) -> dict:
+    """Run the job to its end (or Ctrl-C), echoing each round; returns the summary (rounds, seconds, plot)."""
     out = Path(opts.output)
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
@@ -158,76 +159,22 @@ def run_local(opts: RunOptions, echo=print) -> dict:
     env = _env(opts, url, protocol)
     agg_dir = out / "aggregator"
     metrics_file = agg_dir / "metrics.jsonl"
-    if metrics_file.exists():
-        metrics_file.unlink()
-    import shutil
+    _clear_previous_run(agg_dir, metrics_file)
+    stopping: list[int] = []  # Ctrl-C: the signal number, once asked
 
-    shutil.rmtree(agg_dir / "checkpoints", ignore_errors=True)
-    # the aggregator idles while agents train: let its evaluation use two threads
-    agg_env = dict(env, EDGETUNE_OUTPUT_DIR=str(agg_dir), EDGETUNE_THREADS="2", OMP_NUM_THREADS="2",
-                   EDGETUNE_AGGREGATION=opts.aggregation, EDGETUNE_ASYNC_BUFFER_SIZE=str(opts.async_buffer_size))
-    if opts.strategy_options:
-        agg_env["EDGETUNE_STRATEGY_OPTIONS"] = opts.strategy_options
-    agg_cmd = [
-        sys.executable, "-m", "aggregator.cli", "run", "--rounds", str(opts.rounds),
-        "--min-agents", str(max(1, opts.agents // 2)), "--expected-agents", str(opts.agents),
-        "--local-epochs", str(opts.local_epochs), "--max-local-steps", str(opts.max_local_steps),
-        "--strategy", opts.strategy, "--round-timeout", str(opts.round_timeout_s),
-    ]
-    if opts.eval_limit:
-        agg_cmd += ["--eval-limit", str(opts.eval_limit)]
-    stopping = False
-
-    def _stop(signum, frame):
-        nonlocal stopping
-        stopping = True
-
-    old = signal.signal(signal.SIGINT, _stop)
+    old = signal.signal(signal.SIGINT, lambda signum, frame: stopping.append(signum))
     t0 = time.time()
     try:
-        procs.append(("aggregator", subprocess.Popen(agg_cmd, env=agg_env, stdout=open(logs / "aggregator.log", "w"),
-                                                    stderr=subprocess.STDOUT, start_new_session=True)))
+        procs.append(("aggregator", _start(_aggregator_cmd(opts), _aggregator_env(opts, env, agg_dir),
+                                           logs / "aggregator.log")))
         for i in range(opts.agents):
             aid = f"agent-{i + 1}"
-            a_env = dict(env, EDGETUNE_AGENT_ID=aid, EDGETUNE_PARTITION=opts.partition,
-                         EDGETUNE_SPLIT_ENCODING=opts.split_encoding,
-                         EDGETUNE_SPLIT_BATCH_SIZE=str(opts.split_batch_size),
-                         EDGETUNE_NUM_PARTITIONS=str(opts.agents), EDGETUNE_PARTITION_INDEX=str(i),
-                         EDGETUNE_PARTITION_SEED=str(opts.seed), EDGETUNE_LR=str(opts.lr),
-                         EDGETUNE_BATCH_SIZE=str(opts.batch_size), EDGETUNE_TRAIN_SEED=str(opts.seed + i),
-                         EDGETUNE_PROX_MU=str(opts.prox_mu))
-            procs.append((aid, subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "run"], env=a_env,
-                                                stdout=open(logs / f"{aid}.log", "w"), stderr=subprocess.STDOUT,
-                                                start_new_session=True)))
+            procs.append((aid, _start([sys.executable, "-m", "edge_agent.cli", "run"], _agent_env(opts, env, aid, i),
+                                      logs / f"{aid}.log")))
         echo(f"started the aggregator and {opts.agents} agents ({opts.partition} partition); logs in {logs}")
-        seen = 0
+        _follow(procs, metrics_file, opts.agents, logs, lambda: bool(stopping), echo)
+        _wait_all(procs, echo)
         agg = procs[0][1]
-        while True:
-            if metrics_file.exists():
-                rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
-                for row in rows[seen:]:
-                    echo(_progress(row))
-                seen = len(rows)
-            if agg.poll() is not None:
-                break
-            dead = [n for n, p in procs[1:] if p.poll() not in (None, 0)]
-            if dead and len(dead) > opts.agents - max(1, opts.agents // 2):
-                echo(f"agents {dead} exited with errors; see {logs}")
-            if stopping:
-                echo("stopping: the aggregator writes its checkpoint, agents go offline")
-                for _, p in procs:
-                    if p.poll() is None:
-                        p.send_signal(signal.SIGINT)
-                break
-            time.sleep(0.5)
-        deadline = time.monotonic() + 60
-        for name, p in procs:
-            try:
-                p.wait(max(1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                echo(f"{name} did not stop in time; killing it")
-                p.kill()
-                p.wait()
         if agg.returncode not in (0, None) and not stopping:
             tail = (logs / "aggregator.log").read_text()[-3000:]
             raise RuntimeError(f"the aggregator failed (exit {agg.returncode}):\n{tail}")
@@ -238,8 +185,96 @@ def run_local(opts: RunOptions, echo=print) -> dict:
                 p.kill()
         if broker is not None:
             broker.close()
+    return _summary(opts, out, metrics_file, time.time() - t0)
+
+
+def _clear_previous_run(agg_dir: Path, metrics_file: Path) -> None:
+    """A new run in the same output folder starts without the last run's rounds and checkpoints."""
+    import shutil
+
+    if metrics_file.exists():
+        metrics_file.unlink()
+    shutil.rmtree(agg_dir / "checkpoints", ignore_errors=True)
+
+
+def _aggregator_cmd(opts: RunOptions) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "aggregator.cli", "run", "--rounds", str(opts.rounds),
+        "--min-agents", str(max(1, opts.agents // 2)), "--expected-agents", str(opts.agents),
+        "--local-epochs", str(opts.local_epochs), "--max-local-steps", str(opts.max_local_steps),
+        "--strategy", opts.strategy, "--round-timeout", str(opts.round_timeout_s),
+    ]
+    if opts.eval_limit:
+        cmd += ["--eval-limit", str(opts.eval_limit)]
+    return cmd
+
+
+def _aggregator_env(opts: RunOptions, env: dict, agg_dir: Path) -> dict:
+    # the aggregator idles while agents train: let its evaluation use two threads
+    agg_env = dict(env, EDGETUNE_OUTPUT_DIR=str(agg_dir), EDGETUNE_THREADS="2", OMP_NUM_THREADS="2",
+                   EDGETUNE_AGGREGATION=opts.aggregation, EDGETUNE_ASYNC_BUFFER_SIZE=str(opts.async_buffer_size))
+    if opts.strategy_options:
+        agg_env["EDGETUNE_STRATEGY_OPTIONS"] = opts.strategy_options
+    return agg_env
+
+
+def _agent_env(opts: RunOptions, env: dict, aid: str, i: int) -> dict:
+    """Agent i's environment: its id, its partition and its training seed."""
+    return dict(env, EDGETUNE_AGENT_ID=aid, EDGETUNE_PARTITION=opts.partition,
+                EDGETUNE_SPLIT_ENCODING=opts.split_encoding,
+                EDGETUNE_SPLIT_BATCH_SIZE=str(opts.split_batch_size),
+                EDGETUNE_NUM_PARTITIONS=str(opts.agents), EDGETUNE_PARTITION_INDEX=str(i),
+                EDGETUNE_PARTITION_SEED=str(opts.seed), EDGETUNE_LR=str(opts.lr),
+                EDGETUNE_BATCH_SIZE=str(opts.batch_size), EDGETUNE_TRAIN_SEED=str(opts.seed + i),
+                EDGETUNE_PROX_MU=str(opts.prox_mu))
+
+
+def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """A process in its own session (Ctrl-C reaches it only through us), its output in `log`."""
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _follow(procs: list[tuple[str, subprocess.Popen]], metrics_file: Path, agents: int, logs: Path,
+            stopping, echo) -> None:
+    """Echo the aggregator's rounds as they come, until it exits or Ctrl-C (then SIGINT to every process)."""
+    seen = 0
+    agg = procs[0][1]
+    while True:
+        if metrics_file.exists():
+            rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
+            for row in rows[seen:]:
+                echo(_progress(row))
+            seen = len(rows)
+        if agg.poll() is not None:
+            break
+        dead = [n for n, p in procs[1:] if p.poll() not in (None, 0)]
+        if dead and len(dead) > agents - max(1, agents // 2):
+            echo(f"agents {dead} exited with errors; see {logs}")
+        if stopping():
+            echo("stopping: the aggregator writes its checkpoint, agents go offline")
+            for _, p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.5)
+
+
+def _wait_all(procs: list[tuple[str, subprocess.Popen]], echo, timeout_s: float = 60) -> None:
+    """Wait for every process to exit, together at most `timeout_s`; kill those that do not."""
+    deadline = time.monotonic() + timeout_s
+    for name, p in procs:
+        try:
+            p.wait(max(1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            echo(f"{name} did not stop in time; killing it")
+            p.kill()
+            p.wait()
+
+
+def _summary(opts: RunOptions, out: Path, metrics_file: Path, seconds: float) -> dict:
+    """The run's rounds and time; with rounds, also the plot and summary.json."""
     rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()] if metrics_file.exists() else []
-    summary = {"rounds": rows, "seconds": time.time() - t0, "output": str(out)}
+    summary = {"rounds": rows, "seconds": seconds, "output": str(out)}
     if rows:
         what = f"split {opts.split_encoding}" if opts.mode == "split" else opts.strategy
         if opts.aggregation == "async":

@@ -9,12 +9,17 @@ from pydantic import BaseModel, Field
 from models.classifier import ClassifierSpec
 
 
-class ModelSettings(BaseModel):
+class LoraSettings(BaseModel):
+    """The LoRA adapter, in both modes (the classifier's in federated mode, the head's and tail's in split mode)."""
+
+    lora_r: int = Field(8, ge=1, le=256)
+    lora_alpha: int = Field(16, ge=1)
+
+
+class ModelSettings(LoraSettings):
     model: str | None = Field(None, description="local model folder or hub name; unset: the shipped MiniLM")
     num_layers: int = Field(4, ge=0, le=48, description="encoder layers kept on the edge (0: all)")
     num_labels: int = Field(2, ge=2)
-    lora_r: int = Field(8, ge=1, le=256)
-    lora_alpha: int = Field(16, ge=1)
     max_length: int = Field(64, ge=8, le=512)
     model_seed: int = Field(0, description="seed of the new classifier head (same on every process)")
 
@@ -30,7 +35,7 @@ class ModelSettings(BaseModel):
         )
 
 
-class DecoderSettings(BaseModel):
+class DecoderSettings(LoraSettings):
     """Split mode: the decoder, where it is cut, and the sequences it trains on."""
 
     split_model: str = Field("gpt2-config", description="gpt2-config (GPT-2 architecture, random init), "
@@ -53,4 +58,5 @@ class DecoderSettings(BaseModel):
 
         return DecoderSpec(model=self.split_model, cut=self.split_cut, n_layer=self.split_n_layer,
                            n_embd=self.split_n_embd, n_head=self.split_n_head,
-                           n_positions=max(1024, self.seq_len), lora_r=8, lora_alpha=16, seed=self.split_seed)
+                           n_positions=max(1024, self.seq_len), lora_r=self.lora_r, lora_alpha=self.lora_alpha,
+                           seed=self.split_seed)

@@ -26,6 +26,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -228,16 +229,31 @@ def add_lora(half: nn.Module, targets: list[str], r: int = 8, alpha: int = 16):
     return get_peft_model(half, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets))
 
 
+_LORA_SEED_OFFSET = {"head": 1, "tail": 2}
+
+
+def lora_seed(spec: DecoderSpec, part: Literal["head", "tail"]) -> int:
+    """The seed of a half's LoRA init: the head's is the same on every agent and on the aggregator."""
+    return spec.seed + _LORA_SEED_OFFSET[part]
+
+
+def add_split_lora(half: nn.Module, targets: list[str], spec: DecoderSpec, part: Literal["head", "tail"]):
+    """`add_lora` with the spec's r and alpha, its init drawn right after seeding torch with `lora_seed(spec, part)`.
+
+    Every process that builds a half goes through here, so a fleet's initial adapters agree.
+    """
+    torch.manual_seed(lora_seed(spec, part))
+    return add_lora(half, targets, spec.lora_r, spec.lora_alpha)
+
+
 def build_split(spec: DecoderSpec, *, head: bool = True, tail: bool = True):
-    """(head, tail, tokenizer) with LoRA on each built half; None for a half not asked for."""
+    """(head, tail) with LoRA on each built half; None for a half not asked for."""
     full = load_full_model(spec)
     targets = lora_targets(full)
     h, t = split_model(full, spec.cut)
     del full
-    torch.manual_seed(spec.seed + 1)  # identical LoRA init on every agent
-    h = add_lora(h, targets, spec.lora_r, spec.lora_alpha) if head else None
-    torch.manual_seed(spec.seed + 2)
-    t = add_lora(t, targets, spec.lora_r, spec.lora_alpha) if tail else None
+    h = add_split_lora(h, targets, spec, "head") if head else None
+    t = add_split_lora(t, targets, spec, "tail") if tail else None
     return h, t
 
 

@@ -91,7 +91,8 @@ def test_predict_uses_onnx_runtime_without_torch(tmp_path):
 
     from edge_agent.inference import OnnxPredictor
     from models.classifier import ClassifierSpec, build_classifier, load_tokenizer
-    from models.onnx_export import export_onnx, quantize_int8
+    from models.onnx_export import export_onnx
+    from models.onnx_int8 import quantize_int8
 
     spec = ClassifierSpec(max_length=32)
     model, tok = build_classifier(spec), load_tokenizer(spec)

@@ -37,7 +37,9 @@ import torch.nn.functional as F  # noqa: E402
 from data.sentiment import LABELS, train_test_split  # noqa: E402
 from edge_agent.inference import ModelSlot, OnnxPredictor, accuracy  # noqa: E402
 from models.classifier import ClassifierSpec, adapter_state, build_classifier, load_tokenizer  # noqa: E402
-from models.onnx_export import FFN_NODES, export_onnx, quantize_int8, read_meta  # noqa: E402
+from models.onnx_export import export_onnx  # noqa: E402
+from models.onnx_folder import read_meta  # noqa: E402
+from models.onnx_int8 import FFN_NODES, quantize_int8  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ClassifierSpec()  # the edge default: 4 layers, max_length 64

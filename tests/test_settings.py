@@ -48,6 +48,17 @@ def test_env_errors_name_the_variable(monkeypatch):
         load_settings(AggregatorSettings)
 
 
+@pytest.mark.parametrize("cls", [AggregatorSettings, AgentSettings])
+def test_lora_settings_reach_both_modes(cls, monkeypatch):
+    default = load_settings(cls, mode="split")
+    assert (default.decoder_spec().lora_r, default.decoder_spec().lora_alpha) == (8, 16)
+    monkeypatch.setenv("EDGETUNE_LORA_R", "4")
+    monkeypatch.setenv("EDGETUNE_LORA_ALPHA", "32")
+    s = load_settings(cls, mode="split")
+    assert (s.decoder_spec().lora_r, s.decoder_spec().lora_alpha) == (4, 32)
+    assert (s.classifier_spec().lora_r, s.classifier_spec().lora_alpha) == (4, 32)
+
+
 def test_unknown_file_key_and_missing_file(tmp_path):
     f = tmp_path / "s.json"
     f.write_text(json.dumps({"roundz": 3}))
