@@ -7,12 +7,10 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, help="EdgeTune aggregator: rounds, FedAvg, checkpoints, metrics.")
+from common.cli import cli_settings, exit_codes, new_app
+from common.logs import setup_logging
 
-
-@app.callback()
-def main() -> None:
-    pass
+app = new_app("EdgeTune aggregator: rounds, FedAvg, checkpoints, metrics.")
 
 
 @app.command()
@@ -32,35 +30,22 @@ def run(
     metrics_port: Optional[int] = typer.Option(None),
 ) -> None:
     """Run federated rounds until --rounds are done (Ctrl-C stops cleanly after a checkpoint)."""
-    from common.logs import setup_logging
-    from common.settings import SettingsError, load_settings
-
     from aggregator.settings import AggregatorSettings
 
-    try:
-        s = load_settings(
-            AggregatorSettings, config, broker_url=broker, fleet=fleet, rounds=rounds, min_agents=min_agents,
-            expected_agents=expected_agents, round_timeout_s=round_timeout, local_epochs=local_epochs,
-            max_local_steps=max_local_steps, strategy=strategy, output_dir=output_dir, eval_limit=eval_limit,
-            metrics_port=metrics_port,
-        )
-    except SettingsError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+    s = cli_settings(
+        AggregatorSettings, config, broker_url=broker, fleet=fleet, rounds=rounds, min_agents=min_agents,
+        expected_agents=expected_agents, round_timeout_s=round_timeout, local_epochs=local_epochs,
+        max_local_steps=max_local_steps, strategy=strategy, output_dir=output_dir, eval_limit=eval_limit,
+        metrics_port=metrics_port,
+    )
     setup_logging(s.log_level, "aggregator")
     from aggregator.service import AggregatorService
     from broker.transport import BrokerError
 
     from models.split import QuantizationUnavailable
 
-    try:
+    with exit_codes({BrokerError: 3, QuantizationUnavailable: 2}):
         AggregatorService(s).run()
-    except BrokerError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(3)
-    except QuantizationUnavailable as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
 
 
 if __name__ == "__main__":

@@ -77,17 +77,8 @@ class AggregatorService:
             self.coord = SyncCoordinator(self.strategy, self.task.global_state(), version=version, **common)
 
     def _connect(self) -> None:
-        t = MqttTransport(
-            f"edgetune-aggregator-{self.s.fleet}",
-            self.s.broker_url,
-            username=self.s.mqtt_username,
-            password=self.s.password(),
-            ca_file=self.s.ca_file,
-            protocol=self.s.mqtt_protocol,
-            persistent_session=True,
-            max_packet_bytes=self.s.max_packet_bytes,
-            on_state=lambda up: self.metrics.broker_connected.set(1 if up else 0),
-        )
+        t = self.s.transport(f"edgetune-aggregator-{self.s.fleet}",
+                             on_state=lambda up: self.metrics.broker_connected.set(1 if up else 0))
         t.subscribe(self.topics.all_status)
         t.subscribe(self.topics.all_updates)
         if self.s.mode == "split":

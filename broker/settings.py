@@ -39,3 +39,12 @@ class ConnectionSettings(BaseModel):
 
     def password(self) -> str | None:
         return self.mqtt_password.get_secret_value() if self.mqtt_password else None
+
+    def transport(self, client_id: str, **options):
+        """A persistent-session MqttTransport to this broker with these credentials, TLS, protocol
+        and packet limit; `options` (will, on_state, ...) go to MqttTransport."""
+        from broker.transport import MqttTransport
+
+        return MqttTransport(client_id, self.broker_url, username=self.mqtt_username, password=self.password(),
+                             ca_file=self.ca_file, protocol=self.mqtt_protocol, max_packet_bytes=self.max_packet_bytes,
+                             **{"persistent_session": True, **options})

@@ -12,12 +12,10 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, help="EdgeTune edge agent: local training, updates, predictions.")
+from common.cli import cli_settings, exit_codes, new_app
+from common.logs import setup_logging
 
-
-@app.callback()
-def main() -> None:
-    pass
+app = new_app("EdgeTune edge agent: local training, updates, predictions.")
 
 
 @app.command()
@@ -32,32 +30,19 @@ def run(
     metrics_port: Optional[int] = typer.Option(None),
 ) -> None:
     """Join the fleet and train in every round this agent is selected for."""
-    from common.logs import setup_logging
-    from common.settings import SettingsError, load_settings
-
     from edge_agent.settings import AgentSettings
 
-    try:
-        s = load_settings(
-            AgentSettings, config, agent_id=agent_id, broker_url=broker, fleet=fleet, partition=partition,
-            num_partitions=num_partitions, partition_index=partition_index, metrics_port=metrics_port,
-        )
-    except SettingsError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+    s = cli_settings(
+        AgentSettings, config, agent_id=agent_id, broker_url=broker, fleet=fleet, partition=partition,
+        num_partitions=num_partitions, partition_index=partition_index, metrics_port=metrics_port,
+    )
     setup_logging(s.log_level, s.agent_id)
     from broker.transport import BrokerError
     from edge_agent.local_settings import DeviceSetupError
     from edge_agent.runner import AgentRunner
 
-    try:
+    with exit_codes({BrokerError: 3, DeviceSetupError: EXIT_STATE}):
         AgentRunner(s).run()
-    except BrokerError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(3)
-    except DeviceSetupError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(EXIT_STATE)
 
 
 EXIT_INPUT = 2  # a bad setting or input: nothing stored
@@ -65,14 +50,9 @@ EXIT_STATE = 4  # no state dir, or no exported model in it yet
 
 
 def _local_settings(config: Optional[Path], state_dir: Optional[Path]):
-    from common.settings import SettingsError, load_settings
     from edge_agent.local_settings import LocalCommandSettings
 
-    try:
-        return load_settings(LocalCommandSettings, config, state_dir=str(state_dir) if state_dir else None)
-    except SettingsError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(EXIT_INPUT)
+    return cli_settings(LocalCommandSettings, config, state_dir=str(state_dir) if state_dir else None)
 
 
 _STATE_DIR = typer.Option(None, "--state-dir", help="the agent's state dir (default: EDGETUNE_STATE_DIR)")

@@ -152,18 +152,8 @@ class AgentRunner(ProtocolDriver):
         super()._on_state(up)
 
     def _connect(self) -> None:
-        t = MqttTransport(
-            f"edgetune-agent-{self.s.agent_id}",
-            self.s.broker_url,
-            username=self.s.mqtt_username,
-            password=self.s.password(),
-            ca_file=self.s.ca_file,
-            protocol=self.s.mqtt_protocol,
-            max_packet_bytes=self.s.max_packet_bytes,
-            will=Will(self.topics.status(self.s.agent_id), self.status_frame(AgentState.offline)),
-            on_state=self._on_state,
-            persistent_session=True,
-        )
+        t = self.s.transport(f"edgetune-agent-{self.s.agent_id}", on_state=self._on_state,
+                             will=Will(self.topics.status(self.s.agent_id), self.status_frame(AgentState.offline)))
         t.subscribe(self.topics.round)
         t.subscribe(self.topics.global_adapter)
         if self.s.mode == "split":

@@ -7,12 +7,9 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, help="EdgeTune: federated LoRA fine-tuning across edge devices over MQTT.")
+from common.cli import new_app
 
-
-@app.callback()
-def main() -> None:
-    pass
+app = new_app("EdgeTune: federated LoRA fine-tuning across edge devices over MQTT.")
 
 
 @app.command()

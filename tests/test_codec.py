@@ -96,11 +96,14 @@ def test_unsupported_tensor_dtype_refused():
     from safetensors.numpy import save
 
     payload = save({"x": np.zeros(2, dtype=np.float64)})
-    hbytes = b"{}"
-    prefix = struct.pack(">4sHIQ", codec.MAGIC, codec.FRAME_VERSION, len(hbytes), len(payload))
-    data = prefix + hashlib.sha256(prefix + hbytes + payload).digest() + hbytes + payload
     with pytest.raises(MalformedFrame, match="dtype"):
-        codec.decode(data)
+        codec.decode(_checksummed_frame(b"{}", payload))
+
+
+def _checksummed_frame(hbytes: bytes, payload: bytes) -> bytes:
+    """A frame whose prefix and checksum are right, whatever its header and payload hold."""
+    prefix = struct.pack(">4sHIQ", codec.MAGIC, codec.FRAME_VERSION, len(hbytes), len(payload))
+    return prefix + hashlib.sha256(prefix + hbytes + payload).digest() + hbytes + payload
 
 
 @settings(max_examples=300, deadline=1000)
@@ -128,10 +131,8 @@ def test_corrupted_valid_frames_give_a_typed_error(noise, pos):
 @given(st.binary(max_size=256), st.binary(max_size=1024))
 def test_checksummed_garbage_inside_gives_a_typed_error(hbytes, payload):
     # the checksum is right, so the decoder has to survive whatever the header and payload hold
-    prefix = struct.pack(">4sHIQ", codec.MAGIC, codec.FRAME_VERSION, len(hbytes), len(payload))
-    data = prefix + hashlib.sha256(prefix + hbytes + payload).digest() + hbytes + payload
     try:
-        codec.decode(data)
+        codec.decode(_checksummed_frame(hbytes, payload))
     except FrameError:
         pass
 
@@ -149,9 +150,7 @@ def test_lying_safetensors_headers_give_a_typed_error(meta, body):
     h = _json.dumps(meta).encode()
     payload = struct.pack("<Q", len(h)) + h + body
     hbytes = b"{}"
-    prefix = struct.pack(">4sHIQ", codec.MAGIC, codec.FRAME_VERSION, len(hbytes), len(payload))
-    data = prefix + hashlib.sha256(prefix + hbytes + payload).digest() + hbytes + payload
     try:
-        codec.decode(data)
+        codec.decode(_checksummed_frame(hbytes, payload))
     except FrameError:
         pass

@@ -42,21 +42,9 @@ import torch
 from pydantic import Field, model_validator
 
 from aggregator.strategies.accountant import PrivacyAccountant
-from aggregator.strategies.base import (
-    ClientUpdate,
-    StateDict,
-    Strategy,
-    StrategyBase,
-    StrategyOptions,
-    StrategyOptionsError,
-    apply_delta,
-    clip_by_norm,
-    delta_of,
-    ensure_checked,
-    global_norm,
-    parse_options,
-    require_current,
-)
+from aggregator.strategies.base import (ClientUpdate, StateDict, Strategy, StrategyBase, StrategyOptions,
+    StrategyOptionsError, apply_delta, clip_by_norm, delta_of, ensure_checked, global_norm, parse_options,
+    require_current)
 from aggregator.strategies.registry import register, resolve_inner
 
 __all__ = ["DPFedAvg", "DPFedAvgOptions"]

@@ -9,19 +9,8 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 from pydantic import Field
 
-from aggregator.strategies.base import (
-    ClientUpdate,
-    StateDict,
-    Strategy,
-    StrategyBase,
-    StrategyOptions,
-    apply_delta,
-    clip_by_norm,
-    delta_of,
-    ensure_checked,
-    parse_options,
-    require_current,
-)
+from aggregator.strategies.base import (ClientUpdate, StateDict, Strategy, StrategyBase, StrategyOptions, apply_delta,
+    clip_by_norm, delta_of, ensure_checked, parse_options, require_current)
 from aggregator.strategies.registry import register, resolve_inner
 
 __all__ = ["Clip", "ClipOptions"]

@@ -1,0 +1,49 @@
+"""What every EdgeTune command line shares: settings that fail with one line that says what is
+wrong (exit 2), and typed errors mapped to exit codes, never a traceback for a user's mistake."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator, Mapping, NoReturn, TypeVar
+
+import typer
+
+S = TypeVar("S")
+EXIT_INPUT = 2  # a bad setting or input: nothing started, nothing stored
+
+
+def new_app(help: str) -> typer.Typer:
+    """A command group (`edgetune-agent run`, `edgetune-aggregator run`, ...): subcommands stay
+    subcommands even when there is only one."""
+    app = typer.Typer(add_completion=False, help=help)
+
+    @app.callback()
+    def main() -> None:
+        pass
+
+    return app
+
+
+def fail(error: BaseException | str, code: int) -> NoReturn:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(code)
+
+
+def cli_settings(cls: type[S], config: Path | None, **overrides: Any) -> S:
+    """common.settings.load_settings for a command: a bad value prints its field and variable and exits 2."""
+    from common.settings import SettingsError, load_settings
+
+    try:
+        return load_settings(cls, config, **overrides)
+    except SettingsError as e:
+        fail(e, EXIT_INPUT)
+
+
+@contextlib.contextmanager
+def exit_codes(codes: Mapping[type[BaseException], int]) -> Iterator[None]:
+    """Turn the listed error types into 'error: ...' and their exit code."""
+    try:
+        yield
+    except tuple(codes) as e:
+        fail(e, next(code for kind, code in codes.items() if isinstance(e, kind)))
