@@ -44,7 +44,9 @@ def run(
 
     from models.split import QuantizationUnavailable
 
-    with exit_codes({BrokerError: 3, QuantizationUnavailable: 2}):
+    from models.fingerprint import ModelNotFound
+
+    with exit_codes({BrokerError: 3, QuantizationUnavailable: 2, ModelNotFound: 2}):
         AggregatorService(s).run()
 
 

@@ -111,8 +111,9 @@ class _Coordinator:
     """What both coordinators share: selection, replay protection, the record of refusals and losses."""
 
     def __init__(self, *, quorum: int, timeout_s: float, seed: int, selection_size: Callable[[int], int],
-                 round_number: int = 0) -> None:
+                 round_number: int = 0, task_hash: str = "") -> None:
         self.quorum, self.timeout_s, self.seed = quorum, timeout_s, seed
+        self.task_hash = task_hash  # updates must carry it ("": no task check)
         self.selection_size = selection_size
         self.round_number = round_number
         self._seen: set[tuple[str, int, str]] = set()
@@ -130,9 +131,13 @@ class _Coordinator:
         return Verdict(agent_id, reason, message)
 
     def _replayed(self, meta: ModelUpdate) -> Verdict | None:
+        """A replayed update, or one made for another task: refused before anything else."""
         key = (meta.agent_id, meta.round, meta.nonce)
         if key in self._seen:
             return self._refuse(meta.agent_id, "duplicate", f"replayed update {key}")
+        if self.task_hash and meta.task_hash != self.task_hash:
+            return self._refuse(meta.agent_id, "wrong_task", f"update from {meta.agent_id} made for task "
+                                f"{meta.task_hash[:12] or '(none)'}, the fleet's is {self.task_hash[:12]}")
         return None
 
     def _take_refusals(self) -> tuple[list[dict], list[str]]:
@@ -146,9 +151,10 @@ class SyncCoordinator(_Coordinator):
     one answered or the deadline passed, then aggregate with the strategy (quorum permitting)."""
 
     def __init__(self, strategy, global_state: Mapping[str, torch.Tensor], *, quorum: int, timeout_s: float,
-                 seed: int, selection_size: Callable[[int], int], version: int = 0, round_number: int = 0) -> None:
+                 seed: int, selection_size: Callable[[int], int], version: int = 0, round_number: int = 0,
+                 task_hash: str = "") -> None:
         super().__init__(quorum=quorum, timeout_s=timeout_s, seed=seed, selection_size=selection_size,
-                         round_number=round_number)
+                         round_number=round_number, task_hash=task_hash)
         self.strategy = strategy
         self.global_state: StateDict = dict(global_state)
         self.version = version
@@ -232,9 +238,9 @@ class AsyncCoordinator(_Coordinator):
     of at least the quorum; `close()` ends the run, applying whatever is left ("drain")."""
 
     def __init__(self, buffer: AsyncBuffer, *, quorum: int, timeout_s: float, seed: int,
-                 selection_size: Callable[[int], int], round_number: int = 0) -> None:
+                 selection_size: Callable[[int], int], round_number: int = 0, task_hash: str = "") -> None:
         super().__init__(quorum=quorum, timeout_s=timeout_s, seed=seed, selection_size=selection_size,
-                         round_number=round_number)
+                         round_number=round_number, task_hash=task_hash)
         self.buffer = buffer
         self.online: set[str] = set()
         self.selected_ever: set[str] = set()

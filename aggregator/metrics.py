@@ -28,6 +28,9 @@ class AggregatorMetrics:
         self.agents_selected = Gauge(p + "agents_selected", "Agents selected for the current round", registry=r)
         self.agents_answered = Counter(p + "agents_answered", "Selected agents whose update was accepted", registry=r)
         self.agents_dropped = Counter(p + "agents_dropped", "Selected agents that did not answer by the deadline", registry=r)
+        self.agents_refused = Counter(p + "agents_refused", "Times an agent came to refuse the task (its model or "
+                                      "settings differ)", registry=r)
+        self.agents_refusing = Gauge(p + "agents_refusing", "Agents whose last status refuses the task", registry=r)
         self.update_bytes_received = Counter(p + "update_bytes_received", "Bytes of agent updates received", registry=r)
         self.global_bytes_published = Counter(p + "global_bytes_published", "Bytes of global adapters published", registry=r)
         self.aggregation_seconds = Histogram(
@@ -65,6 +68,7 @@ class AggregatorMetrics:
         self.dp_epsilon.set(float("nan"))
         # pre-create the common reasons so that dashboards show zeros, not "no data"
         for reason in ("malformed_frame", "bad_checksum", "wrong_version", "bad_schema", "bad_topic",
-                       "wrong_round", "duplicate", "not_selected", "bad_tensors", "non_finite", "late", "stale"):
+                       "wrong_round", "duplicate", "not_selected", "bad_tensors", "non_finite", "late", "stale",
+                       "wrong_task"):
             self.rejected.labels(reason=reason)
 

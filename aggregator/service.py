@@ -25,12 +25,14 @@ from aggregator.strategies import make_strategy
 from aggregator.tasks import make_task
 from broker import activations, codec
 from broker.errors import WireError
-from broker.messages import AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement, SplitGradient, parse
+from broker.messages import (AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement, SplitGradient,
+                             TaskDefinition, parse)
 from broker.topics import Topics, TopicKind
 from broker.transport import Incoming, MqttTransport
 from common.metrics_http import linger
 from common.settings import dump_settings
 from models.classifier import set_threads
+from models.settings import task_fields
 
 log = logging.getLogger("edgetune.aggregator")
 
@@ -49,6 +51,7 @@ class AggregatorService:
         self.out = Path(settings.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.online: dict[str, AgentStatus] = {}
+        self.refused: dict[str, str] = {}  # agents whose model does not fit the task -> their reason
         self._stop = False
         self.transport: MqttTransport | None = None
 
@@ -57,6 +60,7 @@ class AggregatorService:
         s = self.s
         set_threads(s.threads)
         self.task = make_task(s, self.out)
+        self.task_def = TaskDefinition(**task_fields(s))
         self.strategy = make_strategy(s.strategy, **s.strategy_options)
         self.split_batcher = SplitBatcher(s.split_batch_window_ms / 1000)
         round_number = version = 0
@@ -67,7 +71,7 @@ class AggregatorService:
             if hasattr(self.strategy, "load_state_dict") and ck.extra.get("strategy_state"):
                 self.strategy.load_state_dict(ck.extra["strategy_state"])
         common = dict(quorum=s.min_agents, timeout_s=s.round_timeout_s, seed=s.seed, selection_size=s.selection_size,
-                      round_number=round_number)
+                      round_number=round_number, task_hash=self.task_def.hash)
         if s.aggregation == "async":
             buffer = AsyncBuffer(s.buffer_size(), s.async_staleness_weight, s.async_staleness_a,
                                  global_state=self.task.global_state(), server_lr=s.async_server_lr,
@@ -119,7 +123,17 @@ class AggregatorService:
                 return self._reject(e.reason, f"status on {m.topic}: {e}")
             if st.agent_id != agent:
                 return self._reject("bad_topic", f"status for {st.agent_id} on {agent}'s topic")
-        if st is None or st.state == AgentState.offline:
+        if st is not None and st.state == AgentState.refused:
+            if agent not in self.refused:
+                self.metrics.agents_refused.inc()
+            if self.refused.get(agent) != st.reason:
+                log.warning("agent %s refuses the task: %s", agent, st.reason)
+            self.refused[agent] = st.reason or ""
+        else:
+            self.refused.pop(agent, None)
+        self.metrics.agents_refusing.set(len(self.refused))
+        wrong_task = st is not None and st.task_hash not in ("", self.task_def.hash)  # its model does not fit
+        if st is None or st.state in (AgentState.offline, AgentState.refused) or wrong_task:
             if self.online.pop(agent, None) is not None:
                 self.coord.agent_offline(agent, time.time())
         else:
@@ -206,7 +220,8 @@ class AggregatorService:
 
     # -- publishing -------------------------------------------------------------------------
     def _publish_global(self, accuracy: float | None, loss: float | None) -> None:
-        msg = GlobalAdapter(version=self.coord.version, round=self.coord.round_number, accuracy=accuracy, loss=loss)
+        msg = GlobalAdapter(version=self.coord.version, round=self.coord.round_number, accuracy=accuracy, loss=loss,
+                            task_hash=self.task_def.hash)
         payload = codec.encode(msg, self.task.global_state())
         self.transport.publish(self.topics.global_adapter, payload, retain=True, wait=True)
         self.metrics.global_bytes_published.inc(len(payload))
@@ -215,7 +230,7 @@ class AggregatorService:
     def _announce(self, number: int, selected, deadline: float, final: bool = False) -> None:
         ann = RoundAnnouncement(round=max(number, 1), selected=list(selected), deadline=deadline,
                                 global_version=self.coord.version, local_epochs=self.s.local_epochs,
-                                max_local_steps=self.s.max_local_steps, final=final)
+                                max_local_steps=self.s.max_local_steps, final=final, task_hash=self.task_def.hash)
         self.transport.publish(self.topics.round, codec.encode(ann), retain=True, wait=True)
 
     def _announce_final(self) -> None:
@@ -367,6 +382,9 @@ class AggregatorService:
             if self.s.metrics_port is not None:
                 self.metrics_server, _ = serve(self.metrics.registry, self.s.metrics_port, self.s.metrics_addr)
             self._connect()
+            self.transport.publish(self.topics.task, codec.encode(self.task_def), retain=True, wait=True)
+            log.info("task %s: %s %s (model %s), labels %s", self.task_def.hash[:12], self.task_def.mode,
+                     self.task_def.model, self.task_def.model_hash[:12], ",".join(self.task_def.labels) or "-")
             if self.coord.round_number == 0:
                 row = {"round": 0, "version": 0, **self._evaluate()}
                 self._record(row)

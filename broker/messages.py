@@ -7,6 +7,8 @@ the same frame's safetensors payload. `parse(frame_header, Model)` is the one wa
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 import time
 from typing import Literal, TypeVar
 
@@ -14,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker.errors import SchemaError, UnsupportedVersion
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the task definition, and its hash on announcements, globals and updates
 
 AGENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -31,6 +33,7 @@ class AgentState(str, enum.Enum):
     training = "training"
     idle = "idle"
     offline = "offline"
+    refused = "refused"  # the agent's local model does not fit the fleet's task: it stays out (see reason)
 
 
 class AgentStatus(Message):
@@ -42,6 +45,40 @@ class AgentStatus(Message):
     ts: float = Field(default_factory=time.time)
     global_version: int = -1
     num_examples: int = 0
+    reason: str | None = Field(None, max_length=2000)  # with state "refused": why, and what to do
+    task_hash: str = ""  # the task this agent's model fits ("": any; the light agent's)
+
+
+class TaskDefinition(Message):
+    """Retained on the task topic: what every member of a fleet must agree on. The aggregator
+    publishes it; its `hash` is stamped on every announcement, global and update, and an agent
+    whose own model gives another hash refuses to train (AgentState.refused, with the reason)."""
+
+    kind: Literal["task"] = "task"
+    mode: Literal["federated", "split"]
+    model: str  # the base model's name (a folder's name, never a machine's path)
+    model_hash: str = Field(pattern=r"^[0-9a-f]{64}$")  # models.fingerprint.model_hash
+    labels: list[str] = []  # federated: the class names, in order
+    max_length: int = Field(ge=1)  # tokens per example (federated) or per sequence (split)
+    num_layers: int = 0  # federated: encoder layers kept (0: all)
+    lora_r: int = Field(ge=1)
+    lora_alpha: int = Field(ge=1)
+    lora_dropout: float = 0.0
+    target_modules: list[str] = []
+    cut: int = 0  # split: decoder blocks on the edge
+    seed: int = 0
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the definition's canonical JSON (every field but the protocol version)."""
+        body = self.model_dump(mode="json", exclude={"protocol"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def differences(self, other: "TaskDefinition") -> list[str]:
+        """'field: ours != theirs' for every field in which the two differ (hashes shortened)."""
+        a, b = self.model_dump(mode="json"), other.model_dump(mode="json")
+        short = lambda v: v[:12] + "..." if isinstance(v, str) and len(v) == 64 else v  # noqa: E731
+        return [f"{k}: {short(a[k])!r} != {short(b[k])!r}" for k in a if a[k] != b[k]]
 
 
 class RoundAnnouncement(Message):
@@ -55,6 +92,7 @@ class RoundAnnouncement(Message):
     local_epochs: int = Field(default=1, ge=1)
     max_local_steps: int = Field(default=0, ge=0)  # 0: no cap
     final: bool = False  # the run is over: agents may disconnect
+    task_hash: str = ""  # TaskDefinition.hash of the fleet's task ("": none published)
 
 
 class ModelUpdate(Message):
@@ -68,6 +106,7 @@ class ModelUpdate(Message):
     nonce: str = Field(min_length=8, max_length=64)
     train_loss: float | None = None
     train_seconds: float | None = None
+    task_hash: str = ""  # the task the agent trained for (its announcement's)
 
 
 class GlobalAdapter(Message):
@@ -78,6 +117,7 @@ class GlobalAdapter(Message):
     round: int = Field(ge=0)
     accuracy: float | None = None
     loss: float | None = None
+    task_hash: str = ""
 
 
 class SplitForward(Message):

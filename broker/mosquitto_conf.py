@@ -124,6 +124,7 @@ def render_acl(aggregator_user: str = "aggregator", fleet: str = "+", header: st
     lines = (_comment(header) + [""] if header else []) + [
         "# Mosquitto ACL for EdgeTune (topic scheme: broker/topics.py).",
         "#",
+        "#   edgetune/v1/<fleet>/task                   the aggregator writes, every agent reads",
         "#   edgetune/v1/<fleet>/round                  the aggregator writes, every agent reads",
         "#   edgetune/v1/<fleet>/global                 the aggregator writes, every agent reads",
         "#   edgetune/v1/<fleet>/agents/<agent>/...     that agent reads and writes; the aggregator too",
@@ -138,9 +139,10 @@ def render_acl(aggregator_user: str = "aggregator", fleet: str = "+", header: st
         "# every agent: its own subtree (status with last will, update, split/fwd, split/grad) ...",
         f"pattern write {base}/agents/%u/#",
         f"pattern read {base}/agents/%u/#",
-        "# ... and the fleet's round announcement and global adapter. (Mosquitto logs a warning that",
+        "# ... and the fleet's task, round announcement and global adapter. (Mosquitto logs a warning that",
         "# these patterns hold no %u/%c: intended, they are the rules every client shares; a plain",
         "# `topic` line would only apply to one `user`, or to anonymous clients.)",
+        f"pattern read {base}/task",
         f"pattern read {base}/round",
         f"pattern read {base}/global",
     ]

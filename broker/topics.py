@@ -1,5 +1,6 @@
 """The versioned topic scheme. Nothing else in the project builds a topic string.
 
+    edgetune/v1/<fleet>/task                     retained task definition (aggregator)
     edgetune/v1/<fleet>/round                    retained round announcement (aggregator)
     edgetune/v1/<fleet>/global                   retained global adapter (aggregator)
     edgetune/v1/<fleet>/agents/<agent>/status    retained agent status, last will "offline"
@@ -35,6 +36,7 @@ def _check_segment(value: str, what: str) -> str:
 
 
 class TopicKind(str, Enum):
+    task = "task"
     round = "round"
     global_adapter = "global_adapter"
     status = "status"
@@ -44,7 +46,7 @@ class TopicKind(str, Enum):
 
 
 # the topic below the fleet's base, or below agents/<agent>/, of each kind
-_FLEET_SUFFIX = {"round": TopicKind.round, "global": TopicKind.global_adapter}
+_FLEET_SUFFIX = {"task": TopicKind.task, "round": TopicKind.round, "global": TopicKind.global_adapter}
 _AGENT_SUFFIX = {"status": TopicKind.status, "update": TopicKind.update,
                  "split/fwd": TopicKind.split_forward, "split/grad": TopicKind.split_gradient}
 
@@ -65,6 +67,10 @@ class Topics:
     @property
     def base(self) -> str:
         return f"{TOPIC_ROOT}/{TOPIC_VERSION}/{self.fleet}"
+
+    @property
+    def task(self) -> str:
+        return f"{self.base}/task"
 
     @property
     def round(self) -> str:
@@ -118,5 +124,5 @@ class Topics:
                 raise TopicError(f"topic {topic!r} has no valid agent segment")
             if suffix in _AGENT_SUFFIX:
                 return ParsedTopic(_AGENT_SUFFIX[suffix], agent)
-        raise TopicError(f"nothing is expected on topic {topic!r}: expected {self.base}/round, /global or "
+        raise TopicError(f"nothing is expected on topic {topic!r}: expected {self.base}/task, /round, /global or "
                          f"/agents/<agent>/{{{','.join(_AGENT_SUFFIX)}}}")

@@ -41,7 +41,9 @@ def run(
     from edge_agent.local_settings import DeviceSetupError
     from edge_agent.runner import AgentRunner
 
-    with exit_codes({BrokerError: 3, DeviceSetupError: EXIT_STATE}):
+    from models.fingerprint import ModelNotFound
+
+    with exit_codes({BrokerError: 3, DeviceSetupError: EXIT_STATE, ModelNotFound: 2}):
         AgentRunner(s).run()
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from broker import codec
 from broker.errors import WireError
-from broker.messages import AgentState, AgentStatus, GlobalAdapter, RoundAnnouncement, parse
+from broker.messages import AgentState, AgentStatus, GlobalAdapter, RoundAnnouncement, TaskDefinition, parse
 from broker.topics import TopicKind, Topics
 from edge_agent.protocol import (Action, AgentProtocol, Finish, Idle, LoadGlobal, PublishStatus, SendUpdate, Skip,
                                  Train)
@@ -28,6 +28,8 @@ class ProtocolDriver:
     log = logging.getLogger("edgetune.agent")
     as_torch = True  # decode tensors as torch (the real agent) or numpy (the light agent)
     transport: Any  # a broker.transport.MqttTransport, set by the subclass
+    refusal: str | None = None  # why this agent does not train for the fleet's task (None: it does)
+    _refused_task: str | None = None  # the task hash that refusal is about
 
     def _init_protocol(self, agent_id: str, fleet: str) -> None:
         self.proto = AgentProtocol(agent_id)
@@ -65,10 +67,35 @@ class ProtocolDriver:
     def received_global(self, header: GlobalAdapter, nbytes: int) -> None:
         pass
 
+    def task_fit(self) -> str:
+        """The hash of the task this agent's model fits, for its status ("": any task)."""
+        return ""
+
+    def task_refusal(self, task_hash: str, task: TaskDefinition | None = None) -> str | None:
+        """Why this agent cannot train for the task with this hash (None: it can). The real agent
+        compares with its own model and settings; the light agent takes any task."""
+        return None
+
+    # -- the fleet's task -------------------------------------------------------------------------
+    def check_task(self, task_hash: str, task: TaskDefinition | None = None) -> bool:
+        """True if the agent trains for this task; otherwise it refuses: counted and logged once per
+        task, and its status says "refused" with the reason until a task it fits comes."""
+        why = self.task_refusal(task_hash, task) if task_hash else None
+        if why is not None and task_hash != self._refused_task:
+            self.rejected("wrong_task", why)
+        self._refused_task = task_hash if why is not None else None
+        if why != self.refusal:
+            self.refusal = why
+            self.publish_status(AgentState.online)
+        return why is None
+
     # -- the loop -------------------------------------------------------------------------------
     def status_frame(self, state: AgentState) -> bytes:
-        return codec.encode(AgentStatus(agent_id=self.proto.agent_id, state=state,
-                                        global_version=self.proto.global_version, num_examples=self.num_examples()))
+        if self.refusal is not None and state is not AgentState.offline:
+            state = AgentState.refused
+        return codec.encode(AgentStatus(agent_id=self.proto.agent_id, state=state, reason=self.refusal,
+                                        global_version=self.proto.global_version, num_examples=self.num_examples(),
+                                        task_hash=self.task_fit()))
 
     def publish_status(self, state: AgentState) -> None:
         self.transport.publish(self.topics.status(self.proto.agent_id), self.status_frame(state), retain=True)
@@ -99,15 +126,21 @@ class ProtocolDriver:
             return  # a cleared retained message
         try:
             kind = self.topics.parse(topic).kind
-            if kind not in (TopicKind.global_adapter, TopicKind.round):
+            if kind not in (TopicKind.global_adapter, TopicKind.round, TopicKind.task):
                 return  # split gradients are answered through their Futures (edge_agent.split_rpc)
             frame = codec.decode(payload, as_torch=self.as_torch)
-            if kind is TopicKind.global_adapter:
+            if kind is TopicKind.task:
+                task = parse(frame.header, TaskDefinition)
+                self.check_task(task.hash, task)
+            elif kind is TopicKind.global_adapter:
                 header = parse(frame.header, GlobalAdapter)
                 self.received_global(header, len(payload))
-                self.act(self.proto.on_global(header, frame.tensors))
+                if self.check_task(header.task_hash):
+                    self.act(self.proto.on_global(header, frame.tensors))
             else:
-                self.act(self.proto.on_announcement(parse(frame.header, RoundAnnouncement)))
+                ann = parse(frame.header, RoundAnnouncement)
+                if ann.final or self.check_task(ann.task_hash):
+                    self.act(self.proto.on_announcement(ann))
         except WireError as e:
             self.rejected(e.reason, f"{topic}: {e}")
 

@@ -58,6 +58,7 @@ class LightAgent(ProtocolDriver):
             f"edgetune-agent-{agent_id}", broker_url, protocol=protocol, username=username, password=password,
             persistent_session=persistent, on_state=self._on_state,
             will=Will(self.topics.status(agent_id), self.status_frame(AgentState.offline)))
+        self.transport.subscribe(self.topics.task)
         self.transport.subscribe(self.topics.round)
         self.transport.subscribe(self.topics.global_adapter)
 
@@ -80,7 +81,8 @@ class LightAgent(ProtocolDriver):
         if self.train_seconds:
             self.stop.wait(self.train_seconds)  # stands in for training
         upd = ModelUpdate(agent_id=self.id, round=a.round, base_version=a.base_version,
-                          num_examples=self.example_count, nonce=uuid.uuid4().hex)
+                          num_examples=self.example_count, nonce=uuid.uuid4().hex,
+                          task_hash=a.announcement.task_hash)
         if self.trained(a.round, codec.encode(upd, synthetic_update(self.global_tensors, self.id, a.round))):
             self.sent += 1
             self.sent_updates.append((a.round, a.base_version))

@@ -45,7 +45,7 @@ class AgentMetrics:
             p + "split_round_trip_seconds", "Activation publish to gradient arrival", buckets=_FAST_BUCKETS, registry=r
         )
         self.split_resends = Counter(p + "split_resends", "Split requests resent after a timeout", registry=r)
-        for reason in ("malformed_frame", "bad_checksum", "wrong_version", "bad_schema"):
+        for reason in ("malformed_frame", "bad_checksum", "wrong_version", "bad_schema", "wrong_task"):
             self.rejected.labels(reason=reason)
         for backend in ("onnx", "torch"):
             self.predictions.labels(backend=backend)

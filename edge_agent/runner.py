@@ -15,7 +15,7 @@ import signal
 import uuid
 
 from broker import codec
-from broker.messages import AgentState, ModelUpdate, SplitGradient
+from broker.messages import AgentState, ModelUpdate, SplitGradient, TaskDefinition
 from broker.transport import MqttTransport, Will
 from common.metrics_http import linger
 from data.partition import partition
@@ -29,6 +29,7 @@ from edge_agent.settings import AgentSettings
 from edge_agent.split_rpc import SplitClient
 from edge_agent.trainer import Trainer
 from models.classifier import AdapterMismatch, set_threads
+from models.settings import task_fields
 
 log = logging.getLogger("edgetune.agent")
 
@@ -91,6 +92,19 @@ class AgentRunner(ProtocolDriver):
     def received_global(self, header, nbytes: int) -> None:
         self.metrics.global_bytes_received.inc(nbytes)
 
+    def task_fit(self) -> str:
+        return self.local_task.hash
+
+    def task_refusal(self, task_hash: str, task: TaskDefinition | None = None) -> str | None:
+        mine = self.local_task
+        if task_hash == mine.hash:
+            return None
+        if task is None:  # an announcement or global for a task whose definition has not come yet
+            return (f"the fleet's task {task_hash[:12]} is not this device's {mine.hash[:12]}: its model or model "
+                    "settings differ (the task topic says which)")
+        return (f"this device's model does not fit the fleet's task ({'; '.join(mine.differences(task))}): install "
+                f"the task's model {task.model!r} (EDGETUNE_MODEL / EDGETUNE_SPLIT_MODEL) and settings")
+
     def load_global(self, a: LoadGlobal) -> bool:
         try:
             self.trainer.load_global(a.tensors, a.version)
@@ -117,7 +131,7 @@ class AgentRunner(ProtocolDriver):
         payload = None if self._stop else codec.encode(ModelUpdate(
             agent_id=self.s.agent_id, round=ann.round, base_version=ann.global_version,
             num_examples=max(upd.num_examples, 1), nonce=uuid.uuid4().hex,
-            train_loss=upd.result.mean_loss, train_seconds=upd.result.seconds,
+            train_loss=upd.result.mean_loss, train_seconds=upd.result.seconds, task_hash=ann.task_hash,
         ), upd.tensors)
         if not self.trained(ann.round, payload):
             return  # stopped mid-round: nothing sent
@@ -154,6 +168,7 @@ class AgentRunner(ProtocolDriver):
     def _connect(self) -> None:
         t = self.s.transport(f"edgetune-agent-{self.s.agent_id}", on_state=self._on_state,
                              will=Will(self.topics.status(self.s.agent_id), self.status_frame(AgentState.offline)))
+        t.subscribe(self.topics.task)
         t.subscribe(self.topics.round)
         t.subscribe(self.topics.global_adapter)
         if self.s.mode == "split":
@@ -173,6 +188,7 @@ class AgentRunner(ProtocolDriver):
     # -- the run --------------------------------------------------------------------------------
     def _setup(self) -> None:
         """The local data, the trainer, the device's store and model, /metrics."""
+        self.local_task = TaskDefinition(**task_fields(self.s))  # what this device can train: checked against the fleet's
         if self.examples is None:
             self.examples = local_examples(self.s)
         if self.s.mode == "split":

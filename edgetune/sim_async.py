@@ -85,7 +85,8 @@ class AsyncRun:
         """Offer the job's update (copies times) and record every step it completes."""
         j = self.jobs[job]
         meta = ModelUpdate(agent_id=j["agent"], round=j["round"], base_version=j["base_version"],
-                           num_examples=j["num_examples"], nonce=j["nonce"], train_loss=j["train_loss"])
+                           num_examples=j["num_examples"], nonce=j["nonce"], train_loss=j["train_loss"],
+                           task_hash=self.cfg.task_hash)
         tensors = j.pop("_tensors")
         j["step"] = self.buf.version + 1  # the server step that will apply it, if taken
         for c in range(copies):

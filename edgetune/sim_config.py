@@ -80,6 +80,7 @@ class SimConfig:
     # malformed one sends NaN in its first tensor. SimResult.trace records every delivery (keep_trace).
     faults: Mapping[int, Mapping[str, str]] = field(default_factory=dict)
     round_timeout_s: float = 1.0  # the rounds' deadline on the simulator's virtual clock
+    task_hash: str = ""  # stamped on every update; the coordinators refuse others ("": no task check)
     cache_dir: Path | None = None  # feature cache ("head"); None: $EDGETUNE_CACHE_DIR or ~/.cache/edgetune
     device: str = "cpu"  # where features are computed ("head")
 

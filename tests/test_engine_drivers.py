@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
 from broker import codec
-from broker.messages import AgentState, AgentStatus, GlobalAdapter, RoundAnnouncement, parse
+from broker.messages import AgentState, AgentStatus, GlobalAdapter, RoundAnnouncement, TaskDefinition, parse
 from broker.topics import Topics
 from broker.transport import MqttTransport
 from edgetune.simulate import SimConfig, Simulator
@@ -66,9 +67,11 @@ class Harness:
     def __init__(self, url: str, fleet: str) -> None:
         self.topics = Topics(fleet)
         self.t = MqttTransport(f"harness-{fleet}", url)
+        self.t.subscribe(self.topics.task)
         self.t.subscribe(self.topics.round)
         self.t.subscribe(self.topics.global_adapter)
         self.t.connect()
+        self.task: TaskDefinition | None = None
         self.globals: dict[int, dict] = {}
         self.announcements: list[RoundAnnouncement] = []
 
@@ -82,6 +85,8 @@ class Harness:
             f = codec.decode(m.payload)
             if m.topic == self.topics.global_adapter:
                 self.globals[parse(f.header, GlobalAdapter).version] = f.tensors
+            elif m.topic == self.topics.task:
+                self.task = parse(f.header, TaskDefinition)
             else:
                 self.announcements.append(parse(f.header, RoundAnnouncement))
 
@@ -131,10 +136,10 @@ def test_sync_rounds_with_faults_give_the_same_records_in_both_drivers(mosquitto
                                    "--expected-agents", "5", "--round-timeout", "3")
     h = Harness(mosquitto.url, fleet)
     try:
-        h.pump(lambda: 0 in h.globals)
+        h.pump(lambda: 0 in h.globals and h.task is not None)
         faults = {1: {"agent-3": "malformed", "agent-4": "lost", "agent-5": "late"}}
         cfg = SimConfig(agents=5, rounds=2, min_agents=2, faults=faults, keep_trace=True, train_limit=600,
-                        eval_limit=20, round_timeout_s=3.0)
+                        eval_limit=20, round_timeout_s=3.0, task_hash=h.task.hash)
         sim = Simulator(cfg, backend=SyntheticBackend(h.globals[0])).run()
         for a in sim.agent_ids:
             h.status(a, AgentState.online)
@@ -171,8 +176,8 @@ def test_async_buffer_with_stale_and_redelivered_updates_gives_the_same_records_
                                    EDGETUNE_ASYNC_BUFFER_SIZE="2", EDGETUNE_ASYNC_MAX_STALENESS="1")
     h = Harness(mosquitto.url, fleet)
     try:
-        h.pump(lambda: 0 in h.globals)
-        sim = Simulator(cfg, backend=SyntheticBackend(h.globals[0])).run()
+        h.pump(lambda: 0 in h.globals and h.task is not None)
+        sim = Simulator(replace(cfg, task_hash=h.task.hash), backend=SyntheticBackend(h.globals[0])).run()
         assert [r["outcome"] for r in sim.rows[1:]] == ["complete", "complete", "drain"]
         for a in sim.agent_ids:
             h.status(a, AgentState.online)

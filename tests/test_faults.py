@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from broker import codec
 from edgetune.local_broker import free_port
-from broker.messages import AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement, parse
+from broker.messages import (PROTOCOL_VERSION, AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement,
+                             parse)
 from broker.topics import Topics
 from broker.transport import MqttTransport
 from edge_agent.light import synthetic_update
@@ -208,7 +209,8 @@ def test_hostile_frames_are_rejected_counted_and_change_nothing(mosquitto, tmp_p
         assert ann is not None and "x0" in ann.selected, "the round did not open with the rogue selected"
 
         def update(agent="x0", tensors=None, **kw):
-            meta = ModelUpdate(agent_id=agent, round=1, base_version=0, num_examples=100, nonce=uuid.uuid4().hex)
+            meta = ModelUpdate(agent_id=agent, round=1, base_version=0, num_examples=100, nonce=uuid.uuid4().hex,
+                               task_hash=ann.task_hash)
             return codec.encode(meta.model_copy(update=kw), tensors if tensors is not None else global0)
 
         key = sorted(global0)[0]
@@ -225,7 +227,7 @@ def test_hostile_frames_are_rejected_counted_and_change_nothing(mosquitto, tmp_p
             (topics.update("x0"), b"\x00garbage" * 20, "bad_magic"),
             (topics.update("x0"), bytes(bad_crc), "bad_checksum"),
             (topics.update("x0"), wrong_version, "wrong_version"),
-            (topics.update("x0"), codec.encode({"kind": "update", "protocol": 1}), "bad_schema"),
+            (topics.update("x0"), codec.encode({"kind": "update", "protocol": PROTOCOL_VERSION}), "bad_schema"),
             (topics.update("x0"), update(tensors=nan), "non_finite"),
             (topics.update("x0"), update(tensors=inf), "non_finite"),
             (topics.update("x0"), update(tensors=shape), "bad_tensors"),
@@ -233,6 +235,7 @@ def test_hostile_frames_are_rejected_counted_and_change_nothing(mosquitto, tmp_p
             (topics.update("x0"), update(tensors=missing), "bad_tensors"),
             (topics.update("x0"), update(tensors=dict(global0, pad=torch.zeros(300_000))), "oversized"),
             (topics.update("x0"), update(round=7), "wrong_round"),
+            (topics.update("x0"), update(task_hash="0" * 64), "wrong_task"),  # made for another task
             (topics.update("x0"), update(agent="g1"), "bad_topic"),  # claims another agent's identity
             (topics.update("g1"), update(), "bad_topic"),  # on another agent's topic
         ]
