@@ -8,12 +8,15 @@ Kept apart from `edge_agent.settings` (which pulls in the model code, hence torc
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, Field, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from common.settings import EdgeTuneSettings
+from data.settings import DataSettings
 
 STORE_FILE = "samples.db"
 MODELS_DIR = "models"
@@ -30,7 +33,9 @@ class DeviceSetupError(RuntimeError):
 
 class OnDeviceSettings(BaseModel):
     state_dir: str | None = Field(None, description="outbox, sample store and exported models; unset: no durable state")
-    labels: tuple[str, ...] = Field(("negative", "positive"), min_length=2, description="class names, in index order")
+    labels: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("negative", "positive"), min_length=2,
+        description="class names, in index order: comma-separated (EDGETUNE_LABELS=negative,positive) or a JSON list")
     # the sample store
     store_max_samples: int = Field(10_000, ge=1, description="retention: keep the newest N samples")
     store_max_text_chars: int = Field(2000, ge=1, description="longer inputs are refused")
@@ -84,6 +89,19 @@ class OnDeviceSettings(BaseModel):
             raise StateDirError(f"{pointer} names {d.name}, which is missing: restart the agent to re-export")
         return d
 
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _split_labels(cls, v):
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"labels {text!r} is not a JSON list ({e.msg}); or give names separated by commas")
+            return [x.strip() for x in text.split(",") if x.strip()]
+        return v
+
     @model_validator(mode="after")
     def _labels(self):
         if len(set(self.labels)) != len(self.labels):
@@ -91,7 +109,7 @@ class OnDeviceSettings(BaseModel):
         return self
 
 
-class LocalCommandSettings(OnDeviceSettings, EdgeTuneSettings):
-    """What `edgetune-agent predict` / `feedback` read; other agent keys in a settings file are ignored."""
+class LocalCommandSettings(OnDeviceSettings, DataSettings, EdgeTuneSettings):
+    """What `edgetune-agent predict` / `feedback` / `import` read; other agent keys in a settings file are ignored."""
 
     model_config = SettingsConfigDict(env_prefix="EDGETUNE_", extra="ignore", validate_default=True)
