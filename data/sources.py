@@ -89,10 +89,12 @@ def _demo_name(spec: str) -> str:
 
 
 def files_of(spec: str | Path, *, text_only: bool = False) -> list[Path]:
-    """The file, or the data files of a folder (not recursive, hidden files skipped), sorted by name."""
+    """The file, or the data files of a folder (not recursive, hidden files skipped; plain-text files
+    only for a text-only load), sorted by name."""
     p = Path(spec).expanduser()
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and format_of(f))
+        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
+                       and (fmt := format_of(f)) is not None and (text_only or fmt.labelled))
         if not files:
             raise DataError("empty", f"folder holds no data files ({', '.join(suffixes(None if text_only else True))}): "
                             "put the data files in it, or give a file", path=p)

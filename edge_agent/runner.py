@@ -124,6 +124,10 @@ class AgentRunner(ProtocolDriver):
         ann = a.announcement
         # the shard plus the store's labelled samples; split mode's shard is one (N, T) tensor of token blocks
         examples, new_ids = self.device.round_examples() if self.device is not None else (self.examples, [])
+        if len(examples) == 0:  # selected while reporting 0 examples (a service that does not check): no update
+            log.warning("round %d: selected, but there is nothing to train on: no update", ann.round)
+            self.publish_status(AgentState.idle)
+            return
         log.info("round %d: training on %d examples (%d from the store, from global v%d)", ann.round, len(examples),
                  len(examples) - len(self.examples), ann.global_version)
         with self.metrics.local_train_seconds.time():

@@ -89,11 +89,13 @@ def test_a_folder_reads_its_data_files_in_name_order(tmp_path):
     write_jsonl(d / "b.jsonl", ROWS[1:])
     write_csv(d / "a.csv", ROWS[:1])
     (d / "notes.md").write_text("not data")
+    (d / "README.txt").write_text("plain text: read by text-only loads only")
     (d / ".hidden.csv").write_text("junk")
     loaded = load_source(d, labels=LABELS)
     assert triples(loaded) == EXPECTED and [f.name for f in loaded.files] == ["a.csv", "b.jsonl"]
     assert [e.domain for e in loaded.examples] == ["a", "b", "b"]
     assert len({e.uid for e in loaded.examples}) == 3
+    assert len(load_source(d, text_only=True)) == 4
 
 
 def test_text_only_loads_plain_text_and_jsonl_for_language_modelling(tmp_path):
