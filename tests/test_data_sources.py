@@ -398,3 +398,12 @@ def test_the_service_selects_only_agents_that_report_examples(tmp_path):
         svc._wait_for_agents()
     status("empty", 5)  # it got data: selectable from now on
     assert svc.selectable() == ["a1", "empty"]
+
+
+def test_the_one_machine_run_asks_for_its_demo_by_name():
+    from edgetune.runner import RunOptions, _agent_env
+
+    env = lambda **kw: _agent_env(RunOptions(**kw), {}, "agent-1", 0)  # noqa: E731
+    assert env()["EDGETUNE_DATA"] == "demo:vader"
+    assert env(mode="split")["EDGETUNE_DATA"] == "demo:brown"
+    assert env(data="mine.csv")["EDGETUNE_DATA"] == "mine.csv"
