@@ -52,6 +52,7 @@ class AggregatorService:
         self.out.mkdir(parents=True, exist_ok=True)
         self.online: dict[str, AgentStatus] = {}
         self.refused: dict[str, str] = {}  # agents whose model does not fit the task -> their reason
+        self.task_def: TaskDefinition | None = None  # built with the task (_build)
         self._stop = False
         self.transport: MqttTransport | None = None
 
@@ -132,7 +133,8 @@ class AggregatorService:
         else:
             self.refused.pop(agent, None)
         self.metrics.agents_refusing.set(len(self.refused))
-        wrong_task = st is not None and st.task_hash not in ("", self.task_def.hash)  # its model does not fit
+        fleet_task = self.task_def.hash if self.task_def is not None else ""
+        wrong_task = st is not None and st.task_hash not in ("", fleet_task)  # its model does not fit
         if st is None or st.state in (AgentState.offline, AgentState.refused) or wrong_task:
             if self.online.pop(agent, None) is not None:
                 self.coord.agent_offline(agent, time.time())
@@ -257,29 +259,40 @@ class AggregatorService:
         self.task.checkpoint(self.coord.round_number, self.coord.version, extra)
 
     # -- the loop ---------------------------------------------------------------------------
+    def selectable(self) -> list[str]:
+        """The online agents a round may select: those whose status reports examples to train on
+        (an agent without data yet stays online with 0 and is left out until it has some)."""
+        return [a for a, st in self.online.items() if st.num_examples > 0]
+
     def _wait_for_agents(self) -> None:
+        """Until `expected_agents` (or min_agents) are online and a round would select at least
+        min_agents of those with data."""
         need = self.s.expected_agents or self.s.min_agents
         deadline = time.monotonic() + self.s.wait_for_agents_s
         last_log = 0.0
-        while len(self.online) < need:
+        while len(self.online) < need or len(self.coord.select(self.selectable())) < self.s.min_agents:
+            ready = len(self.selectable())
             if time.monotonic() > deadline:
+                no_data = sorted(set(self.online) - set(self.selectable()))
                 raise RuntimeError(
-                    f"only {len(self.online)} of {need} agents came online within {self.s.wait_for_agents_s:.0f}s: "
-                    "check that agents use the same broker and fleet (EDGETUNE_BROKER_URL, EDGETUNE_FLEET)"
+                    f"after {self.s.wait_for_agents_s:.0f}s {len(self.online)} of {need} agents are online and {ready} "
+                    f"of them have data to train on (a round needs {self.s.min_agents}): check that agents use the "
+                    "same broker and fleet (EDGETUNE_BROKER_URL, EDGETUNE_FLEET)"
+                    + (f"; {', '.join(no_data)} report 0 examples: give them data (EDGETUNE_DATA)" if no_data else "")
                 )
             if time.monotonic() - last_log > 10:
-                log.info("waiting for agents: %d of %d online", len(self.online), need)
+                log.info("waiting for agents: %d of %d online, %d with data", len(self.online), need, ready)
                 last_log = time.monotonic()
             self._pump(time.monotonic() + 0.5)
 
     def _enough_agents(self) -> None:
-        if len(self.coord.select(self.online)) < self.s.min_agents:
+        if len(self.coord.select(self.selectable())) < self.s.min_agents:
             self._wait_for_agents()
 
     def _run_round(self) -> dict:
         self._enough_agents()
         t0 = time.time()
-        rnd, early = self.coord.open_round(list(self.online), t0)
+        rnd, early = self.coord.open_round(self.selectable(), t0)
         self.metrics.current_round.set(rnd.number)
         self.metrics.agents_selected.set(len(rnd.selected))
         self._announce(rnd.number, rnd.selected, rnd.deadline)
@@ -329,7 +342,7 @@ class AggregatorService:
         or until round_timeout_s, when a partly filled buffer of at least min_agents is applied."""
         self._enough_agents()
         t0 = time.time()
-        selected = self.coord.open_step(list(self.online), t0)
+        selected = self.coord.open_step(self.selectable(), t0)
         number = self.coord.round_number + 1
         self.metrics.current_round.set(number)
         self.metrics.agents_selected.set(len(selected))

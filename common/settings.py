@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
 
@@ -97,3 +97,34 @@ def dump_settings(settings: BaseSettings, path: Path) -> None:
         if "password" in k and v:
             data[k] = "**********"
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+DEMO_LABELS = ("negative", "positive")  # the VADER sentiment demo's
+
+
+class LabelSettings(BaseModel):
+    """The class names, in index order: one setting for the aggregator (its task), the agent and
+    the device commands (EDGETUNE_LABELS: comma-separated names or a JSON list)."""
+
+    labels: Annotated[tuple[str, ...], NoDecode] = Field(
+        DEMO_LABELS, min_length=2,
+        description="class names, in index order: comma-separated (EDGETUNE_LABELS=negative,positive) or a JSON list")
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _split_labels(cls, v):
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"labels {text!r} is not a JSON list ({e.msg}); or give names separated by commas")
+            return [x.strip() for x in text.split(",") if x.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _labels_differ(self):
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels {list(self.labels)} repeat a name")
+        return self

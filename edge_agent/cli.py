@@ -1,8 +1,10 @@
 """edgetune-agent: run an edge agent; ask its model for predictions and give it feedback.
 
-`predict` and `feedback` work against the agent's state dir (EDGETUNE_STATE_DIR or --state-dir):
-`predict` loads the exported int8 model with ONNX Runtime (no torch import on that path),
-`feedback` writes a labelled sample to the store, which the running agent picks up.
+`run` trains on the agent's data (`--data`: a file, a folder or `demo:NAME`) plus its sample
+store. `predict`, `feedback` and `import` work against the agent's state dir
+(EDGETUNE_STATE_DIR or --state-dir): `predict` loads the exported int8 model with ONNX Runtime
+(no torch import on that path), `feedback` writes a labelled sample to the store and `import` a
+whole file of them, which the running agent picks up. Bad data exits 2 with the file and line.
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ from typing import Optional
 
 import typer
 
-from common.cli import cli_settings, exit_codes, new_app
+from common.cli import cli_settings, exit_codes, fail, new_app
 from common.logs import setup_logging
 
 app = new_app("EdgeTune edge agent: local training, updates, predictions.")
+_TEXT_COLUMN = typer.Option(None, "--text-column", help="the column (JSON field) with the text (default: text)")
+_LABEL_COLUMN = typer.Option(None, "--label-column", help="the column (JSON field) with the label name (default: label)")
+_MAX_BAD_ROWS = typer.Option(None, "--max-bad-rows", help="skip up to N bad rows, each logged with its line "
+                             "(default 0: refuse the data at its first bad row)")
 
 
 @app.command()
@@ -28,6 +34,12 @@ def run(
     num_partitions: Optional[int] = typer.Option(None),
     partition_index: Optional[int] = typer.Option(None),
     metrics_port: Optional[int] = typer.Option(None),
+    data: Optional[str] = typer.Option(None, "--data", help="what this agent trains on (with its sample store): a "
+                                       "CSV, JSONL or Parquet file (or .txt in split mode), a folder of them, or "
+                                       "demo:vader / demo:brown"),
+    text_column: Optional[str] = _TEXT_COLUMN,
+    label_column: Optional[str] = _LABEL_COLUMN,
+    max_bad_rows: Optional[int] = _MAX_BAD_ROWS,
 ) -> None:
     """Join the fleet and train in every round this agent is selected for."""
     from edge_agent.settings import AgentSettings
@@ -35,15 +47,17 @@ def run(
     s = cli_settings(
         AgentSettings, config, agent_id=agent_id, broker_url=broker, fleet=fleet, partition=partition,
         num_partitions=num_partitions, partition_index=partition_index, metrics_port=metrics_port,
+        data=data, text_column=text_column, label_column=label_column, max_bad_rows=max_bad_rows,
     )
     setup_logging(s.log_level, s.agent_id)
     from broker.transport import BrokerError
+    from data.records import DataError
     from edge_agent.local_settings import DeviceSetupError
     from edge_agent.runner import AgentRunner
 
     from models.fingerprint import ModelNotFound
 
-    with exit_codes({BrokerError: 3, DeviceSetupError: EXIT_STATE, ModelNotFound: 2}):
+    with exit_codes({BrokerError: 3, DeviceSetupError: EXIT_STATE, DataError: EXIT_INPUT, ModelNotFound: EXIT_INPUT}):
         AgentRunner(s).run()
 
 
@@ -120,6 +134,44 @@ def feedback(
             raise typer.Exit(EXIT_INPUT)
         name = s.labels[store.get(sample_id).label]
     typer.echo(f"stored sample {sample_id} ({name}) in {path}")
+
+
+@app.command("import")
+def import_(
+    file: Path = typer.Argument(..., help="a CSV, JSONL or Parquet file (or a folder of them) of labelled texts"),
+    text_column: Optional[str] = _TEXT_COLUMN,
+    label_column: Optional[str] = _LABEL_COLUMN,
+    max_bad_rows: Optional[int] = _MAX_BAD_ROWS,
+    state_dir: Optional[Path] = _STATE_DIR,
+    config: Optional[Path] = _CONFIG,
+) -> None:
+    """Load a file of labelled texts into the agent's sample store, all rows in one transaction:
+    a bad file stores nothing. Labels are names from EDGETUNE_LABELS (or class indices)."""
+    from data.records import DataError
+    from data.sources import load_source
+    from edge_agent.local_settings import LocalCommandSettings, StateDirError
+    from edge_agent.store import SampleStore
+
+    s = cli_settings(LocalCommandSettings, config, state_dir=str(state_dir) if state_dir else None,
+                     text_column=text_column, label_column=label_column, max_bad_rows=max_bad_rows)
+    setup_logging("WARNING")  # skipped rows are logged, one line each
+    try:
+        path = s.store_path()
+    except StateDirError as e:
+        fail(e, EXIT_STATE)
+    with SampleStore(path, s.store_max_samples, labels=s.labels, max_text_chars=s.store_max_text_chars) as store:
+        try:
+            # the store's own checks (length, NUL) count as bad rows of the file, with their line
+            loaded = load_source(str(file), labels=s.labels, check=lambda e: store.validate(e.text, e.label, "import"),
+                                 **s.load_options())
+        except DataError as e:
+            fail(f"{e} (nothing stored)", EXIT_INPUT)
+        if len(loaded) > s.store_max_samples:
+            fail(f"{file} has {len(loaded)} examples; the store keeps the newest {s.store_max_samples} "
+                 "(EDGETUNE_STORE_MAX_SAMPLES): raise it or import fewer rows (nothing stored)", EXIT_INPUT)
+        store.add_many([(e.text, e.label) for e in loaded.examples], source="import")
+    skipped = f", {loaded.num_skipped} bad rows skipped" if loaded.skipped else ""
+    typer.echo(f"imported {len(loaded)} labelled samples from {file} into {path}{skipped}")
 
 
 if __name__ == "__main__":

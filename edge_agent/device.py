@@ -51,6 +51,7 @@ class Device:
         self.http = None
         self.holdout_examples: list = []
         self.examples = examples
+        self.trainable_count = 0  # the store's labelled samples a round may train on (refreshed each second)
         self.model_dirty: str | None = None  # why the served model should be re-exported
         self._relearn = False  # a new global arrived: learn the stored samples on top of it
         self._incremental_run = 0
@@ -77,6 +78,7 @@ class Device:
             self.holdout_examples = [e for i, e in enumerate(self.examples) if i in held]
             self.examples = [e for i, e in enumerate(self.examples) if i not in held]
         self.metrics.samples_stored.set(self.store.count())
+        self.trainable_count = incremental.trainable_count(self.store, self.inc)
         self._serve_last()
         if self.s.http_port is not None:
             self._start_http()
@@ -122,6 +124,7 @@ class Device:
     def round_examples(self) -> tuple[list, list[int]]:
         """The shard plus the store's labelled samples (holdout excluded); ids of the new ones."""
         stored = incremental.trainable(self.store, self.inc)
+        self.trainable_count = len(stored)
         return [*self.examples, *stored], [s.id for s in stored if not s.used_in_training]
 
     def mark_used(self, ids: list[int]) -> None:
@@ -137,6 +140,7 @@ class Device:
         if now >= self._next_store_check:
             self._next_store_check = now + 1.0
             self.metrics.samples_stored.set(self.store.count())
+            self.trainable_count = incremental.trainable_count(self.store, self.inc)
             if learning and not self._relearn and len(incremental.pending(self.store, self.inc)) >= self.inc.min_new:
                 self._learn_incrementally()
         if self._relearn:

@@ -69,6 +69,11 @@ def trainable(store: SampleStore, cfg: IncrementalConfig) -> list[Sample]:
     return [s for s in store.labelled() if not is_holdout(s.id, cfg.holdout_every)]
 
 
+def trainable_count(store: SampleStore, cfg: IncrementalConfig) -> int:
+    """len(trainable(store, cfg)), counted in SQL."""
+    return store.count_labelled(skip_every=cfg.holdout_every)
+
+
 def holdout(store: SampleStore, cfg: IncrementalConfig, limit: int = 500) -> list[Sample]:
     """The newest `limit` labelled holdout samples, oldest first."""
     rows = [s for s in store.labelled() if is_holdout(s.id, cfg.holdout_every)]

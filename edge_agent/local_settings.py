@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from common.settings import EdgeTuneSettings
+from common.settings import EdgeTuneSettings, LabelSettings
+from data.settings import DataSettings
 
 STORE_FILE = "samples.db"
 MODELS_DIR = "models"
@@ -28,9 +29,8 @@ class DeviceSetupError(RuntimeError):
     """The agent cannot open its store or serve its HTTP API; the message says what to change."""
 
 
-class OnDeviceSettings(BaseModel):
+class OnDeviceSettings(LabelSettings):
     state_dir: str | None = Field(None, description="outbox, sample store and exported models; unset: no durable state")
-    labels: tuple[str, ...] = Field(("negative", "positive"), min_length=2, description="class names, in index order")
     # the sample store
     store_max_samples: int = Field(10_000, ge=1, description="retention: keep the newest N samples")
     store_max_text_chars: int = Field(2000, ge=1, description="longer inputs are refused")
@@ -84,14 +84,8 @@ class OnDeviceSettings(BaseModel):
             raise StateDirError(f"{pointer} names {d.name}, which is missing: restart the agent to re-export")
         return d
 
-    @model_validator(mode="after")
-    def _labels(self):
-        if len(set(self.labels)) != len(self.labels):
-            raise ValueError(f"labels {list(self.labels)} repeat a name")
-        return self
 
-
-class LocalCommandSettings(OnDeviceSettings, EdgeTuneSettings):
-    """What `edgetune-agent predict` / `feedback` read; other agent keys in a settings file are ignored."""
+class LocalCommandSettings(OnDeviceSettings, DataSettings, EdgeTuneSettings):
+    """What `edgetune-agent predict` / `feedback` / `import` read; other agent keys in a settings file are ignored."""
 
     model_config = SettingsConfigDict(env_prefix="EDGETUNE_", extra="ignore", validate_default=True)

@@ -19,7 +19,8 @@ from broker.messages import AgentState, ModelUpdate, SplitGradient, TaskDefiniti
 from broker.transport import MqttTransport, Will
 from common.metrics_http import linger
 from data.partition import partition
-from data.sentiment import train_test_split
+from data.records import DataError
+from data.sources import is_demo, load_source
 from edge_agent.device import Device
 from edge_agent.driver import ProtocolDriver
 from edge_agent.metrics import AgentMetrics, serve
@@ -35,22 +36,29 @@ log = logging.getLogger("edgetune.agent")
 
 
 def local_examples(s: AgentSettings) -> list:
-    """The demo agent's shard of the shipped training split (never the held-out split)."""
-    if s.mode == "split":
-        from data.corpus import lm_split
+    """The agent's own data (EDGETUNE_DATA: a file, a folder or a demo by name), or [] without it.
 
-        train, _ = lm_split()
-        labels = [0] * len(train)
-        domains = [e.genre for e in train]
-    else:
-        train, _ = train_test_split()
-        labels = [e.label for e in train]
-        domains = [e.domain for e in train]
-    parts = partition(
-        s.partition, labels=labels, domains=domains,
-        k=s.num_partitions, seed=s.partition_seed, alpha=s.dirichlet_alpha,
-    )
-    mine = [train[i] for i in parts[s.partition_index]]
+    Through data/sources.py: a bad file raises DataError (naming the file and line) before the
+    agent connects, so nothing is published. A demo gives its training split only (its held-out
+    split is what an aggregator evaluates on). With num_partitions > 1 the agent keeps its shard
+    (partition, partition_index, partition_seed); data_limit caps the count. Split mode reads
+    texts only (labels ignored); federated mode maps the labels to `s.labels`, in that order."""
+    if not s.data:
+        return []
+    split = s.mode == "split"
+    loaded = load_source(s.data, labels=None if split else s.labels, text_only=split,
+                         split="train" if is_demo(s.data) else None, **s.load_options())
+    if loaded.skipped:
+        log.warning("%s: %d bad rows skipped (max_bad_rows %d), each logged above", s.data, loaded.num_skipped,
+                    s.max_bad_rows)
+    train = list(loaded.examples)
+    mine = train
+    if s.num_partitions > 1:
+        parts = partition(
+            s.partition, labels=[0] * len(train) if split else [e.label for e in train],
+            domains=[e.domain for e in train], k=s.num_partitions, seed=s.partition_seed, alpha=s.dirichlet_alpha,
+        )
+        mine = [train[i] for i in parts[s.partition_index]]
     if s.data_limit:
         import random
 
@@ -67,11 +75,13 @@ class AgentRunner(ProtocolDriver):
         self.examples = examples
         self.transport: MqttTransport | None = None
         self.trainer = None
+        self.local_task: TaskDefinition | None = None  # the task this device's model and settings give (_setup)
         self.outbox = Outbox(settings.state_dir)
         self.split: SplitClient | None = None  # split mode: set at connect
         self.device: Device | None = None  # federated mode with a state dir: on-device learning and serving
         self.metrics_server = None
         self._stop = False
+        self._status: tuple[AgentState, int] | None = None  # the last status published: state, examples
 
     @property
     def finished(self) -> bool:
@@ -80,7 +90,15 @@ class AgentRunner(ProtocolDriver):
 
     # -- the driver's hooks (edge_agent.driver.ProtocolDriver) ----------------------------------
     def num_examples(self) -> int:
-        return len(self.examples) if self.examples is not None else 0
+        """What this agent can train on: its data plus the store's trainable labelled samples (0: it is
+        not selected)."""
+        n = len(self.examples) if self.examples is not None else 0
+        return n + (self.device.trainable_count if self.device is not None else 0)
+
+    def publish_status(self, state: AgentState) -> None:
+        n = self.num_examples()
+        super().publish_status(state)
+        self._status = (state, n)
 
     def stopping(self) -> bool:
         return self._stop
@@ -93,11 +111,11 @@ class AgentRunner(ProtocolDriver):
         self.metrics.global_bytes_received.inc(nbytes)
 
     def task_fit(self) -> str:
-        return self.local_task.hash
+        return self.local_task.hash if self.local_task is not None else ""
 
     def task_refusal(self, task_hash: str, task: TaskDefinition | None = None) -> str | None:
         mine = self.local_task
-        if task_hash == mine.hash:
+        if mine is None or task_hash == mine.hash:
             return None
         if task is None:  # an announcement or global for a task whose definition has not come yet
             return (f"the fleet's task {task_hash[:12]} is not this device's {mine.hash[:12]}: its model or model "
@@ -121,6 +139,10 @@ class AgentRunner(ProtocolDriver):
         ann = a.announcement
         # the shard plus the store's labelled samples; split mode's shard is one (N, T) tensor of token blocks
         examples, new_ids = self.device.round_examples() if self.device is not None else (self.examples, [])
+        if len(examples) == 0:  # selected while reporting 0 examples (a service that does not check): no update
+            log.warning("round %d: selected, but there is nothing to train on: no update", ann.round)
+            self.publish_status(AgentState.idle)
+            return
         log.info("round %d: training on %d examples (%d from the store, from global v%d)", ann.round, len(examples),
                  len(examples) - len(self.examples), ann.global_version)
         with self.metrics.local_train_seconds.time():
@@ -154,6 +176,11 @@ class AgentRunner(ProtocolDriver):
     def idle(self) -> None:
         if self.device is not None:
             self.device.tick()
+            # an agent without data becomes selectable once its store has labelled samples (and not after
+            # they are gone): say so in the status the aggregator selects by
+            if self._status is not None and (self.num_examples() > 0) != (self._status[1] > 0):
+                log.info("now %d examples to train on: publishing the status again", self.num_examples())
+                self.publish_status(self._status[0])
 
     def finish(self, a: Finish) -> None:
         if self.device is not None:
@@ -199,9 +226,11 @@ class AgentRunner(ProtocolDriver):
                                         batch_size=self.s.split_batch_size, encoding=self.s.split_encoding,
                                         seed=self.s.train_seed, head=self.s.split_head,
                                         head_path=self.s.split_head_path)
-            self.examples = token_blocks(self.trainer.tokenizer, self.examples, self.s.seq_len)
-            if len(self.examples) == 0:
-                raise ValueError("no local text to train on: this agent's shard is smaller than one sequence")
+            texts = self.examples
+            self.examples = token_blocks(self.trainer.tokenizer, texts, self.s.seq_len)
+            if texts and len(self.examples) == 0:
+                raise DataError("empty", f"this agent's share of the data ({len(texts)} texts) is shorter than one "
+                                f"sequence of {self.s.seq_len} tokens: give it more text", path=self.s.data)
         else:
             self.trainer = Trainer(self.s.classifier_spec(), lr=self.s.lr, batch_size=self.s.batch_size,
                                    prox_mu=self.s.prox_mu, seed=self.s.train_seed)
@@ -225,7 +254,15 @@ class AgentRunner(ProtocolDriver):
             # after a restart: publish what was never acknowledged, and don't train those rounds again
             for round_number, payload in self.outbox.unsent():
                 self.act(self.proto.restore(round_number, payload))
-            log.info("agent %s online with %d local examples", self.s.agent_id, len(self.examples))
+            log.info("agent %s online with %d local examples", self.s.agent_id, self.num_examples())
+            if not self.num_examples():
+                if self.device is not None:
+                    hint = "set EDGETUNE_DATA (--data), or add labelled samples: `edgetune-agent import` / `feedback`"
+                else:
+                    hint = "set EDGETUNE_DATA (--data)" + ("" if self.s.mode == "split" else
+                                                           ", or EDGETUNE_STATE_DIR for a sample store")
+                log.warning("no data to train on yet: this agent reports 0 examples and is not selected until it "
+                            "has some (%s)", hint)
             while not self._stop and not self.proto.finished:
                 self.step(timeout=0.5)
             if self.proto.finished:

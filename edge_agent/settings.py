@@ -11,15 +11,17 @@ from broker.messages import AGENT_ID_PATTERN
 from broker.settings import ConnectionSettings
 from common.settings import EdgeTuneSettings, ProcessSettings
 from data.partition import PARTITIONERS
+from data.settings import DataSettings
 from edge_agent.local_settings import OnDeviceSettings
 from models.settings import DecoderSettings, ModelSettings
 
 
 class AgentSettings(EdgeTuneSettings, ConnectionSettings, ProcessSettings, ModelSettings, DecoderSettings,
-                    OnDeviceSettings):
+                    OnDeviceSettings, DataSettings):
     mode: Literal["federated", "split"] = Field("federated", description="federated classifier or split decoder")
     agent_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0][:64], pattern=AGENT_ID_PATTERN)
-    # where the demo agent's examples come from: one shard of the shipped data set
+    # the agent's data (DataSettings: EDGETUNE_DATA, a file, folder or demo:NAME) plus its sample store; with
+    # num_partitions > 1 it takes one shard of that data (the one-machine demo splits a demo set this way)
     partition: str = Field("by-domain", description=f"one of {', '.join(PARTITIONERS)}")
     num_partitions: int = Field(1, ge=1)
     partition_index: int = Field(0, ge=0)

@@ -248,6 +248,12 @@ class SampleStore:
     def count(self) -> int:
         return self._read("SELECT count(*) FROM samples")[0][0]
 
+    def count_labelled(self, *, skip_every: int = 0) -> int:
+        """Labelled rows; with skip_every=k, less those whose id is a multiple of k (a holdout)."""
+        if skip_every:
+            return self._read("SELECT count(*) FROM samples WHERE label IS NOT NULL AND id % ? != 0", (int(skip_every),))[0][0]
+        return self._read("SELECT count(*) FROM samples WHERE label IS NOT NULL")[0][0]
+
     def count_labelled_since(self, since_id: int = 0) -> int:
         return self._read("SELECT count(*) FROM samples WHERE label IS NOT NULL AND id > ?", (int(since_id),))[0][0]
 

@@ -56,7 +56,8 @@ def compare(
     speeds: Optional[str] = typer.Option(None, help="async: seconds per local step for each agent, e.g. 1,1,2,5,20"),
     model: str = typer.Option("head", help="head (cached encoder features + LoRA head: fast) or full (the real "
                                            "pruned MiniLM with LoRA: slow on CPU)"),
-    data: Optional[Path] = typer.Option(None, help=".jsonl or .csv with text, label[, domain] (default: VADER)"),
+    data: Optional[str] = typer.Option(None, help="a .csv, .jsonl or .parquet file (or a folder of them) with text, "
+                                                  "label[, domain][, id], or demo:NAME (default: demo:vader)"),
     train_limit: int = typer.Option(0, min=0, help="use a seeded sample of N training examples (0: all)"),
     eval_limit: int = typer.Option(0, min=0, help="use a seeded sample of N held-out examples (0: all)"),
     eval_agents: Optional[bool] = typer.Option(None, "--eval-agents/--no-eval-agents",
@@ -81,7 +82,7 @@ def compare(
     common = dict(agents=agents, rounds=rounds, partition=partition, alpha=alpha, participation=participation,
                   min_agents=min_agents, local_epochs=local_epochs, local_steps=local_steps, batch_size=batch_size,
                   lr=lr, attackers=attackers, attack=attack, attack_scale=attack_scale, flip_scale=flip_scale,
-                  buffer_size=buffer_size, speeds=speed_list, model=model, data=str(data) if data else None,
+                  buffer_size=buffer_size, speeds=speed_list, model=model, data=data or None,
                   train_limit=train_limit, eval_limit=eval_limit, eval_agents=eval_agents, seed=seed)
     configs = _configs(names, opts, common, prox_mu)
     try:

@@ -50,6 +50,7 @@ class RunOptions:
     seq_len: int = 64
     split_batch_size: int = 8
     max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES  # the embedded broker's and every process's
+    data: str = ""  # the agents' EDGETUNE_DATA, each taking its partition of it; "": the mode's demo (below)
     extra_env: dict = field(default_factory=dict)
 
 
@@ -218,9 +219,15 @@ def _aggregator_env(opts: RunOptions, env: dict, agg_dir: Path) -> dict:
     return agg_env
 
 
+def demo_data(mode: str) -> str:
+    """The shipped demo set the one-machine run trains on without --data: asked for by name."""
+    return "demo:brown" if mode == "split" else "demo:vader"
+
+
 def _agent_env(opts: RunOptions, env: dict, aid: str, i: int) -> dict:
-    """Agent i's environment: its id, its partition and its training seed."""
-    return dict(env, EDGETUNE_AGENT_ID=aid, EDGETUNE_PARTITION=opts.partition,
+    """Agent i's environment: its id, its data and partition of it, and its training seed."""
+    return dict(env, EDGETUNE_AGENT_ID=aid, EDGETUNE_DATA=opts.data or demo_data(opts.mode),
+                EDGETUNE_PARTITION=opts.partition,
                 EDGETUNE_SPLIT_ENCODING=opts.split_encoding,
                 EDGETUNE_SPLIT_BATCH_SIZE=str(opts.split_batch_size),
                 EDGETUNE_NUM_PARTITIONS=str(opts.agents), EDGETUNE_PARTITION_INDEX=str(i),

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aggregator.strategies import StateDict
-from data.sentiment import Example
+from data.records import LabelledText
 from edgetune.sim_config import SimConfig
 from models.classifier import ClassifierSpec, adapter_state, load_adapter_state
 from models.train import EvalResult, TrainResult, sgd_loop, trainable_parameters
@@ -181,7 +181,7 @@ class HeadBackend:
 
     kind = "head"
 
-    def __init__(self, spec: ClassifierSpec, examples: Sequence[Example] = (), *, cache_dir: Path | None = None,
+    def __init__(self, spec: ClassifierSpec, examples: Sequence[LabelledText] = (), *, cache_dir: Path | None = None,
                  device: str = "cpu", log: Callable[[str], None] | None = None) -> None:
         from peft import LoraConfig, get_peft_model
 
@@ -220,7 +220,7 @@ class HeadBackend:
         for i, t in enumerate(new):
             self._row[t] = base + i
 
-    def data(self, examples: Sequence[Example]) -> _Tensors:
+    def data(self, examples: Sequence[LabelledText]) -> _Tensors:
         """Feature rows and labels for these examples (features computed or read from the cache
         for texts not seen yet)."""
         self._add_texts(e.text for e in examples)
@@ -274,7 +274,7 @@ class FullBackend:
 
     kind = "full"
 
-    def __init__(self, spec: ClassifierSpec, examples: Sequence[Example] = (), **_: Any) -> None:
+    def __init__(self, spec: ClassifierSpec, examples: Sequence[LabelledText] = (), **_: Any) -> None:
         from models.classifier import build_classifier, load_tokenizer
 
         self.spec, self.log = spec, None
@@ -283,7 +283,7 @@ class FullBackend:
         self.tokenizer = load_tokenizer(spec)
         self.initial_state = self.state()
 
-    def data(self, examples: Sequence[Example]) -> list[Example]:
+    def data(self, examples: Sequence[LabelledText]) -> list[LabelledText]:
         return list(examples)
 
     def state(self) -> StateDict:
@@ -292,14 +292,14 @@ class FullBackend:
     def load(self, state: Mapping[str, torch.Tensor]) -> None:
         load_adapter_state(self.model, dict(state))
 
-    def train(self, data: list[Example], *, epochs: int, max_steps: int, batch_size: int, lr: float, seed: int,
+    def train(self, data: list[LabelledText], *, epochs: int, max_steps: int, batch_size: int, lr: float, seed: int,
               proximal: Callable[[], torch.Tensor] | None = None) -> TrainResult:
         from models.train import train_local
 
         return train_local(self.model, self.tokenizer, data, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                            lr=lr, max_length=self.spec.max_length, seed=seed, proximal=proximal)
 
-    def evaluate(self, data: list[Example]) -> EvalResult:
+    def evaluate(self, data: list[LabelledText]) -> EvalResult:
         from models.train import evaluate
 
         return evaluate(self.model, self.tokenizer, data, max_length=self.spec.max_length)
@@ -308,7 +308,7 @@ class FullBackend:
 _BACKENDS: dict[tuple, Any] = {}
 
 
-def make_backend(cfg: SimConfig, examples: Sequence[Example] = (), log: Callable[[str], None] | None = None, *,
+def make_backend(cfg: SimConfig, examples: Sequence[LabelledText] = (), log: Callable[[str], None] | None = None, *,
                  shared: bool = True):
     """The model for `cfg` (one instance per process when `shared`: runs reset it to its initial
     adapter state, so they can follow one another; it is not for concurrent use)."""

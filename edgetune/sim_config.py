@@ -6,8 +6,6 @@ Part of the in-process simulator (edgetune/simulate.py has the overview).
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -17,7 +15,8 @@ from typing import Mapping, Sequence
 import torch
 
 from aggregator.strategies import StateDict, apply_delta, delta_of
-from data.sentiment import Example
+from data.records import DataError, LabelledText
+from data.sources import load_source, split_examples, test_fraction_of
 from models.classifier import ClassifierSpec
 
 MODES = ("fedavg", "fedprox", "fedadam", "sequential", "independent", "centralized", "async")
@@ -65,7 +64,7 @@ class SimConfig:
     # model and data
     model: str = "head"
     spec: ClassifierSpec = field(default_factory=ClassifierSpec)
-    data: str | None = None  # None: VADER; else a .jsonl/.csv file with text, label[, domain]
+    data: str | None = None  # None: the VADER demo; else a file or folder (data/sources.py) with text, label[, domain]
     train_limit: int = 0  # use a seeded sample of this many training examples (0: all)
     eval_limit: int = 0  # and of this many held-out examples (0: all)
     data_seed: int = 0  # seeds those two samples (apart from `seed`, so runs of other seeds share data)
@@ -166,44 +165,23 @@ class SimResult:
 # -- data -----------------------------------------------------------------------------------------
 
 
-def load_examples(path: str | Path) -> tuple[Example, ...]:
-    """Read a user's labelled texts: .jsonl (objects with text, label[, domain][, id]) or .csv
-    (header with text, label[, domain][, id]). String labels are mapped to 0..K-1 in sorted order."""
-    p = Path(path)
-    if not p.exists():
-        raise SimulationError(f"data file {p} does not exist")
-    if p.suffix in (".jsonl", ".ndjson"):
-        with open(p, encoding="utf-8") as f:
-            raw = [json.loads(line) for line in f if line.strip()]
-    elif p.suffix == ".csv":
-        with open(p, newline="", encoding="utf-8") as f:
-            raw = list(csv.DictReader(f))
-    else:
-        raise SimulationError(f"data file {p}: use .jsonl or .csv with columns text, label[, domain]")
-    if not raw or any("text" not in r or "label" not in r for r in raw):
-        raise SimulationError(f"data file {p}: every record needs 'text' and 'label'")
-    labels = [r["label"] for r in raw]
-    if all(isinstance(x, int) or (isinstance(x, str) and x.strip().lstrip("-").isdigit()) for x in labels):
-        ints = [int(x) for x in labels]
-        if min(ints) < 0:
-            raise SimulationError(f"data file {p}: integer labels must be >= 0")
-    else:
-        names = sorted({str(x) for x in labels})
-        ints = [names.index(str(x)) for x in labels]
-    out = []
-    for i, (r, y) in enumerate(zip(raw, ints)):
-        domain = str(r.get("domain") or "data")
-        out.append(Example(str(r["text"]).strip(), y, domain, f"{domain}:{r.get('id', i)}"))
-    return tuple(out)
+def load_examples(path: str | Path) -> tuple[LabelledText, ...]:
+    """A user's labelled texts through the one data loader (data/sources.py): a .jsonl, .csv or
+    .parquet file or a folder of them, with text, label[, domain][, id]; label names are read from
+    the data (integer labels are class indices; names are sorted). Rows without a domain get "data"."""
+    try:
+        return load_source(path, domain="data").examples
+    except DataError as e:
+        raise SimulationError(f"data: {e}") from e
 
 
-def load_splits(cfg: SimConfig) -> tuple[list[Example], list[Example]]:
-    """The training and held-out examples (the fixed hash split of data/sentiment.py), each
-    optionally cut to a seeded sample of train_limit / eval_limit (file order kept)."""
-    from data.sentiment import train_test_split
-
-    examples = load_examples(cfg.data) if cfg.data else None
-    train, test = train_test_split(examples)
+def load_splits(cfg: SimConfig) -> tuple[list[LabelledText], list[LabelledText]]:
+    """The training and held-out examples of cfg.data (None: the VADER demo) by the source's fixed
+    hash split (data/sources.py), each optionally cut to a seeded sample of train_limit /
+    eval_limit (file order kept)."""
+    spec = cfg.data or "demo:vader"
+    examples = load_examples(spec)
+    train, test = split_examples(examples, test_fraction_of(spec))
     if cfg.train_limit and cfg.train_limit < len(train):
         keep = sorted(random.Random(f"{cfg.data_seed}:train").sample(range(len(train)), cfg.train_limit))
         train = [train[i] for i in keep]
@@ -215,7 +193,7 @@ def load_splits(cfg: SimConfig) -> tuple[list[Example], list[Example]]:
     return train, test
 
 
-def make_shards(cfg: SimConfig, train: Sequence[Example]) -> list[list[Example]]:
+def make_shards(cfg: SimConfig, train: Sequence[LabelledText]) -> list[list[LabelledText]]:
     from data.partition import partition
 
     parts = partition(cfg.partition, labels=[e.label for e in train], domains=[e.domain for e in train],

@@ -72,7 +72,7 @@ import torch
 
 from aggregator.strategies import ClientUpdate, StateDict, delta_of, global_norm, make_strategy
 from broker.messages import ModelUpdate
-from data.sentiment import Example
+from data.records import LabelledText
 from edgetune.sim_backends import (FullBackend, HeadBackend, HeadModule, default_cache_dir, make_backend,  # noqa: F401
                                    sentence_features, text_key)
 from edgetune.sim_baselines import BaselineModes
@@ -93,7 +93,7 @@ class Simulator(BaselineModes):
     """One run of one configuration. `backend` may be shared between runs (compare()): the
     simulator resets it to its initial adapter state first."""
 
-    def __init__(self, cfg: SimConfig, *, backend=None, splits: tuple[list[Example], list[Example]] | None = None,
+    def __init__(self, cfg: SimConfig, *, backend=None, splits: tuple[list[LabelledText], list[LabelledText]] | None = None,
                  log: Callable[[str], None] | None = None) -> None:
         cfg.check()
         self.cfg = cfg

@@ -7,10 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from common.settings import DEMO_LABELS, LabelSettings
+
 from models.classifier import ClassifierSpec
-
-
-DEMO_LABELS = ("negative", "positive")  # the VADER sentiment demo's
 
 
 class LoraSettings(BaseModel):
@@ -20,23 +19,18 @@ class LoraSettings(BaseModel):
     lora_alpha: int = Field(16, ge=1)
 
 
-class ModelSettings(LoraSettings):
+class ModelSettings(LoraSettings, LabelSettings):
     model: str | None = Field(None, description="local model folder or hub name; unset: the shipped MiniLM")
     num_layers: int = Field(4, ge=0, le=48, description="encoder layers kept on the edge (0: all)")
     num_labels: int = Field(2, ge=2)
     max_length: int = Field(64, ge=8, le=512)
     model_seed: int = Field(0, description="seed of the new classifier head (same on every process)")
-    labels: tuple[str, ...] = Field(DEMO_LABELS, min_length=2, description="the class names, in index order "
-                                    "(the task's; unset with num_labels != 2: label_0, label_1, ...)")
-
     @model_validator(mode="after")
     def _labels_fit(self):
         names = self.label_names()
         if len(names) != self.num_labels:
             raise ValueError(f"labels names {len(names)} classes but num_labels is {self.num_labels}: set "
                              "EDGETUNE_NUM_LABELS to the number of names in EDGETUNE_LABELS")
-        if len(set(names)) != len(names):
-            raise ValueError(f"labels {names} repeat a name")
         return self
 
     def label_names(self) -> list[str]:

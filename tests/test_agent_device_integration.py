@@ -80,7 +80,7 @@ def test_feedback_is_stored_learned_from_and_sent_in_a_round(mosquitto, tmp_path
                                  "--max-local-steps", "3", "--eval-limit", "40", "--round-timeout", "300",
                                  "--output-dir", str(tmp_path / "out")], logs[0],
               EDGETUNE_METRICS_LINGER_S="0", **common),
-        spawn("edge_agent.cli", ["run"], logs[1], EDGETUNE_AGENT_ID="dev-0", EDGETUNE_PARTITION="iid",
+        spawn("edge_agent.cli", ["run"], logs[1], EDGETUNE_AGENT_ID="dev-0", EDGETUNE_DATA="demo:vader", EDGETUNE_PARTITION="iid",
               EDGETUNE_DATA_LIMIT=DATA_LIMIT, EDGETUNE_STATE_DIR=state, EDGETUNE_HTTP_PORT=http_port,
               EDGETUNE_METRICS_PORT=metrics_port, EDGETUNE_METRICS_LINGER_S="0", EDGETUNE_INCREMENTAL_MIN_NEW=5,
               EDGETUNE_HOLDOUT_EVERY=HOLDOUT_EVERY, **common),

@@ -95,8 +95,9 @@ class Harness:
         return next(a for a in self.announcements if a.round == number and not a.final)
 
     def status(self, agent: str, state: AgentState) -> None:
-        self.t.publish(self.topics.status(agent), codec.encode(AgentStatus(agent_id=agent, state=state)), retain=True,
-                       wait=True)
+        # with examples to train on: the service selects only agents that report some
+        self.t.publish(self.topics.status(agent), codec.encode(AgentStatus(agent_id=agent, state=state, num_examples=100)),
+                       retain=True, wait=True)
 
     def play(self, deliveries) -> None:
         for d in deliveries:

@@ -187,7 +187,8 @@ def test_hostile_frames_are_rejected_counted_and_change_nothing(mosquitto, tmp_p
     rogue.subscribe(topics.global_adapter)
     rogue.subscribe(topics.update("g0"))
     rogue.connect()
-    rogue.publish(topics.status("x0"), codec.encode(AgentStatus(agent_id="x0", state=AgentState.online)),
+    rogue.publish(topics.status("x0"),
+                  codec.encode(AgentStatus(agent_id="x0", state=AgentState.online, num_examples=100)),
                   retain=True, wait=True)
     agg = aggregator(mosquitto.url, fleet, out, logs[0], "--rounds", "1", "--min-agents", "2",
                      "--expected-agents", "3", "--round-timeout", "15", "--metrics-port", str(port),

@@ -34,7 +34,7 @@ def fed_run(tmp_path_factory):
                                       "--output-dir", str(out)], logs[0], **common)]
     for i in range(AGENTS):
         procs.append(spawn("edge_agent.cli", ["run"], logs[i + 1], EDGETUNE_AGENT_ID=f"agent-{i}",
-                           EDGETUNE_PARTITION="iid", EDGETUNE_NUM_PARTITIONS=AGENTS,
+                           EDGETUNE_DATA="demo:vader", EDGETUNE_PARTITION="iid", EDGETUNE_NUM_PARTITIONS=AGENTS,
                            EDGETUNE_PARTITION_INDEX=i, EDGETUNE_DATA_LIMIT=600, **common))
     try:
         finish_all(procs, timeout=600, logs=logs)

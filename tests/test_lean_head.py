@@ -276,7 +276,7 @@ def test_one_lean_and_one_transformers_agent_against_mosquitto(mosquitto, tmp_pa
     watcher.connect()
     out = tmp_path / "aggregator"
     logs = [tmp_path / "aggregator.log", tmp_path / "peft.log", tmp_path / "lean.log"]
-    agent = dict(split, EDGETUNE_PARTITION="iid", EDGETUNE_NUM_PARTITIONS="2", EDGETUNE_SPLIT_BATCH_SIZE="4",
+    agent = dict(split, EDGETUNE_DATA="demo:brown", EDGETUNE_PARTITION="iid", EDGETUNE_NUM_PARTITIONS="2", EDGETUNE_SPLIT_BATCH_SIZE="4",
                  EDGETUNE_DATA_LIMIT="200")
     procs = [spawn("aggregator.cli", ["run", "--rounds", "1", "--min-agents", "2", "--expected-agents", "2",
                                       "--max-local-steps", "3", "--output-dir", str(out)], logs[0],

@@ -205,7 +205,8 @@ def test_dashboard_expressions_return_data_after_a_federated_run(mosquitto, tmp_
                 procs.append(spawn(
                     "edge_agent.cli", ["run"], logs[i + 1], EDGETUNE_BROKER_URL=mosquitto.url, EDGETUNE_FLEET=FLEET,
                     EDGETUNE_AGENT_ID=f"agent-{i}", EDGETUNE_METRICS_PORT=agent_ports[i],
-                    EDGETUNE_METRICS_ADDR="127.0.0.1", EDGETUNE_METRICS_LINGER_S=0, EDGETUNE_DATA_LIMIT=100, EDGETUNE_PARTITION="iid",
+                    EDGETUNE_METRICS_ADDR="127.0.0.1", EDGETUNE_METRICS_LINGER_S=0, EDGETUNE_DATA="demo:vader", EDGETUNE_DATA_LIMIT=100,
+                    EDGETUNE_PARTITION="iid",
                     EDGETUNE_NUM_PARTITIONS=AGENTS, EDGETUNE_PARTITION_INDEX=i,
                 ))
             prom.wait_ready()

@@ -35,7 +35,7 @@ def test_two_agents_int8_perplexity_falls_and_head_adapters_are_averaged(mosquit
                                       "--max-local-steps", "8", "--output-dir", str(out)], logs[0],
                    EDGETUNE_EVAL_SEQUENCES="32", **env)]
     for i in (1, 2):
-        procs.append(spawn("edge_agent.cli", ["run"], logs[i], EDGETUNE_AGENT_ID=f"edge-{i}",
+        procs.append(spawn("edge_agent.cli", ["run"], logs[i], EDGETUNE_AGENT_ID=f"edge-{i}", EDGETUNE_DATA="demo:brown",
                            EDGETUNE_PARTITION="iid", EDGETUNE_NUM_PARTITIONS="2", EDGETUNE_PARTITION_INDEX=str(i - 1),
                            EDGETUNE_SPLIT_ENCODING="int8", EDGETUNE_SPLIT_BATCH_SIZE="4", EDGETUNE_DATA_LIMIT="400",
                            **env))
