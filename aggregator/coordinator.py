@@ -19,7 +19,6 @@ A driver loads a record's `new_state` into its model and hands the model's state
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
@@ -328,7 +327,3 @@ class AsyncCoordinator(_Coordinator):
                            applied=[dict(agent_id=a.agent_id, base_version=a.base_version, staleness=a.staleness,
                                          num_examples=a.num_examples, weight=a.weight) for a in applied],
                            aggregation_s=0.0, new_state=new_state)
-
-
-def finite(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else x

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.lm_loss import causal_lm_labels, lm_loss_per_sequence_group  # noqa: F401  (re-exported)
