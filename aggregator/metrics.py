@@ -39,6 +39,20 @@ class AggregatorMetrics:
         self.global_accuracy = Gauge(p + "global_accuracy_ratio", "Held-out accuracy of the global model", registry=r)
         self.global_loss = Gauge(p + "global_loss", "Held-out loss of the global model", registry=r)
         self.global_perplexity = Gauge(p + "global_perplexity", "Held-out perplexity (split mode)", registry=r)
+        # evaluation, by where it came from: "central" (EDGETUNE_EVAL_DATA) or "federated" (the agents' held-out slices)
+        self.eval_accuracy = Gauge(p + "eval_accuracy_ratio", "Accuracy of the newest evaluated global", ["source"],
+                                   registry=r)
+        self.eval_macro_f1 = Gauge(p + "eval_macro_f1", "Macro-F1 of the newest evaluated global", ["source"], registry=r)
+        self.eval_class_f1 = Gauge(p + "eval_class_f1", "Per-class F1 of the newest evaluated global",
+                                   ["source", "label"], registry=r)
+        self.eval_loss = Gauge(p + "eval_loss", "Held-out loss of the newest evaluated global", ["source"], registry=r)
+        self.eval_perplexity = Gauge(p + "eval_perplexity", "Held-out perplexity (split mode)", ["source"], registry=r)
+        self.eval_examples = Gauge(p + "eval_examples", "Examples the newest evaluation covered", ["source"], registry=r)
+        self.eval_version = Gauge(p + "eval_global_version", "Global version of the newest evaluation", ["source"],
+                                  registry=r)
+        self.eval_agents = Gauge(p + "eval_agents", "Agents whose reports the newest federated evaluation sums",
+                                 registry=r)
+        self.eval_reports = Counter(p + "eval_reports", "Agents' evaluation reports accepted", registry=r)
         self.rejected = Counter(p + "rejected_messages", "Messages refused, by reason", ["reason"], registry=r)
         self.broker_connected = Gauge(p + "broker_connected", "1 while connected to the MQTT broker", registry=r)
         self.dp_epsilon = Gauge(
@@ -66,9 +80,29 @@ class AggregatorMetrics:
         self.global_perplexity.set(float("nan"))
         self.global_loss.set(float("nan"))
         self.dp_epsilon.set(float("nan"))
+        for source in ("central", "federated"):
+            for g in (self.eval_accuracy, self.eval_macro_f1, self.eval_loss, self.eval_perplexity):
+                g.labels(source=source).set(float("nan"))
         # pre-create the common reasons so that dashboards show zeros, not "no data"
         for reason in ("malformed_frame", "bad_checksum", "wrong_version", "bad_schema", "bad_topic",
                        "wrong_round", "duplicate", "not_selected", "bad_tensors", "non_finite", "late", "stale",
                        "wrong_task"):
             self.rejected.labels(reason=reason)
 
+    def observe_eval(self, row: dict) -> None:
+        """An evaluation's figures (a metrics row with "eval": central or federated) as gauges."""
+        src = row.get("eval", "central")
+        for gauge, key in ((self.eval_accuracy, "accuracy"), (self.eval_macro_f1, "macro_f1"),
+                           (self.eval_loss, "loss"), (self.eval_perplexity, "perplexity")):
+            if row.get(key) is not None:
+                gauge.labels(source=src).set(row[key])
+        n = row.get("eval_examples", row.get("eval_tokens"))
+        if n is not None:
+            self.eval_examples.labels(source=src).set(n)
+        if row.get("version") is not None:
+            self.eval_version.labels(source=src).set(row["version"])
+        for label, c in (row.get("per_class") or {}).items():
+            if c.get("f1") is not None:
+                self.eval_class_f1.labels(source=src, label=label).set(c["f1"])
+        if src == "federated":
+            self.eval_agents.set(row.get("eval_agents", 0))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from aggregator.async_buffer import AsyncBuffer
 from aggregator.coordinator import AsyncCoordinator, RoundRecord, SyncCoordinator, Verdict
+from aggregator.evaluation import FederatedEval
 from aggregator.metrics import AggregatorMetrics, serve
 from aggregator.settings import AggregatorSettings
 from aggregator.split_server import SplitBatcher, decode_split_request
@@ -25,8 +26,8 @@ from aggregator.strategies import make_strategy
 from aggregator.tasks import make_task
 from broker import activations, codec
 from broker.errors import WireError
-from broker.messages import (AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement, SplitGradient,
-                             TaskDefinition, parse)
+from broker.messages import (AgentState, AgentStatus, EvalReport, GlobalAdapter, ModelUpdate, RoundAnnouncement,
+                             SplitGradient, TaskDefinition, parse)
 from broker.topics import Topics, TopicKind
 from broker.transport import Incoming, MqttTransport
 from common.metrics_http import linger
@@ -62,6 +63,7 @@ class AggregatorService:
         set_threads(s.threads)
         self.task = make_task(s, self.out)
         self.task_def = TaskDefinition(**task_fields(s))
+        self.fed_eval = FederatedEval(self.task_def.labels, s.mode)
         self.strategy = make_strategy(s.strategy, **s.strategy_options)
         self.split_batcher = SplitBatcher(s.split_batch_window_ms / 1000)
         round_number = version = 0
@@ -86,6 +88,7 @@ class AggregatorService:
                              on_state=lambda up: self.metrics.broker_connected.set(1 if up else 0))
         t.subscribe(self.topics.all_status)
         t.subscribe(self.topics.all_updates)
+        t.subscribe(self.topics.all_eval)
         if self.s.mode == "split":
             if self.s.mqtt_protocol != 5:
                 raise ValueError("split mode needs an MQTT 5 broker (request/response): set EDGETUNE_MQTT_PROTOCOL=5")
@@ -108,6 +111,8 @@ class AggregatorService:
         elif t.kind is TopicKind.update:
             self.metrics.update_bytes_received.inc(len(m.payload))
             self._handle_update(t.agent_id, m)
+        elif t.kind is TopicKind.eval:
+            self._handle_eval(t.agent_id, m)
         elif t.kind is TopicKind.split_forward and self.s.mode == "split":
             self.metrics.activation_bytes.inc(len(m.payload))
             self._handle_split(t.agent_id, m)
@@ -191,6 +196,46 @@ class AggregatorService:
             return self._reject("bad_topic", f"update claims {meta.agent_id} but came on {agent}'s topic")
         self._verdict(self.coord.offer(meta, frame.tensors, time.time()), meta)
 
+    def _handle_eval(self, agent: str, m: Incoming) -> None:
+        """An agent's evaluation of a global on its held-out slice (federated evaluation)."""
+        try:
+            r = parse(codec.decode(m.payload, max_size=1024 * 1024).header, EvalReport)
+        except WireError as e:
+            return self._reject(e.reason, f"evaluation on {m.topic}: {e}")
+        if r.agent_id != agent:
+            return self._reject("bad_topic", f"evaluation claims {r.agent_id} but came on {agent}'s topic")
+        if r.task_hash not in ("", self.task_def.hash):
+            return self._reject("wrong_task", f"evaluation from {agent} is for task {r.task_hash[:12]}, not the "
+                                f"fleet's {self.task_def.hash[:12]}")
+        refused = self.fed_eval.add(r)
+        if refused is not None:
+            return self._reject(*refused)
+        self.metrics.eval_reports.inc()
+        self._record_eval(self.fed_eval.take_complete())
+
+    def _record_eval(self, rows: list[dict]) -> None:
+        """Federated evaluation rows: into metrics.jsonl and Prometheus (source "federated")."""
+        for row in rows:
+            self._record(row)
+            self.metrics.observe_eval(row)
+            if "accuracy" in row or "perplexity" in row:
+                log.info("federated evaluation of global v%d (round %d) by %d agents on %d held-out %s: %s",
+                         row["version"], row["round"], row["eval_agents"],
+                         row.get("eval_examples", row.get("eval_tokens", 0)),
+                         "examples" if "accuracy" in row else "tokens", _fmt(row))
+            else:
+                log.warning("federated evaluation of global v%d (round %d): no agent reported (missing: %s)",
+                            row["version"], row["round"], ", ".join(row.get("eval_missing", [])) or "none expected")
+
+    def _finish_eval(self) -> None:
+        """After the final global: wait (eval_wait_s at most) for the agents' evaluations of it."""
+        deadline = time.monotonic() + self.s.eval_wait_s
+        while self.fed_eval.open and not self._stop and time.monotonic() < deadline:
+            if not self.fed_eval.waiting_for(self.online):
+                break
+            self._pump(min(deadline, time.monotonic() + 0.5))
+        self._record_eval(self.fed_eval.close_all())
+
     def _verdict(self, v: Verdict, meta: ModelUpdate) -> None:
         if v.reason is not None:
             return self._reject(v.reason, v.message)
@@ -228,6 +273,9 @@ class AggregatorService:
         self.transport.publish(self.topics.global_adapter, payload, retain=True, wait=True)
         self.metrics.global_bytes_published.inc(len(payload))
         self.metrics.global_version.set(self.coord.version)
+        # every agent online with a held-out slice evaluates this global when it loads it
+        expected = [a for a, st in self.online.items() if st.eval_examples > 0]
+        self._record_eval(self.fed_eval.published(self.coord.version, self.coord.round_number, expected))
 
     def _announce(self, number: int, selected, deadline: float, final: bool = False) -> None:
         ann = RoundAnnouncement(round=max(number, 1), selected=list(selected), deadline=deadline,
@@ -241,11 +289,14 @@ class AggregatorService:
     def _evaluate(self) -> dict:
         t0 = time.perf_counter()
         r = self.task.evaluate()
+        if not r:  # no central evaluation data: the agents evaluate (federated evaluation)
+            return {}
         if "accuracy" in r:
             self.metrics.global_accuracy.set(r["accuracy"])
         if "perplexity" in r:
             self.metrics.global_perplexity.set(r["perplexity"])
         self.metrics.global_loss.set(r["loss"])
+        self.metrics.observe_eval({**r, "version": self.coord.version})
         return {**r, "eval_seconds": time.perf_counter() - t0}
 
     def _record(self, row: dict) -> None:
@@ -325,7 +376,7 @@ class AggregatorService:
         if isinstance(self.coord, SyncCoordinator):
             self.coord.set_global(self.task.global_state())
         ev = self._evaluate()
-        self._publish_global(ev.get("accuracy"), ev["loss"])
+        self._publish_global(ev.get("accuracy"), ev.get("loss"))
         row = rec.row(**ev)
         row["duration_s"] = time.time() - t0
         self._checkpoint(row)
@@ -416,6 +467,7 @@ class AggregatorService:
                     self._record(row)
                 if rows:
                     self._announce_final()
+            self._finish_eval()
             log.info("done: %d rounds, global v%d in %s", self.coord.round_number, self.coord.version, self.out)
         except Stop:
             log.info("stopping: the last checkpoint is round %d (v%d)", self.coord.round_number, self.coord.version)

@@ -9,10 +9,12 @@ from pydantic import Field, model_validator
 
 from broker.settings import ConnectionSettings
 from common.settings import EdgeTuneSettings, ProcessSettings
+from data.settings import ColumnSettings
 from models.settings import DecoderSettings, ModelSettings
 
 
-class AggregatorSettings(EdgeTuneSettings, ConnectionSettings, ProcessSettings, ModelSettings, DecoderSettings):
+class AggregatorSettings(EdgeTuneSettings, ConnectionSettings, ProcessSettings, ModelSettings, DecoderSettings,
+                         ColumnSettings):
     mode: Literal["federated", "split"] = Field("federated", description="federated classifier or split decoder")
     rounds: int = Field(5, ge=1, description="federated rounds to run")
     min_agents: int = Field(1, ge=1, description="quorum: a round needs this many updates")
@@ -40,7 +42,12 @@ class AggregatorSettings(EdgeTuneSettings, ConnectionSettings, ProcessSettings, 
     async_max_staleness: int = Field(10, ge=0, description="async: refuse updates more versions behind")
     async_server_lr: float = Field(1.0, gt=0, description="async: server learning rate on the weighted delta")
     output_dir: Path = Field(Path("runs/aggregator"), description="checkpoints, metrics.jsonl, settings.json")
-    eval_limit: int = Field(0, ge=0, description="evaluate on the first N held-out examples (0: all)")
+    eval_data: str | None = Field(None, description="federated mode: central evaluation data (a file, folder or "
+                                  "demo:NAME, labelled with the task's labels; a demo's held-out split); unset: "
+                                  "none, the agents' federated evaluation only")
+    eval_wait_s: float = Field(60, ge=0, description="after the last round, wait this long for the agents' "
+                               "evaluations of the final global")
+    eval_limit: int = Field(0, ge=0, description="evaluate on a fixed random N of the central evaluation data (0: all)")
     eval_batch_size: int = Field(64, ge=1)
     max_update_bytes: int = Field(16 * 1024 * 1024, gt=0, description="refuse larger update frames")
     seed: int = 0

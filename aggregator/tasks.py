@@ -20,22 +20,38 @@ from models.classifier import adapter_state, load_adapter_state
 
 
 class ClassifierTask:
+    """The federated classifier. Its central evaluation is optional: with EDGETUNE_EVAL_DATA (a
+    file, folder or demo:NAME, labelled with the task's labels; a demo's held-out split) the
+    aggregator evaluates every global itself; without it the fleet's evaluation is the agents'
+    (federated evaluation, aggregator/evaluation.py) and the aggregator reads no data at all."""
+
     kind = "federated"
 
     def __init__(self, settings, out: Path) -> None:
-        from data.sentiment import train_test_split
         from models.classifier import build_classifier, load_tokenizer
 
         self.s = settings
         self.out = out
         spec = settings.classifier_spec()
+        self.labels = settings.label_names()
+        self.test = self._central_eval_data()
         self.model = build_classifier(spec).eval()
         self.tokenizer = load_tokenizer(spec)
-        _, test = train_test_split()
-        if settings.eval_limit and settings.eval_limit < len(test):  # a fixed random subset, all domains
-            test = random.Random(settings.seed).sample(test, settings.eval_limit)
-        self.test = test
         self.base_path = save_base(self.model, self.tokenizer, out)
+
+    def _central_eval_data(self) -> list:
+        """The central evaluation set (EDGETUNE_EVAL_DATA), [] without one. A bad file raises
+        data.records.DataError before anything is built or published."""
+        from data.sources import is_demo, load_source
+
+        s = self.s
+        if not s.eval_data:
+            return []
+        test = list(load_source(s.eval_data, labels=self.labels, split="test" if is_demo(s.eval_data) else None,
+                                **s.load_options()).examples)
+        if s.eval_limit and s.eval_limit < len(test):  # a fixed random subset, all domains
+            test = random.Random(s.seed).sample(test, s.eval_limit)
+        return test
 
     def global_state(self) -> dict[str, torch.Tensor]:
         return adapter_state(self.model)
@@ -44,10 +60,14 @@ class ClassifierTask:
         load_adapter_state(self.model, state)
 
     def evaluate(self) -> dict:
+        """The central evaluation's figures ({} without central evaluation data)."""
+        from aggregator.evaluation import classification_figures
         from models.train import evaluate
 
+        if not self.test:
+            return {}
         r = evaluate(self.model, self.tokenizer, self.test, batch_size=self.s.eval_batch_size, max_length=self.s.max_length)
-        return {"accuracy": r.accuracy, "loss": r.loss, "eval_examples": r.n}
+        return {"eval": "central", **classification_figures(r.confusion, self.labels), "loss": r.loss}
 
     def checkpoint(self, round_number: int, version: int, extra: dict) -> Path:
         return save_checkpoint(self.model, self.out, round_number=round_number, version=version, extra=extra,
@@ -125,7 +145,7 @@ class SplitLMTask:
         finally:
             self.server.tail.train()
         loss = total / max(tokens, 1)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "eval_tokens": tokens, **self.rouge()}
+        return {"eval": "central", "loss": loss, "perplexity": math.exp(min(loss, 50)), "eval_tokens": tokens, **self.rouge()}
 
     @torch.no_grad()
     def rouge(self) -> dict:

@@ -12,7 +12,7 @@ import json
 import time
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from broker.errors import SchemaError, UnsupportedVersion
 
@@ -47,6 +47,7 @@ class AgentStatus(Message):
     num_examples: int = 0
     reason: str | None = Field(None, max_length=2000)  # with state "refused": why, and what to do
     task_hash: str = ""  # the task this agent's model fits ("": any; the light agent's)
+    eval_examples: int = Field(0, ge=0)  # its held-out slice, on which it evaluates every global (EvalReport)
 
 
 class TaskDefinition(Message):
@@ -118,6 +119,41 @@ class GlobalAdapter(Message):
     accuracy: float | None = None
     loss: float | None = None
     task_hash: str = ""
+
+
+MAX_EVAL_LABELS = 256  # a confusion matrix of at most 256 x 256 counts
+
+
+class EvalReport(Message):
+    """Federated evaluation: an agent's figures for one global adapter on its own held-out slice,
+    which it never trains on. Sent once per global it loads; the aggregator sums the reports of
+    a version (aggregator/evaluation.py) into the fleet's figures.
+
+    Federated mode: `confusion[true][predicted]` counts over the task's labels, in its order, and
+    `loss` the mean cross-entropy. Split mode: `loss` the mean next-token loss over `tokens`."""
+
+    kind: Literal["eval"] = "eval"
+    agent_id: str = Field(pattern=AGENT_ID_PATTERN)
+    version: int = Field(ge=0)  # the global evaluated
+    round: int = Field(ge=0)  # the round that made it (0: the initial global)
+    num_examples: int = Field(ge=1)
+    loss: float = Field(allow_inf_nan=False)
+    confusion: list[list[int]] = Field([], max_length=MAX_EVAL_LABELS)
+    tokens: int = Field(0, ge=0)
+    seconds: float = Field(0.0, ge=0)
+    task_hash: str = ""
+
+    @model_validator(mode="after")
+    def _counts(self):
+        k = len(self.confusion)
+        if any(len(row) != k for row in self.confusion):
+            raise ValueError(f"confusion must be square: {k} rows of {k} counts")
+        if any(c < 0 for row in self.confusion for c in row):
+            raise ValueError("confusion counts must be non-negative")
+        if self.confusion and sum(map(sum, self.confusion)) != self.num_examples:
+            raise ValueError(f"confusion counts sum to {sum(map(sum, self.confusion))}, not num_examples "
+                             f"({self.num_examples})")
+        return self
 
 
 class SplitForward(Message):

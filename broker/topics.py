@@ -5,6 +5,7 @@
     edgetune/v1/<fleet>/global                   retained global adapter (aggregator)
     edgetune/v1/<fleet>/agents/<agent>/status    retained agent status, last will "offline"
     edgetune/v1/<fleet>/agents/<agent>/update    an agent's update for a round
+    edgetune/v1/<fleet>/agents/<agent>/eval      an agent's evaluation of a global on its held-out slice
     edgetune/v1/<fleet>/agents/<agent>/split/fwd split-learning activations (request)
     edgetune/v1/<fleet>/agents/<agent>/split/grad split-learning gradients (response)
 
@@ -41,13 +42,14 @@ class TopicKind(str, Enum):
     global_adapter = "global_adapter"
     status = "status"
     update = "update"
+    eval = "eval"
     split_forward = "split_forward"
     split_gradient = "split_gradient"
 
 
 # the topic below the fleet's base, or below agents/<agent>/, of each kind
 _FLEET_SUFFIX = {"task": TopicKind.task, "round": TopicKind.round, "global": TopicKind.global_adapter}
-_AGENT_SUFFIX = {"status": TopicKind.status, "update": TopicKind.update,
+_AGENT_SUFFIX = {"status": TopicKind.status, "update": TopicKind.update, "eval": TopicKind.eval,
                  "split/fwd": TopicKind.split_forward, "split/grad": TopicKind.split_gradient}
 
 
@@ -89,6 +91,9 @@ class Topics:
     def update(self, agent_id: str) -> str:
         return f"{self.agent(agent_id)}/update"
 
+    def eval(self, agent_id: str) -> str:
+        return f"{self.agent(agent_id)}/eval"
+
     def split_forward(self, agent_id: str) -> str:
         return f"{self.agent(agent_id)}/split/fwd"
 
@@ -103,6 +108,10 @@ class Topics:
     @property
     def all_updates(self) -> str:
         return f"{self.base}/agents/+/update"
+
+    @property
+    def all_eval(self) -> str:
+        return f"{self.base}/agents/+/eval"
 
     @property
     def all_split_forward(self) -> str:

@@ -69,6 +69,17 @@ def split_examples(examples: Iterable[LabelledText], test_fraction: float) -> tu
     return train, test
 
 
+def holdout_split(examples: Iterable[LabelledText], fraction: float) -> tuple[list[LabelledText], list[LabelledText]]:
+    """(train, held out) of an agent's own examples, in their order: its held-out slice for federated
+    evaluation, which it never trains on. A hash of each uid with its own salt, so the slice is
+    the same on every run and process, and independent of a source's test split (a demo's
+    training split still gives its agents a held-out slice)."""
+    train, held = [], []
+    for e in examples:
+        (held if fraction > 0 and in_test("holdout:" + e.uid, fraction) else train).append(e)
+    return train, held
+
+
 def test_fraction_of(spec: str | Path) -> float:
     return DEMOS[_demo_name(spec)].test_fraction if is_demo(spec) else HOLDOUT_FRACTION
 
@@ -121,13 +132,15 @@ def load_source(
     text_only: bool = False,
     split: Split | None = None,
     domain: str | None = None,
+    domain_column: str = DOMAIN_COLUMN,
     check: Callable[[LabelledText], Any] | None = None,
 ) -> LoadedData:
     """The examples of a file, folder or `demo:NAME` (see the module's docstring).
 
     labels: the label names in index order (None: read them from the data). text_only: read
     texts only (label None). split: only the training or held-out part. domain: the domain of
-    rows without a domain column (None: the file's name without suffix). check: called on
+    rows without a domain column (None: the file's name without suffix). domain_column: the column
+    that gives a row's domain (what the by-domain partition splits by). check: called on
     each example; a ValueError it raises makes the row bad (with its `reason` if it has one).
     """
     if max_bad_rows < 0:
@@ -139,7 +152,8 @@ def load_source(
     if is_demo(spec):
         loaded = _load_demo(str(spec), labels, text_only)
     else:
-        loaded = _load_files(spec, labels, text_column, label_column, max_bad_rows, text_only, domain, check)
+        loaded = _load_files(spec, labels, text_column, label_column, max_bad_rows, text_only, domain, check,
+                             domain_column)
     examples = loaded.examples
     if check is not None and is_demo(spec):
         examples = _checked_demo(str(spec), examples, check, max_bad_rows)
@@ -226,7 +240,8 @@ def _cell(fields, column: str, path: Path, where: str, what: str, optional_int: 
     return v.strip() if isinstance(v, str) else v, None
 
 
-def _load_files(spec, labels, text_column, label_column, max_bad_rows, text_only, domain, check) -> LoadedData:
+def _load_files(spec, labels, text_column, label_column, max_bad_rows, text_only, domain, check,
+                domain_column=DOMAIN_COLUMN) -> LoadedData:
     files = files_of(spec, text_only=text_only)
     wanted = (text_column,) if text_only else (text_column, label_column)
     # pass 1: every row of every file, in order: (path, where, text, raw label, domain, id) or a bad row
@@ -236,7 +251,7 @@ def _load_files(spec, labels, text_column, label_column, max_bad_rows, text_only
         if not text_only and not fmt.labelled:
             raise DataError("missing_column", f"is {fmt.name} (texts only, no labels): labelled data needs "
                             f"{', '.join(suffixes(True))} with a {label_column!r} column", path=path)
-        raw = fmt.read(path, (*wanted, DOMAIN_COLUMN, ID_COLUMN))
+        raw = fmt.read(path, (*wanted, domain_column, ID_COLUMN))
         if raw.columns is not None:
             missing = [c for c in wanted if c not in raw.columns]
             if missing and raw.rows:
@@ -250,7 +265,7 @@ def _load_files(spec, labels, text_column, label_column, max_bad_rows, text_only
                             f"({'a header line and ' if raw.columns is not None else ''}one row per example)", path=path)
         default_domain = domain if domain is not None else path.stem
         for r in raw.rows:
-            rows.append(_pass1(path, r, text_column, label_column, text_only, default_domain))
+            rows.append(_pass1(path, r, text_column, label_column, text_only, default_domain, domain_column))
     # the label names: given, or read from the data
     if text_only:
         names = None
@@ -293,7 +308,8 @@ def _load_files(spec, labels, text_column, label_column, max_bad_rows, text_only
     return LoadedData(str(spec), tuple(out), names, tuple(budget.skipped), tuple(files))
 
 
-def _pass1(path: Path, r: RawRow, text_column: str, label_column: str, text_only: bool, default_domain: str):
+def _pass1(path: Path, r: RawRow, text_column: str, label_column: str, text_only: bool, default_domain: str,
+           domain_column: str = DOMAIN_COLUMN):
     if r.fields is None:
         return BadRow(str(path), r.where, r.reason, r.problem)
     text, bad = _cell(r.fields, text_column, path, r.where, "text", optional_int=False)
@@ -304,7 +320,7 @@ def _pass1(path: Path, r: RawRow, text_column: str, label_column: str, text_only
         value, bad = _cell(r.fields, label_column, path, r.where, "label", optional_int=True)
         if bad is not None:
             return bad
-    dom = r.fields.get(DOMAIN_COLUMN)
+    dom = r.fields.get(domain_column)
     dom = str(dom) if dom not in (None, "") else default_domain
     uid = r.fields.get(ID_COLUMN)
     return path, r.where, text, value, dom, (str(uid) if uid not in (None, "") else None)

@@ -40,16 +40,18 @@ class _quiet_root_logger:
 class Device:
     """The store, the served model and the local learning of one agent.
 
-    `examples`: the agent's shard; a fixed slice of it becomes the local holdout (never trained
-    on) and `self.examples` holds the rest, which the agent trains its rounds on."""
+    `examples`: the agent's shard; `held_out`: its held-out slice for federated evaluation, which
+    is also the local holdout that checks a model before it serves. Without one, a fixed slice of
+    the shard becomes the local holdout (never trained on) and `self.examples` holds the rest,
+    which the agent trains its rounds on."""
 
     def __init__(self, s: AgentSettings, metrics: AgentMetrics, trainer, examples: list,
-                 should_stop: Callable[[], bool]) -> None:
+                 should_stop: Callable[[], bool], held_out: list | None = None) -> None:
         self.s, self.metrics, self.trainer, self.should_stop = s, metrics, trainer, should_stop
         self.store = None
         self.slot = None
         self.http = None
-        self.holdout_examples: list = []
+        self.holdout_examples: list = list(held_out or [])
         self.examples = examples
         self.trainable_count = 0  # the store's labelled samples a round may train on (refreshed each second)
         self.model_dirty: str | None = None  # why the served model should be re-exported
@@ -73,7 +75,7 @@ class Device:
         # a fixed slice of the shard, never trained on: with the store's holdout samples it checks
         # each new model before it serves
         k = min(self.s.local_holdout, len(self.examples) // 5)
-        if k:
+        if k and not self.holdout_examples:
             held = set(random.Random(self.s.partition_seed + 7).sample(range(len(self.examples)), k))
             self.holdout_examples = [e for i, e in enumerate(self.examples) if i in held]
             self.examples = [e for i, e in enumerate(self.examples) if i not in held]

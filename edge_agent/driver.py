@@ -43,6 +43,10 @@ class ProtocolDriver:
     def stopping(self) -> bool:
         raise NotImplementedError
 
+    def eval_examples(self) -> int:
+        """The held-out examples this agent evaluates each global on (0: it reports no evaluation)."""
+        return 0
+
     def load_global(self, a: LoadGlobal) -> bool:
         """Install the global; False if it was refused (it is then not held)."""
         raise NotImplementedError
@@ -95,7 +99,7 @@ class ProtocolDriver:
             state = AgentState.refused
         return codec.encode(AgentStatus(agent_id=self.proto.agent_id, state=state, reason=self.refusal,
                                         global_version=self.proto.global_version, num_examples=self.num_examples(),
-                                        task_hash=self.task_fit()))
+                                        task_hash=self.task_fit(), eval_examples=self.eval_examples()))
 
     def publish_status(self, state: AgentState) -> None:
         self.transport.publish(self.topics.status(self.proto.agent_id), self.status_frame(state), retain=True)

@@ -30,6 +30,12 @@ class AgentMetrics:
         self.holdout_accuracy = Gauge(p + "serving_holdout_accuracy",
                                       "Local holdout accuracy of the model in service when it was swapped in", registry=r)
         self.holdout_accuracy.set(float("nan"))  # no model swapped in yet: NaN, not a made-up 0
+        self.eval_examples = Gauge(p + "eval_examples", "Held-out examples the agent evaluates each global on "
+                                   "(federated evaluation; never trained on)", registry=r)
+        self.eval_accuracy = Gauge(p + "eval_accuracy_ratio", "Accuracy of the last global on the agent's held-out "
+                                   "slice", registry=r)
+        self.eval_accuracy.set(float("nan"))
+        self.eval_reports = Counter(p + "eval_reports", "Evaluations of a global reported to the aggregator", registry=r)
         for outcome in ("first_model", "accepted", "worse", "labels_differ", "load_failed", "export_failed"):
             self.model_swaps.labels(outcome=outcome)  # zeros on the dashboard, not "no data"
         self.predictions = Counter(p + "predictions", "Predictions served", ["backend"], registry=r)

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 import uuid
 
 from broker import codec
-from broker.messages import AgentState, ModelUpdate, SplitGradient, TaskDefinition
+from broker.messages import AgentState, EvalReport, ModelUpdate, SplitGradient, TaskDefinition
 from broker.transport import MqttTransport, Will
 from common.metrics_http import linger
 from data.partition import partition
 from data.records import DataError
-from data.sources import is_demo, load_source
+from data.sources import holdout_split, is_demo, load_source
 from edge_agent.device import Device
 from edge_agent.driver import ProtocolDriver
 from edge_agent.metrics import AgentMetrics, serve
@@ -35,16 +36,19 @@ from models.settings import task_fields
 log = logging.getLogger("edgetune.agent")
 
 
-def local_examples(s: AgentSettings) -> list:
-    """The agent's own data (EDGETUNE_DATA: a file, a folder or a demo by name), or [] without it.
+def local_examples(s: AgentSettings) -> tuple[list, list]:
+    """(train, held out): the agent's own data (EDGETUNE_DATA: a file, a folder or a demo by name),
+    or ([], []) without it.
 
     Through data/sources.py: a bad file raises DataError (naming the file and line) before the
     agent connects, so nothing is published. A demo gives its training split only (its held-out
     split is what an aggregator evaluates on). With num_partitions > 1 the agent keeps its shard
     (partition, partition_index, partition_seed); data_limit caps the count. Split mode reads
-    texts only (labels ignored); federated mode maps the labels to `s.labels`, in that order."""
+    texts only (labels ignored); federated mode maps the labels to `s.labels`, in that order.
+    Federated mode holds `eval_fraction` of the agent's examples out (data.sources.holdout_split):
+    it evaluates every global on them (federated evaluation) and never trains on them."""
     if not s.data:
-        return []
+        return [], []
     split = s.mode == "split"
     loaded = load_source(s.data, labels=None if split else s.labels, text_only=split,
                          split="train" if is_demo(s.data) else None, **s.load_options())
@@ -64,7 +68,9 @@ def local_examples(s: AgentSettings) -> list:
 
         random.Random(s.partition_seed).shuffle(mine)
         mine = mine[: s.data_limit]
-    return mine
+    if split:
+        return mine, []
+    return holdout_split(mine, s.eval_fraction)
 
 
 class AgentRunner(ProtocolDriver):
@@ -73,6 +79,7 @@ class AgentRunner(ProtocolDriver):
         self._init_protocol(settings.agent_id, settings.fleet)
         self.metrics = metrics or AgentMetrics()
         self.examples = examples
+        self.held_out: list = []  # federated evaluation: the examples each global is evaluated on
         self.transport: MqttTransport | None = None
         self.trainer = None
         self.local_task: TaskDefinition | None = None  # the task this device's model and settings give (_setup)
@@ -94,6 +101,9 @@ class AgentRunner(ProtocolDriver):
         not selected)."""
         n = len(self.examples) if self.examples is not None else 0
         return n + (self.device.trainable_count if self.device is not None else 0)
+
+    def eval_examples(self) -> int:
+        return len(self.held_out) if self.s.mode == "federated" else 0
 
     def publish_status(self, state: AgentState) -> None:
         n = self.num_examples()
@@ -133,7 +143,25 @@ class AgentRunner(ProtocolDriver):
         if self.device is not None:
             self.device.global_loaded(a.version)
         log.info("loaded global adapter v%d (round %d)", a.version, a.header.round)
+        self._evaluate_global(a)
         return True
+
+    def _evaluate_global(self, a: LoadGlobal) -> None:
+        """Federated evaluation: the global just loaded, on this agent's held-out slice, reported to
+        the aggregator (EvalReport) before any training on top of it."""
+        if not self.held_out or self.s.mode != "federated":
+            return
+        from models.train import evaluate
+
+        t0 = time.perf_counter()
+        r = evaluate(self.trainer.model, self.trainer.tokenizer, self.held_out, max_length=self.s.max_length)
+        report = EvalReport(agent_id=self.s.agent_id, version=a.version, round=a.header.round, num_examples=r.n,
+                            loss=r.loss, confusion=r.confusion, seconds=time.perf_counter() - t0,
+                            task_hash=a.header.task_hash)
+        self.transport.publish(self.topics.eval(self.s.agent_id), codec.encode(report), wait=True)
+        self.metrics.eval_reports.inc()
+        self.metrics.eval_accuracy.set(r.accuracy)
+        log.info("global v%d on %d held-out examples: accuracy %.4f, loss %.4f", a.version, r.n, r.accuracy, r.loss)
 
     def train(self, a: Train) -> None:
         ann = a.announcement
@@ -217,7 +245,7 @@ class AgentRunner(ProtocolDriver):
         """The local data, the trainer, the device's store and model, /metrics."""
         self.local_task = TaskDefinition(**task_fields(self.s))  # what this device can train: checked against the fleet's
         if self.examples is None:
-            self.examples = local_examples(self.s)
+            self.examples, self.held_out = local_examples(self.s)
         if self.s.mode == "split":
             from data.corpus import token_blocks
             from edge_agent.split_trainer import SplitTrainer
@@ -235,10 +263,12 @@ class AgentRunner(ProtocolDriver):
             self.trainer = Trainer(self.s.classifier_spec(), lr=self.s.lr, batch_size=self.s.batch_size,
                                    prox_mu=self.s.prox_mu, seed=self.s.train_seed)
         if self.s.state_dir and self.s.mode == "federated":
-            self.device = Device(self.s, self.metrics, self.trainer, self.examples, lambda: self._stop)
+            self.device = Device(self.s, self.metrics, self.trainer, self.examples, lambda: self._stop,
+                                 held_out=self.held_out)
             self.device.open()
             self.examples = self.device.examples  # less the local holdout
         self.metrics.local_examples.set(len(self.examples))
+        self.metrics.eval_examples.set(len(self.held_out))
         if self.s.metrics_port is not None:
             self.metrics_server, _ = serve(self.metrics.registry, self.s.metrics_port, self.s.metrics_addr)
 

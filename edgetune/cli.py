@@ -18,7 +18,8 @@ def run(
     rounds: int = typer.Option(5, min=1),
     local_epochs: int = typer.Option(1, min=1),
     max_local_steps: int = typer.Option(40, min=0, help="cap on each agent's steps per round (0: whole epochs)"),
-    partition: str = typer.Option("by-domain", help="iid, dirichlet or by-domain (one domain per agent)"),
+    partition: str = typer.Option("by-domain", help="iid, dirichlet, by-domain (one domain per agent) or by:COLUMN "
+                                                    "(one value of a data column per agent)"),
     strategy: str = typer.Option("fedavg", help="fedavg, fedadam, fedyogi, median, trimmed_mean, krum, clip, dp_fedavg"),
     strategy_options: str = typer.Option("", help='the strategy\'s options as JSON, e.g. \'{"f": 1, "m": 3}\' for krum'),
     aggregation: str = typer.Option("sync", help="sync rounds, or async (buffered, FedBuff: a new global every "
@@ -36,9 +37,18 @@ def run(
     split_embd: int = typer.Option(256, help="split mode, gpt2-config: hidden size"),
     cut: int = typer.Option(2, help="split mode: blocks on the agent"),
     seq_len: int = typer.Option(64, help="split mode: tokens per sequence"),
+    data: str = typer.Option("", help="your data: a CSV, JSONL or Parquet file (or a folder of them), split across "
+                                      "the agents by --partition; unset: the demo (VADER sentiment; Brown in split mode)"),
+    agent_data: str = typer.Option("", help="or a glob of files, one per agent (agent i gets the i-th in sorted "
+                                            "order; sets --agents)"),
+    eval_data: str = typer.Option("", help="central evaluation data for the aggregator (optional: the agents "
+                                           "evaluate each global on their own held-out rows)"),
+    labels: str = typer.Option("", help="the label names, in order, comma-separated (unset: read from the data)"),
+    text_column: str = typer.Option("text", help="the column (or JSON field) that holds the text"),
+    label_column: str = typer.Option("label", help="the column (or JSON field) that holds the label name"),
 ) -> None:
     """A local run: embedded broker, the aggregator and N agents on this machine."""
-    from data.partition import PARTITIONERS
+    from common.cli import EXIT_INPUT, fail
 
     if mode not in ("federated", "split"):
         typer.echo(f"error: --mode {mode!r}: choose federated or split", err=True)
@@ -46,9 +56,7 @@ def run(
     if aggregation not in ("sync", "async"):
         typer.echo(f"error: --aggregation {aggregation!r}: choose sync or async", err=True)
         raise typer.Exit(2)
-    if partition not in PARTITIONERS:
-        typer.echo(f"error: --partition {partition!r}: choose one of {', '.join(PARTITIONERS)}", err=True)
-        raise typer.Exit(2)
+    from edgetune import run_data
     from edgetune.local_broker import BrokerUnavailable
     from edgetune.runner import RunOptions, run_local
 
@@ -58,16 +66,26 @@ def run(
                       broker_url=broker, output=output,
                       eval_limit=eval_limit, seed=seed, mode=mode, split_encoding=encoding, split_model=split_model,
                       split_n_layer=split_layers, split_n_embd=split_embd, split_n_head=max(1, split_embd // 64),
-                      split_cut=cut, seq_len=seq_len)
+                      split_cut=cut, seq_len=seq_len, data=data, eval_data=eval_data)
+    columns = {"text_column": text_column, "label_column": label_column}
+    try:
+        run_data.resolve(opts, agent_data=agent_data, labels=labels, partition=partition, columns=columns)
+    except (run_data.DataError, run_data.RunDataError) as e:
+        fail(f"{e} (nothing started)", EXIT_INPUT)
+    opts.extra_env.update({"EDGETUNE_TEXT_COLUMN": text_column, "EDGETUNE_LABEL_COLUMN": label_column})
     try:
         summary = run_local(opts, echo=typer.echo)
     except (BrokerUnavailable, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     key = "perplexity" if mode == "split" else "accuracy"
-    rows = [r for r in summary["rounds"] if key in r]
-    if rows:
-        typer.echo(f"\n{key} {rows[0][key]:.4f} -> {rows[-1][key]:.4f} in {summary['seconds']:.0f}s")
+    for source in ("central", "federated"):
+        rows = [r for r in summary["rounds"] if key in r and r.get("eval") == source]
+        if rows:
+            where = "on the aggregator's evaluation data" if source == "central" else "on the devices' held-out rows"
+            typer.echo(f"\n{key} {rows[0][key]:.4f} -> {rows[-1][key]:.4f} {where} (rounds {rows[0]['round']}-"
+                       f"{rows[-1]['round']}) in {summary['seconds']:.0f}s")
+    if summary["rounds"]:
         typer.echo(f"metrics: {Path(summary['output']) / 'aggregator' / 'metrics.jsonl'}")
         typer.echo(f"plot:    {summary.get('plot')}")
         typer.echo(f"adapter: {Path(summary['output']) / 'aggregator' / 'checkpoints'} (peft format)")

@@ -51,6 +51,10 @@ class RunOptions:
     split_batch_size: int = 8
     max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES  # the embedded broker's and every process's
     data: str = ""  # the agents' EDGETUNE_DATA, each taking its partition of it; "": the mode's demo (below)
+    agent_data: list = field(default_factory=list)  # or agent i's own file, i-th in sorted order (--agent-data)
+    eval_data: str = ""  # the aggregator's central evaluation data ("": the demo's when training on a demo, else none)
+    labels: list = field(default_factory=list)  # the task's label names ([]: read from the data; the demo's)
+    domain_column: str = ""  # partition "by:COLUMN": the column the by-domain partition splits by
     extra_env: dict = field(default_factory=dict)
 
 
@@ -69,6 +73,10 @@ def _env(opts: RunOptions, broker_url: str, protocol: int) -> dict:
         "PYTHONUNBUFFERED": "1",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     })
+    if opts.labels:  # the fleet's task: the aggregator publishes them, the agents map their data to them
+        env.update({"EDGETUNE_LABELS": json.dumps(list(opts.labels)), "EDGETUNE_NUM_LABELS": str(len(opts.labels))})
+    if opts.domain_column:
+        env["EDGETUNE_DOMAIN_COLUMN"] = opts.domain_column
     if opts.mode == "split":
         env.update({
             "EDGETUNE_MODE": "split", "EDGETUNE_SPLIT_MODEL": opts.split_model,
@@ -83,10 +91,23 @@ def _env(opts: RunOptions, broker_url: str, protocol: int) -> dict:
 
 
 def _progress(row: dict) -> str:
+    if row.get("eval") == "federated":
+        if "accuracy" not in row and "perplexity" not in row:
+            return f"          global v{row['version']}: no agent reported its evaluation"
+        score = (f"accuracy {row['accuracy']:.4f}  macro-F1 {row['macro_f1']:.4f}" if "accuracy" in row
+                 else f"perplexity {row['perplexity']:.1f}")
+        n = row.get("eval_examples", row.get("eval_tokens"))
+        return (f"round {row['round']:>2}, on the devices: {score}  loss {row['loss']:.4f}  global v{row['version']}  "
+                f"({row['eval_agents']} agents, {n} held-out {'examples' if 'accuracy' in row else 'tokens'})")
     if row.get("outcome") == "failed":
         return f"round {row['round']}: FAILED ({len(row.get('answered', []))} answered, dropped {row.get('dropped')})"
-    score = f"accuracy {row['accuracy']:.4f}" if "accuracy" in row else f"perplexity {row['perplexity']:.1f}"
-    line = f"round {row['round']:>2}: {score}  loss {row['loss']:.4f}  global v{row['version']}"
+    if "accuracy" in row:
+        score = f"accuracy {row['accuracy']:.4f}  macro-F1 {row['macro_f1']:.4f}  loss {row['loss']:.4f}"
+    elif "perplexity" in row:
+        score = f"perplexity {row['perplexity']:.1f}  loss {row['loss']:.4f}"
+    else:
+        score = "(no central evaluation)"
+    line = f"round {row['round']:>2}: {score}  global v{row['version']}"
     if row.get("outcome") == "drain":
         line += f"  (async: {len(row['applied'])} updates that came after the last step)"
     elif row["round"]:
@@ -106,9 +127,13 @@ def plot_accuracy(metrics_file: Path, png: Path, title: str = "") -> Path:
 
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     key = "accuracy" if any("accuracy" in r for r in rows) else "perplexity"
-    scored = [r for r in rows if key in r]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
-    ax.plot([r["round"] for r in scored], [r[key] for r in scored], marker="o", label=f"global {key}")
+    for source, style in (("central", "o-"), ("federated", "^--")):  # the aggregator's data, the devices' held-out rows
+        scored = [r for r in rows if key in r and r.get("eval", "central") == source]
+        if scored:
+            ax.plot([r["round"] for r in scored], [r[key] for r in scored], style,
+                    label=f"{key}, {'central' if source == 'central' else 'on the devices'}")
+    ax.legend(loc="lower right" if key == "accuracy" else "upper right")
     ax.set_xlabel("round")
     ax.set_ylabel(f"global held-out {key}")
     if key == "accuracy":
@@ -210,12 +235,23 @@ def _aggregator_cmd(opts: RunOptions) -> list[str]:
     return cmd
 
 
+def central_eval_data(opts: RunOptions) -> str:
+    """The aggregator's EDGETUNE_EVAL_DATA: --eval-data, else the demo's held-out split when the agents
+    train on a demo (federated mode), else none (the agents' federated evaluation only)."""
+    if opts.eval_data or opts.mode == "split":
+        return opts.eval_data
+    data = opts.data or demo_data(opts.mode)
+    return data if data.startswith("demo:") and not opts.agent_data else ""
+
+
 def _aggregator_env(opts: RunOptions, env: dict, agg_dir: Path) -> dict:
     # the aggregator idles while agents train: let its evaluation use two threads
     agg_env = dict(env, EDGETUNE_OUTPUT_DIR=str(agg_dir), EDGETUNE_THREADS="2", OMP_NUM_THREADS="2",
                    EDGETUNE_AGGREGATION=opts.aggregation, EDGETUNE_ASYNC_BUFFER_SIZE=str(opts.async_buffer_size))
     if opts.strategy_options:
         agg_env["EDGETUNE_STRATEGY_OPTIONS"] = opts.strategy_options
+    if central_eval_data(opts):
+        agg_env["EDGETUNE_EVAL_DATA"] = central_eval_data(opts)
     return agg_env
 
 
@@ -226,11 +262,14 @@ def demo_data(mode: str) -> str:
 
 def _agent_env(opts: RunOptions, env: dict, aid: str, i: int) -> dict:
     """Agent i's environment: its id, its data and partition of it, and its training seed."""
-    return dict(env, EDGETUNE_AGENT_ID=aid, EDGETUNE_DATA=opts.data or demo_data(opts.mode),
-                EDGETUNE_PARTITION=opts.partition,
+    own = bool(opts.agent_data)  # agent i holds the i-th file, whole
+    return dict(env, EDGETUNE_AGENT_ID=aid,
+                EDGETUNE_DATA=opts.agent_data[i] if own else (opts.data or demo_data(opts.mode)),
+                EDGETUNE_PARTITION="iid" if own else opts.partition,
                 EDGETUNE_SPLIT_ENCODING=opts.split_encoding,
                 EDGETUNE_SPLIT_BATCH_SIZE=str(opts.split_batch_size),
-                EDGETUNE_NUM_PARTITIONS=str(opts.agents), EDGETUNE_PARTITION_INDEX=str(i),
+                EDGETUNE_NUM_PARTITIONS="1" if own else str(opts.agents),
+                EDGETUNE_PARTITION_INDEX="0" if own else str(i),
                 EDGETUNE_PARTITION_SEED=str(opts.seed), EDGETUNE_LR=str(opts.lr),
                 EDGETUNE_BATCH_SIZE=str(opts.batch_size), EDGETUNE_TRAIN_SEED=str(opts.seed + i),
                 EDGETUNE_PROX_MU=str(opts.prox_mu))

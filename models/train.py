@@ -158,6 +158,7 @@ class EvalResult:
     accuracy: float
     loss: float
     n: int
+    confusion: list[list[int]] | None = None  # [true][predicted] counts (aggregator.evaluation figures)
 
     def as_dict(self) -> dict:
         return {"accuracy": self.accuracy, "loss": self.loss, "n": self.n}
@@ -169,8 +170,11 @@ def evaluate(model, tokenizer, examples: Sequence, *, batch_size: int = 64, max_
     logits = predict_logits(model, tokenizer, [e.text for e in examples], batch_size=batch_size, max_length=max_length)
     labels = torch.tensor([e.label for e in examples], dtype=torch.long)
     loss = float(F.cross_entropy(logits, labels))
-    acc = float((logits.argmax(-1) == labels).float().mean())
-    return EvalResult(acc, loss, len(examples))
+    predicted = logits.argmax(-1)
+    acc = float((predicted == labels).float().mean())
+    k = logits.shape[-1]
+    confusion = torch.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
+    return EvalResult(acc, loss, len(examples), confusion.tolist())
 
 
 def evaluate_by(model, tokenizer, examples: Sequence, key: Callable, **kw) -> Mapping[str, EvalResult]:

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from data.records import DataError, LabelledText
-from data.sources import load_source
+from data.sources import holdout_split, load_source
 
 runner = CliRunner()
 LABELS = ("negative", "positive")
@@ -249,18 +249,24 @@ def test_the_agent_trains_on_its_data_and_the_vader_shard_only_by_name(tmp_path)
     from data.sentiment import train_test_split
     from edge_agent.runner import local_examples
 
-    assert local_examples(agent_settings()) == []  # no data setting: no data (the store only)
-    mine = local_examples(agent_settings(data=str(write_csv(tmp_path / "m.csv", ROWS))))
-    assert [(e.text, e.label) for e in mine] == [(t, y) for t, y, _ in EXPECTED]
+    assert local_examples(agent_settings()) == ([], [])  # no data setting: no data (the store only)
+    csv = str(write_csv(tmp_path / "m.csv", ROWS))
+    mine, held = local_examples(agent_settings(data=csv, eval_fraction=0))
+    assert [(e.text, e.label) for e in mine] == [(t, y) for t, y, _ in EXPECTED] and held == []
+    # the held-out slice for federated evaluation: a fixed share of the agent's rows, never trained on
+    train, held = local_examples(agent_settings(data=csv, eval_fraction=0.5))
+    assert (train, held) == holdout_split(mine, 0.5) and 0 < len(held) < len(mine)
+    assert {e.uid for e in train}.isdisjoint({e.uid for e in held}) and len(train) + len(held) == len(mine)
     # demo:vader keeps today's shard: the training split, partitioned by the partition settings
-    s = agent_settings(data="demo:vader", partition="iid", num_partitions=3, partition_index=1, data_limit=50)
+    s = agent_settings(data="demo:vader", partition="iid", num_partitions=3, partition_index=1, data_limit=50,
+                       eval_fraction=0)
     train, _ = train_test_split()
     part = partition("iid", labels=[e.label for e in train], domains=[e.domain for e in train], k=3, seed=0)[1]
     import random
 
     want = [train[i] for i in part]
     random.Random(0).shuffle(want)
-    assert [(e.text, e.uid) for e in local_examples(s)] == [(e.text, e.uid) for e in want[:50]]
+    assert [(e.text, e.uid) for e in local_examples(s)[0]] == [(e.text, e.uid) for e in want[:50]]
     with pytest.raises(DataError):
         local_examples(agent_settings(data=str(_bad_csv(tmp_path))))
 

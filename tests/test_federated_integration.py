@@ -31,14 +31,16 @@ def fed_run(tmp_path_factory):
     procs = [spawn("aggregator.cli", ["run", "--rounds", str(ROUNDS), "--min-agents", str(AGENTS),
                                       "--expected-agents", str(AGENTS), "--max-local-steps", "12",
                                       "--eval-limit", str(EVAL_LIMIT), "--round-timeout", "600",
-                                      "--output-dir", str(out)], logs[0], **common)]
+                                      "--output-dir", str(out)], logs[0], EDGETUNE_EVAL_DATA="demo:vader", **common)]
     for i in range(AGENTS):
         procs.append(spawn("edge_agent.cli", ["run"], logs[i + 1], EDGETUNE_AGENT_ID=f"agent-{i}",
                            EDGETUNE_DATA="demo:vader", EDGETUNE_PARTITION="iid", EDGETUNE_NUM_PARTITIONS=AGENTS,
                            EDGETUNE_PARTITION_INDEX=i, EDGETUNE_DATA_LIMIT=600, **common))
     try:
         finish_all(procs, timeout=600, logs=logs)
-        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in lines if r.get("eval") != "federated"]  # the rounds, evaluated centrally
+        federated = [r for r in lines if r.get("eval") == "federated"]  # the agents' evaluations
         # every agent's retained status, as the broker holds it after the run
         watcher = MqttTransport("itest-watcher", broker.url)
         watcher.subscribe(Topics(FLEET).all_status)
@@ -51,7 +53,7 @@ def fed_run(tmp_path_factory):
                 st = parse(codec.decode(m.payload).header, AgentStatus)
                 statuses[st.agent_id] = st
         watcher.close()
-        yield {"rows": rows, "out": out, "statuses": statuses}
+        yield {"rows": rows, "federated": federated, "out": out, "statuses": statuses}
     finally:
         for p in procs:
             if p.poll() is None:
@@ -66,6 +68,17 @@ def test_global_accuracy_improved(fed_run):
     first, last = rows[0]["accuracy"], rows[-1]["accuracy"]
     # an untrained head sits near chance; 2 rounds of 3 x 12 steps must move it by 10+ points
     assert last >= first + 0.10, f"accuracy {first:.3f} -> {last:.3f}"
+
+
+def test_the_agents_evaluated_every_global_on_their_held_out_rows(fed_run):
+    """Federated evaluation beside the central one: each global (0..ROUNDS) evaluated by every agent
+    on its held-out slice (20% of its 600 examples), and the figures learn like the central ones."""
+    fed = fed_run["federated"]
+    assert [r["version"] for r in fed] == list(range(ROUNDS + 1))
+    assert all(r["eval_agents"] == AGENTS and "eval_missing" not in r for r in fed), fed
+    assert all(80 <= r["eval_examples"] <= 160 for r in fed)  # 3 x 20% of 600, by hash
+    assert fed[-1]["accuracy"] >= fed[0]["accuracy"] + 0.10, [r["accuracy"] for r in fed]
+    assert all(r["eval"] == "central" for r in fed_run["rows"])
 
 
 def test_every_agent_ended_on_the_same_global_version(fed_run):

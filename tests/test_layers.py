@@ -34,6 +34,7 @@ BELOW = {
     "edgetune": {"common", "broker", "models", "data", "edge_agent", "aggregator"},
 }
 PURE = ("aggregator.rounds", "aggregator.coordinator", "aggregator.async_buffer", "aggregator.strategies",
+        "aggregator.evaluation",
         "aggregator.split_server", "broker.codec", "broker.topics", "broker.messages", "data.partition",
         "edge_agent.protocol")
 FORBIDDEN_THIRD_PARTY = {"paho", "prometheus_client", "transformers", "peft"}

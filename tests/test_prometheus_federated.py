@@ -199,6 +199,7 @@ def test_dashboard_expressions_return_data_after_a_federated_run(mosquitto, tmp_
                  "--max-local-steps", "3", "--eval-limit", "50", "--round-timeout", "300",
                  "--output-dir", str(tmp_path / "aggregator"), "--metrics-port", str(agg_port)],
                 logs[0], EDGETUNE_BROKER_URL=f"mqtt://127.0.0.1:{proxy.port}", EDGETUNE_FLEET=FLEET,
+                EDGETUNE_EVAL_DATA="demo:vader",
                 EDGETUNE_METRICS_ADDR="127.0.0.1", EDGETUNE_METRICS_LINGER_S=0,
             ))
             for i in range(AGENTS):

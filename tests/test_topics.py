@@ -14,6 +14,7 @@ T = Topics("fleet-1")
 AGENT_KINDS = {
     TopicKind.status: T.status,
     TopicKind.update: T.update,
+    TopicKind.eval: T.eval,
     TopicKind.split_forward: T.split_forward,
     TopicKind.split_gradient: T.split_gradient,
 }
@@ -36,6 +37,7 @@ def test_the_literal_scheme():
     base = "edgetune/v1/fleet-1/agents/a.b_c"
     assert T.parse(f"{base}/status").kind is TopicKind.status
     assert T.parse(f"{base}/update").kind is TopicKind.update
+    assert T.parse(f"{base}/eval").kind is TopicKind.eval
     assert T.parse(f"{base}/split/fwd").kind is TopicKind.split_forward
     assert T.parse(f"{base}/split/grad") == ParsedTopic(TopicKind.split_gradient, "a.b_c")
 
