@@ -35,7 +35,7 @@ class ClassifierTask:
         if settings.eval_limit and settings.eval_limit < len(test):  # a fixed random subset, all domains
             test = random.Random(settings.seed).sample(test, settings.eval_limit)
         self.test = test
-        self.base_path = save_base(self.model, self.tokenizer, out)
+        self.base_path = save_base(self.model, self.tokenizer, out, labels=settings.label_names())
 
     def global_state(self) -> dict[str, torch.Tensor]:
         return adapter_state(self.model)
