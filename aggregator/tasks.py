@@ -50,8 +50,12 @@ class ClassifierTask:
         return {"accuracy": r.accuracy, "loss": r.loss, "eval_examples": r.n}
 
     def checkpoint(self, round_number: int, version: int, extra: dict) -> Path:
-        return save_checkpoint(self.model, self.out, round_number=round_number, version=version, extra=extra,
+        from aggregator.model_card import write_checkpoint_card
+
+        path = save_checkpoint(self.model, self.out, round_number=round_number, version=version, extra=extra,
                                base_path=self.base_path)
+        write_checkpoint_card(path, self.s, round_number, version, extra)  # README.md: aggregator.model_card
+        return path
 
     def resume(self):
         ck = latest_checkpoint(self.out)
