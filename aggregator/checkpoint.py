@@ -229,6 +229,8 @@ def load_checkpoint_model(checkpoint: str | Path):
     """(peft model in eval mode, tokenizer) of a federated checkpoint: the classifier base found
     next to it (`base_model_dir`) with the checkpoint's adapter, through peft. `checkpoint` may
     be a round folder or a run's output folder (its latest round)."""
+    import warnings
+
     import transformers
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -237,5 +239,7 @@ def load_checkpoint_model(checkpoint: str | Path):
     ck = require_classifier(resolve_checkpoint(checkpoint))
     base_dir = base_model_dir(ck)
     base = AutoModelForSequenceClassification.from_pretrained(str(base_dir))
-    model = PeftModel.from_pretrained(base, str(ck)).eval()
+    with warnings.catch_warnings():  # peft calls a transformers method that warns it is deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        model = PeftModel.from_pretrained(base, str(ck)).eval()
     return model, AutoTokenizer.from_pretrained(str(base_dir))
