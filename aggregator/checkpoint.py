@@ -1,24 +1,45 @@
 """Checkpoints of the global adapter in peft's own format, written atomically.
 
-    <output_dir>/base_model/                 the (pruned) base, saved once per run
+    <output_dir>/base_model/                 the (pruned) base, saved once per run; its config
+                                             names the labels (id2label / label2id)
     <output_dir>/checkpoints/round-NNNN/     adapter_config.json + adapter_model.safetensors
                                              + edgetune_state.json (round, version, metrics)
+                                             [+ README.md, model_card.json: aggregator.model_card]
     <output_dir>/checkpoints/LATEST          name of the newest complete checkpoint
 
-`PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base_model), ckpt)`
-loads one in any transformers program.
+No file holds a path of the machine that wrote it: adapter_config.json's
+`base_model_name_or_path` is `../../base_model`, relative to the checkpoint folder (`BASE_REF`),
+so a run folder can be moved or copied to another machine. peft itself does not read that field
+when given the base model, so
+
+    base = AutoModelForSequenceClassification.from_pretrained(ckpt / "../../base_model")
+    model = PeftModel.from_pretrained(base, ckpt)
+
+loads one in any transformers program (`load_checkpoint_model(ckpt)` does exactly that; peft's
+`AutoPeftModel*` classes would read the relative path against the working directory instead).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file
+
+
+BASE_DIR = "base_model"
+BASE_REF = "../../base_model"  # adapter_config.json's base_model_name_or_path: relative to the checkpoint folder
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "edgetune_state.json")
+
+
+class CheckpointError(ValueError):
+    """A folder that is not a complete checkpoint of the kind asked for; the message says what to do."""
 
 
 @dataclass
@@ -37,12 +58,38 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_base(model, tokenizer, output_dir: Path) -> Path:
-    """Save the pruned base model (without LoRA) once, so checkpoints are self-contained."""
-    dest = output_dir / "base_model"
+def label_maps(labels: Sequence[str]) -> tuple[dict[int, str], dict[str, int]]:
+    """(id2label, label2id) as transformers' configs hold them."""
+    names = [str(x) for x in labels]
+    return dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+
+
+def _name_labels(config_path: Path, labels: Sequence[str]) -> None:
+    """Put the label names into a saved config.json (a base saved before they were recorded)."""
+    cfg = json.loads(config_path.read_text())
+    id2label, label2id = label_maps(labels)
+    if cfg.get("id2label") == {str(i): n for i, n in id2label.items()} and cfg.get("label2id") == label2id:
+        return
+    cfg.update(id2label={str(i): n for i, n in id2label.items()}, label2id=label2id)
+    tmp = config_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_path)
+
+
+def save_base(model, tokenizer, output_dir: Path, labels: Sequence[str] | None = None) -> Path:
+    """Save the pruned base model (without LoRA) once, so checkpoints are self-contained.
+
+    `labels` (one name per class) go into its config as id2label / label2id, so the base, the
+    checkpoints on it and their exports name the classes; a base saved earlier gets them added.
+    """
+    dest = output_dir / BASE_DIR
+    if labels is not None and len(labels) != int(model.config.num_labels):
+        raise ValueError(f"{len(labels)} label names for a model with {model.config.num_labels} labels")
     if (dest / "config.json").exists():
+        if labels is not None:
+            _name_labels(dest / "config.json", labels)
         return dest
-    tmp = output_dir / ".base_model.tmp"
+    tmp = output_dir / f".{BASE_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # peft wraps targeted modules; save an unwrapped copy's weights under the original names
@@ -51,7 +98,10 @@ def save_base(model, tokenizer, output_dir: Path) -> Path:
         state = {k.replace(".base_layer", "").replace(".original_module", ""): v for k, v in state.items()}
     from transformers import AutoModelForSequenceClassification
 
-    clean = AutoModelForSequenceClassification.from_config(base.config)
+    config = copy.deepcopy(base.config)  # the live model's config stays as it is
+    if labels is not None:
+        config.id2label, config.label2id = label_maps(labels)
+    clean = AutoModelForSequenceClassification.from_config(config)
     clean.load_state_dict(state, strict=True)
     clean.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -61,22 +111,29 @@ def save_base(model, tokenizer, output_dir: Path) -> Path:
 
 def save_checkpoint(model, output_dir: Path, *, round_number: int, version: int, extra: dict | None = None,
                     base_path: Path | None = None) -> Path:
-    """Save the model's current adapter as the checkpoint of `round_number`; returns its path."""
+    """Save the model's current adapter as the checkpoint of `round_number`; returns its path.
+
+    With `base_path`, adapter_config.json names the base by its path relative to the checkpoint
+    folder (`BASE_REF` for `<output_dir>/base_model`). peft's own README.md (a template naming
+    the base by its absolute path) is left out: `aggregator.model_card` writes the card.
+    """
     ckdir = output_dir / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     name = f"round-{round_number:04d}"
     tmp = ckdir / f".{name}.tmp"
+    final = ckdir / name
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    (tmp / "README.md").unlink(missing_ok=True)
     cfg_path = tmp / "adapter_config.json"
-    if base_path is not None and cfg_path.exists():
+    if cfg_path.exists():
         cfg = json.loads(cfg_path.read_text())
-        cfg["base_model_name_or_path"] = str(base_path.resolve())
+        cfg["base_model_name_or_path"] = (Path(os.path.relpath(base_path.resolve(), final.resolve())).as_posix()
+                                          if base_path is not None else None)
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     (tmp / "edgetune_state.json").write_text(
         json.dumps({"round": round_number, "version": version, **(extra or {})}, indent=2, sort_keys=True)
     )
-    final = ckdir / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     latest_tmp = ckdir / ".LATEST.tmp"
@@ -104,3 +161,85 @@ def load_checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
     raw = load_file(str(path / "adapter_model.safetensors"))
     # save_pretrained drops the adapter name ("default") from keys; put it back as peft expects
     return raw
+
+
+# -- finding a checkpoint and its base ---------------------------------------------------------
+def _complete(folder: Path) -> Path:
+    missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {folder} is incomplete (no {', '.join(missing)}): give another round's "
+                              "folder, or the run's output folder for its latest complete round")
+    return folder
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The round folder: `path` itself, or the latest round of an aggregator output folder (`path`,
+    `path/checkpoints` or, for `edgetune run`'s output, `path/aggregator`): the round LATEST names,
+    else the newest complete round. Raises CheckpointError (no checkpoint here, or incomplete)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: no checkpoint here (no such folder): give a checkpoint folder "
+                              "(…/checkpoints/round-0005) or a run's output folder")
+    if any((p / f).exists() for f in ADAPTER_FILES[:2]):
+        return _complete(p)
+    for ckdir in (p, p / "checkpoints", p / "aggregator" / "checkpoints"):
+        latest = ckdir / "LATEST"
+        if latest.is_file():
+            return _complete(ckdir / latest.read_text().strip())
+        rounds = sorted(d for d in ckdir.glob("round-*") if d.is_dir()) if ckdir.is_dir() else []
+        complete = [d for d in rounds if all((d / f).is_file() for f in ADAPTER_FILES)]
+        if complete:
+            return complete[-1]
+        if rounds:
+            return _complete(rounds[-1])
+    raise CheckpointError(f"{p}: no checkpoint here (expected adapter_config.json, or checkpoints/LATEST of an "
+                          "aggregator output folder)")
+
+
+def base_model_dir(checkpoint: Path) -> Path:
+    """The base model of a checkpoint: adapter_config.json's base_model_name_or_path read against
+    the checkpoint folder (older checkpoints hold an absolute path), else `../../base_model`."""
+    cfg = json.loads((checkpoint / "adapter_config.json").read_text())
+    named = cfg.get("base_model_name_or_path")
+    candidates = ([checkpoint / named] if named else []) + [checkpoint / BASE_REF]
+    for c in candidates:
+        if (c / "config.json").is_file():
+            return Path(os.path.normpath(c))
+    raise CheckpointError(f"{checkpoint}: its base model is not there (looked in "
+                          f"{', '.join(os.path.normpath(c) for c in candidates)}): copy the run's base_model folder "
+                          "beside its checkpoints folder")
+
+
+def checkpoint_mode(checkpoint: Path) -> str:
+    """"federated" (a classifier's LoRA) or "split" (a decoder's LoRA, with the split halves beside it)."""
+    cfg = json.loads((checkpoint / "adapter_config.json").read_text())
+    if (checkpoint / "split_head.safetensors").exists() or cfg.get("task_type") != "SEQ_CLS":
+        return "split"
+    return "federated"
+
+
+def require_classifier(checkpoint: Path) -> Path:
+    if checkpoint_mode(checkpoint) != "federated":
+        raise CheckpointError(f"{checkpoint} is a split-mode checkpoint (a decoder's LoRA): this command takes "
+                              "federated-mode classifier checkpoints; use `edgetune generate` for split mode")
+    return checkpoint
+
+
+def load_checkpoint_model(checkpoint: str | Path):
+    """(peft model in eval mode, tokenizer) of a federated checkpoint: the classifier base found
+    next to it (`base_model_dir`) with the checkpoint's adapter, through peft. `checkpoint` may
+    be a round folder or a run's output folder (its latest round)."""
+    import warnings
+
+    import transformers
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    ck = require_classifier(resolve_checkpoint(checkpoint))
+    base_dir = base_model_dir(ck)
+    base = AutoModelForSequenceClassification.from_pretrained(str(base_dir))
+    with warnings.catch_warnings():  # peft calls a transformers method that warns it is deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        model = PeftModel.from_pretrained(base, str(ck)).eval()
+    return model, AutoTokenizer.from_pretrained(str(base_dir))

@@ -9,7 +9,6 @@ split_server.py's SplitBatcher.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
@@ -20,13 +19,14 @@ from aggregator.async_buffer import AsyncBuffer
 from aggregator.coordinator import AsyncCoordinator, RoundRecord, SyncCoordinator, Verdict
 from aggregator.evaluation import FederatedEval
 from aggregator.metrics import AggregatorMetrics, serve
+from aggregator.service_eval import EvaluationMixin, fmt_row
 from aggregator.settings import AggregatorSettings
 from aggregator.split_server import SplitBatcher, decode_split_request
 from aggregator.strategies import make_strategy
 from aggregator.tasks import make_task
 from broker import activations, codec
 from broker.errors import WireError
-from broker.messages import (AgentState, AgentStatus, EvalReport, GlobalAdapter, ModelUpdate, RoundAnnouncement,
+from broker.messages import (AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement,
                              SplitGradient, TaskDefinition, parse)
 from broker.topics import Topics, TopicKind
 from broker.transport import Incoming, MqttTransport
@@ -42,7 +42,7 @@ class Stop(Exception):
     pass
 
 
-class AggregatorService:
+class AggregatorService(EvaluationMixin):
     """The MQTT driver of the round engine (aggregator/coordinator.py)."""
 
     def __init__(self, settings: AggregatorSettings, metrics: AggregatorMetrics | None = None) -> None:
@@ -52,12 +52,12 @@ class AggregatorService:
         self.out = Path(settings.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.online: dict[str, AgentStatus] = {}
+        self.rows: list[dict] = self._rows_so_far()  # metrics.jsonl, this run's (a resumed run's too)
         self.refused: dict[str, str] = {}  # agents whose model does not fit the task -> their reason
         self.task_def: TaskDefinition | None = None  # built with the task (_build)
         self._stop = False
         self.transport: MqttTransport | None = None
 
-    # -- setup ------------------------------------------------------------------------------
     def _build(self) -> None:
         s = self.s
         set_threads(s.threads)
@@ -196,46 +196,6 @@ class AggregatorService:
             return self._reject("bad_topic", f"update claims {meta.agent_id} but came on {agent}'s topic")
         self._verdict(self.coord.offer(meta, frame.tensors, time.time()), meta)
 
-    def _handle_eval(self, agent: str, m: Incoming) -> None:
-        """An agent's evaluation of a global on its held-out slice (federated evaluation)."""
-        try:
-            r = parse(codec.decode(m.payload, max_size=1024 * 1024).header, EvalReport)
-        except WireError as e:
-            return self._reject(e.reason, f"evaluation on {m.topic}: {e}")
-        if r.agent_id != agent:
-            return self._reject("bad_topic", f"evaluation claims {r.agent_id} but came on {agent}'s topic")
-        if r.task_hash not in ("", self.task_def.hash):
-            return self._reject("wrong_task", f"evaluation from {agent} is for task {r.task_hash[:12]}, not the "
-                                f"fleet's {self.task_def.hash[:12]}")
-        refused = self.fed_eval.add(r)
-        if refused is not None:
-            return self._reject(*refused)
-        self.metrics.eval_reports.inc()
-        self._record_eval(self.fed_eval.take_complete())
-
-    def _record_eval(self, rows: list[dict]) -> None:
-        """Federated evaluation rows: into metrics.jsonl and Prometheus (source "federated")."""
-        for row in rows:
-            self._record(row)
-            self.metrics.observe_eval(row)
-            if "accuracy" in row or "perplexity" in row:
-                log.info("federated evaluation of global v%d (round %d) by %d agents on %d held-out %s: %s",
-                         row["version"], row["round"], row["eval_agents"],
-                         row.get("eval_examples", row.get("eval_tokens", 0)),
-                         "examples" if "accuracy" in row else "tokens", _fmt(row))
-            else:
-                log.warning("federated evaluation of global v%d (round %d): no agent reported (missing: %s)",
-                            row["version"], row["round"], ", ".join(row.get("eval_missing", [])) or "none expected")
-
-    def _finish_eval(self) -> None:
-        """After the final global: wait (eval_wait_s at most) for the agents' evaluations of it."""
-        deadline = time.monotonic() + self.s.eval_wait_s
-        while self.fed_eval.open and not self._stop and time.monotonic() < deadline:
-            if not self.fed_eval.waiting_for(self.online):
-                break
-            self._pump(min(deadline, time.monotonic() + 0.5))
-        self._record_eval(self.fed_eval.close_all())
-
     def _verdict(self, v: Verdict, meta: ModelUpdate) -> None:
         if v.reason is not None:
             return self._reject(v.reason, v.message)
@@ -286,25 +246,8 @@ class AggregatorService:
     def _announce_final(self) -> None:
         self._announce(self.coord.round_number, (), time.time(), final=True)
 
-    def _evaluate(self) -> dict:
-        t0 = time.perf_counter()
-        r = self.task.evaluate()
-        if not r:  # no central evaluation data: the agents evaluate (federated evaluation)
-            return {}
-        if "accuracy" in r:
-            self.metrics.global_accuracy.set(r["accuracy"])
-        if "perplexity" in r:
-            self.metrics.global_perplexity.set(r["perplexity"])
-        self.metrics.global_loss.set(r["loss"])
-        self.metrics.observe_eval({**r, "version": self.coord.version})
-        return {**r, "eval_seconds": time.perf_counter() - t0}
-
-    def _record(self, row: dict) -> None:
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-
     def _checkpoint(self, row: dict) -> None:
-        extra = {k: row[k] for k in ("accuracy", "loss", "perplexity") if k in row}
+        extra = {k: row[k] for k in ("accuracy", "macro_f1", "loss", "perplexity", "eval") if k in row}
         if hasattr(self.strategy, "state_dict"):
             extra["strategy_state"] = self.strategy.state_dict()
         self.task.checkpoint(self.coord.round_number, self.coord.version, extra)
@@ -382,7 +325,7 @@ class AggregatorService:
         self._checkpoint(row)
         self.metrics.rounds_completed.inc()
         self.metrics.round_duration.observe(row["duration_s"])
-        log.info("round %d: %s, global v%d, %s (%.1fs)", rec.round, rec.outcome, rec.version, _fmt(row),
+        log.info("round %d: %s, global v%d, %s (%.1fs)", rec.round, rec.outcome, rec.version, fmt_row(row),
                  row["duration_s"])
         return row
 
@@ -453,7 +396,7 @@ class AggregatorService:
                 row = {"round": 0, "version": 0, **self._evaluate()}
                 self._record(row)
                 self._checkpoint(row)
-                log.info("round 0 (initial global): %s", _fmt(row))
+                log.info("round 0 (initial global): %s", fmt_row(row))
             self.metrics.current_round.set(self.coord.round_number)
             self._publish_global(None, None)
             self._wait_for_agents()
@@ -479,7 +422,3 @@ class AggregatorService:
                 self.metrics_server.shutdown()
             for s, h in old.items():
                 signal.signal(s, h)
-
-
-def _fmt(row: dict) -> str:
-    return ", ".join(f"{k} {row[k]:.4f}" for k in ("accuracy", "perplexity", "loss") if row.get(k) is not None)

@@ -37,7 +37,7 @@ class ClassifierTask:
         self.test = self._central_eval_data()
         self.model = build_classifier(spec).eval()
         self.tokenizer = load_tokenizer(spec)
-        self.base_path = save_base(self.model, self.tokenizer, out)
+        self.base_path = save_base(self.model, self.tokenizer, out, labels=self.labels)
 
     def _central_eval_data(self) -> list:
         """The central evaluation set (EDGETUNE_EVAL_DATA), [] without one. A bad file raises
@@ -70,8 +70,12 @@ class ClassifierTask:
         return {"eval": "central", **classification_figures(r.confusion, self.labels), "loss": r.loss}
 
     def checkpoint(self, round_number: int, version: int, extra: dict) -> Path:
-        return save_checkpoint(self.model, self.out, round_number=round_number, version=version, extra=extra,
+        from aggregator.model_card import write_checkpoint_card
+
+        path = save_checkpoint(self.model, self.out, round_number=round_number, version=version, extra=extra,
                                base_path=self.base_path)
+        write_checkpoint_card(path, self.s, round_number, version, extra)  # README.md: aggregator.model_card
+        return path
 
     def resume(self):
         ck = latest_checkpoint(self.out)

@@ -99,6 +99,11 @@ from edgetune.generate import generate_cmd  # noqa: E402  (text from a split-mod
 
 app.command("generate")(generate_cmd)
 
+from edgetune.export_cli import export_cmd, predict_cmd  # noqa: E402  (take the model away)
+
+app.command("export")(export_cmd)
+app.command("predict")(predict_cmd)
+
 
 if __name__ == "__main__":
     app()

@@ -2,9 +2,10 @@
 
 The aggregator in split mode writes `<output_dir>/checkpoints/round-NNNN/` with the UNSPLIT
 model's adapter in peft format (adapter_config.json + adapter_model.safetensors, whose
-`base_model_name_or_path` is `<output_dir>/base_model`), next to split_head/split_tail
-safetensors. Inference needs no split: the base model is loaded whole, the adapter put on it
-with peft, and `model.generate` samples (with its KV cache: nothing crosses the wire here).
+`base_model_name_or_path` is `../../base_model`, relative to the round folder), next to
+split_head/split_tail safetensors; `aggregator.checkpoint` finds the round and its base.
+Inference needs no split: the base model is loaded whole, the adapter put on it with peft, and
+`model.generate` samples (with its KV cache: nothing crosses the wire here).
 
 Register it on the main app with one line in edgetune/cli.py:
 
@@ -15,39 +16,9 @@ This module imports only typer at import time; torch, transformers and peft load
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The round folder: `path` itself, or the latest round under `path` or `path/checkpoints`."""
-    p = Path(path)
-    if (p / "adapter_config.json").exists():
-        return p
-    for ckdir in (p, p / "checkpoints"):
-        latest = ckdir / "LATEST"
-        if latest.exists():
-            q = ckdir / latest.read_text().strip()
-            if (q / "adapter_config.json").exists():
-                return q
-        rounds = sorted(d for d in ckdir.glob("round-*") if (d / "adapter_config.json").exists()) if ckdir.is_dir() else []
-        if rounds:
-            return rounds[-1]
-    raise FileNotFoundError(f"{p}: no checkpoint here (expected adapter_config.json, or checkpoints/LATEST "
-                            "of an aggregator output folder)")
-
-
-def base_model_path(checkpoint: Path) -> Path:
-    """The base model folder named in adapter_config.json, or `<output_dir>/base_model` if the run moved."""
-    cfg = json.loads((checkpoint / "adapter_config.json").read_text())
-    named = cfg.get("base_model_name_or_path")
-    candidates = ([Path(named)] if named else []) + [checkpoint.parent.parent / "base_model"]
-    for c in candidates:
-        if (c / "config.json").exists():
-            return c
-    raise FileNotFoundError(f"{checkpoint}: base model not found (looked in {', '.join(map(str, candidates))})")
 
 
 def load_checkpoint_model(checkpoint_dir: str | Path):
@@ -57,9 +28,11 @@ def load_checkpoint_model(checkpoint_dir: str | Path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from aggregator.checkpoint import base_model_dir, resolve_checkpoint
+
     transformers.logging.set_verbosity_error()
     ck = resolve_checkpoint(checkpoint_dir)
-    base_dir = base_model_path(ck)
+    base_dir = base_model_dir(ck)
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(ck)).eval()
     tok = AutoTokenizer.from_pretrained(str(base_dir))

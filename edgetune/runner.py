@@ -197,7 +197,8 @@ def run_local(opts: RunOptions, echo=print) -> dict:
             aid = f"agent-{i + 1}"
             procs.append((aid, _start([sys.executable, "-m", "edge_agent.cli", "run"], _agent_env(opts, env, aid, i),
                                       logs / f"{aid}.log")))
-        echo(f"started the aggregator and {opts.agents} agents ({opts.partition} partition); logs in {logs}")
+        how = "a file each" if opts.agent_data else f"{opts.partition} partition"
+        echo(f"started the aggregator and {opts.agents} agents ({how}); logs in {logs}")
         _follow(procs, metrics_file, opts.agents, logs, lambda: bool(stopping), echo)
         _wait_all(procs, echo)
         agg = procs[0][1]

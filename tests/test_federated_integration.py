@@ -103,8 +103,9 @@ def test_saved_adapter_loads_in_plain_transformers_with_the_reported_accuracy(fe
     out = fed_run["out"]
     ckpt = out / "checkpoints" / (out / "checkpoints" / "LATEST").read_text().strip()
     cfg = json.loads((ckpt / "adapter_config.json").read_text())
-    base = AutoModelForSequenceClassification.from_pretrained(cfg["base_model_name_or_path"])
-    tok = AutoTokenizer.from_pretrained(cfg["base_model_name_or_path"])
+    base_dir = ckpt / cfg["base_model_name_or_path"]  # ../../base_model: relative to the checkpoint
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir)
+    tok = AutoTokenizer.from_pretrained(base_dir)
     model = PeftModel.from_pretrained(base, str(ckpt)).eval()
     _, test = train_test_split()
     test = random.Random(0).sample(test, EVAL_LIMIT)  # the aggregator's eval subset (seed 0)

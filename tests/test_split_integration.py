@@ -83,6 +83,7 @@ def test_two_agents_int8_perplexity_falls_and_head_adapters_are_averaged(mosquit
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]), str(ckpt))
+    base_dir = ckpt / cfg["base_model_name_or_path"]  # ../../base_model: relative to the checkpoint
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(ckpt))
     n_lora = sum(1 for n, _ in model.named_parameters() if "lora_" in n)
     assert n_lora == 4 * 2  # 4 blocks x (A, B) on c_attn: head and tail adapters together
