@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from edgetune.local_broker import LocalBroker, start_mosquitto
 
@@ -16,6 +17,12 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Property tests check what is generated, not how fast: hypothesis' wall-clock deadline and its
+# "too slow" health check measure the machine (2 shared cores in CI), and speed is measured by
+# bench/, not by timed tests.
+settings.register_profile("edgetune", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("edgetune")
 
 
 @pytest.fixture

@@ -41,8 +41,10 @@ def run(tmp_path_factory) -> Path:
     from models.train import train_local
 
     out = tmp_path_factory.mktemp("run") / "aggregator"
-    s = AggregatorSettings(output_dir=out, num_layers=1, num_labels=3, labels=LABELS, eval_limit=8, rounds=3,
-                           max_length=32)
+    data = tmp_path_factory.mktemp("data") / "eval.jsonl"  # a central evaluation set in the task's labels
+    data.write_text("".join(json.dumps({"text": t, "label": LABELS[i % 3]}) + "\n" for i, t in enumerate(TRAIN)))
+    s = AggregatorSettings(output_dir=out, num_layers=1, num_labels=3, labels=LABELS, eval_data=str(data),
+                           eval_limit=8, rounds=3, max_length=32)
     task = ClassifierTask(s, out)
     examples = [Example(t, i % 3, "demo", f"demo:{i}") for i, t in enumerate(TRAIN)]
     for rnd in (1, 2):  # what the agents' training and the aggregation would give: a trained adapter
