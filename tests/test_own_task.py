@@ -68,7 +68,7 @@ def own_run(tmp_path_factory):
         assert p.returncode == 0, f"{line}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     out = work / "runs" / "mine"
     rows = [json.loads(x) for x in (out / "aggregator" / "metrics.jsonl").read_text().splitlines()]
-    return {"work": work, "out": out, "rows": rows, "stdout": "\n".join(outputs)}
+    return {"work": work, "out": out, "rows": rows, "stdout": "\n".join(outputs), "outputs": outputs}
 
 
 def _held_out(work: Path):
@@ -97,6 +97,9 @@ def test_the_fleet_learns_the_users_task_evaluated_on_the_devices(own_run):
     assert recorded["config"]["rounds"] == 4 and recorded["config"]["max_local_steps"] == 10
     assert abs(last - central) <= NEAR_CENTRAL, f"federated {last:.3f}, centralized {central:.3f}"
     assert "on the devices: accuracy" in own_run["stdout"]
+    # the README's last command classifies a sentence with the run's checkpoint, by label name
+    predicted = own_run["outputs"][-1]
+    assert any(name in predicted for name in ("adventure", "learned", "press_reportage")), predicted
 
 
 def test_no_process_of_the_run_imports_the_vader_module(own_run):
