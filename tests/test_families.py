@@ -228,6 +228,18 @@ def test_int8_keeps_the_label_on_the_held_out_set(trained):
     assert trained.int8.stat().st_size < trained.fp32.stat().st_size / 2  # the embedding table and MatMuls are int8
 
 
+def test_xlm_roberta_is_a_roberta():
+    """XLM-R's classes are RoBERTa's under another model_type: same family, same layers, same targets."""
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    model = XLMRobertaForSequenceClassification(XLMRobertaConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64))
+    fam = encoder_family(model.config)
+    assert fam.name == "roberta" and fam.lora_targets == ("query", "value") and "token_type_ids" not in fam.inputs
+    prune_layers(model, 1)
+    assert len(model.roberta.encoder.layer) == 1 == model.config.num_hidden_layers
+
+
 # -- what is refused ---------------------------------------------------------------------------------
 
 
