@@ -44,9 +44,10 @@ def run(
 
     from models.split import QuantizationUnavailable
 
+    from models.families import UnsupportedModel
     from models.fingerprint import ModelNotFound
 
-    with exit_codes({BrokerError: 3, QuantizationUnavailable: 2, ModelNotFound: 2}):
+    with exit_codes({BrokerError: 3, QuantizationUnavailable: 2, ModelNotFound: 2, UnsupportedModel: 2}):
         AggregatorService(s).run()
 
 

@@ -55,9 +55,11 @@ def run(
     from edge_agent.local_settings import DeviceSetupError
     from edge_agent.runner import AgentRunner
 
+    from models.families import UnsupportedModel
     from models.fingerprint import ModelNotFound
 
-    with exit_codes({BrokerError: 3, DeviceSetupError: EXIT_STATE, DataError: EXIT_INPUT, ModelNotFound: EXIT_INPUT}):
+    with exit_codes({BrokerError: 3, DeviceSetupError: EXIT_STATE, DataError: EXIT_INPUT, ModelNotFound: EXIT_INPUT,
+                     UnsupportedModel: EXIT_INPUT}):
         AgentRunner(s).run()
 
 

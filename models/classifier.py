@@ -1,4 +1,8 @@
-"""The edge classifier: a BERT-family encoder, pruned for the device, with LoRA through peft.
+"""The edge classifier: an encoder of a supported family, pruned for the device, with LoRA through peft.
+
+The families (BERT/MiniLM/TinyBERT, DistilBERT, RoBERTa/XLM-R: where the layers live, the LoRA
+targets, the inputs) are in models/families.py; any other model type is refused there with
+`UnsupportedModel` before its weights are loaded.
 
 The adapter state (peft's `get_peft_model_state_dict`, which includes the classifier head kept
 in `modules_to_save`) is the only thing that crosses the wire or lands in a checkpoint.
@@ -14,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+# UnsupportedModel: raised here (by the family lookups) for a model type of no family
+from models.families import EncoderFamily, UnsupportedModel, encoder_family, model_type_of  # noqa: F401
 from models.fingerprint import ModelNotFound  # noqa: F401  (raised here; defined in the pure module)
 
 from models.adapters import AdapterMismatch, check_adapter_state  # noqa: F401  (also importable from here)
@@ -70,20 +76,25 @@ class ClassifierSpec:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("query", "value")
+    target_modules: tuple[str, ...] | None = None  # None: the family's (query/value for BERT and RoBERTa)
     max_length: int = 64
     seed: int = 0
 
 
+def spec_family(spec: ClassifierSpec) -> EncoderFamily:
+    """The family of the spec's model, from its config alone (no weights loaded); UnsupportedModel if none."""
+    path = resolve_model(spec.model)
+    return encoder_family(model_type_of(path), where=path)
+
+
+def resolved_targets(spec: ClassifierSpec, family: EncoderFamily) -> tuple[str, ...]:
+    """The LoRA target modules the model gets: the spec's, or the family's default when it names none."""
+    return tuple(spec.target_modules) if spec.target_modules else family.lora_targets
+
+
 def prune_layers(model: nn.Module, num_layers: int) -> nn.Module:
-    """Keep the first `num_layers` encoder layers of a BERT-family model (0 keeps all)."""
-    base = getattr(model, model.base_model_prefix)
-    layers = base.encoder.layer
-    if num_layers <= 0 or num_layers >= len(layers):
-        return model
-    base.encoder.layer = nn.ModuleList(list(layers)[:num_layers])
-    model.config.num_hidden_layers = num_layers
-    return model
+    """Keep the first `num_layers` encoder layers (0 keeps all), wherever the model's family keeps them."""
+    return encoder_family(model.config).prune(model, num_layers)
 
 
 def prune_heads(model: nn.Module, heads_per_layer: dict[int, list[int]]) -> nn.Module:
@@ -98,18 +109,25 @@ def load_base(spec: ClassifierSpec):
 
     transformers.logging.set_verbosity_error()  # the "classifier.* newly initialized" report is expected
     path = resolve_model(spec.model)
+    family = spec_family(spec)  # refuse an unsupported model before loading any weights
     torch.manual_seed(spec.seed)  # the new classifier head: same init on every process
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=spec.num_labels)
-    return prune_layers(model, spec.num_layers)
+    return family.prune(model, spec.num_layers)
 
 
 def load_tokenizer(spec: ClassifierSpec):
+    """The model folder's tokenizer, giving exactly the inputs its family's model takes: a DistilBERT
+    folder may ship BERT's tokenizer, whose token_type_ids DistilBERT would silently ignore."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model(spec.model))
+    family = spec_family(spec)
+    tok = AutoTokenizer.from_pretrained(resolve_model(spec.model))
+    tok.model_input_names = [n for n in tok.model_input_names if n != "token_type_ids" or family.token_type_ids]
+    return tok
 
 
-def lora_config(spec: ClassifierSpec):
+def lora_config(spec: ClassifierSpec, family: EncoderFamily):
+    """peft's LoraConfig for the spec on a model of `family` (its target modules unless the spec names some)."""
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
@@ -117,7 +135,9 @@ def lora_config(spec: ClassifierSpec):
         r=spec.lora_r,
         lora_alpha=spec.lora_alpha,
         lora_dropout=spec.lora_dropout,
-        target_modules=list(spec.target_modules),
+        target_modules=list(resolved_targets(spec, family)),
+        # None keeps peft's SEQ_CLS default (classifier, score) exactly as before for BERT and RoBERTa
+        modules_to_save=list(family.head_modules) or None,
     )
 
 
@@ -125,8 +145,8 @@ def build_classifier(spec: ClassifierSpec):
     """The pruned base with a fresh LoRA adapter (peft), ready to train or to load a global."""
     from peft import get_peft_model
 
-    model = get_peft_model(load_base(spec), lora_config(spec))
-    return model
+    base = load_base(spec)
+    return get_peft_model(base, lora_config(spec, encoder_family(base.config)))
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:

@@ -3,7 +3,7 @@
 A model folder written here is everything the device needs to serve predictions without torch
 or transformers (see `edge_agent.inference.OnnxPredictor`):
 
-    model.onnx          fp32 graph: inputs input_ids, attention_mask[, token_type_ids]
+    model.onnx          fp32 graph: inputs input_ids, attention_mask[, token_type_ids: BERT family only]
                         (int64, [batch, sequence], both axes dynamic); output logits [batch, labels]
     model.int8.onnx     optional, from `models.onnx_int8.quantize_int8`: int8 weights, activations quantized at run time
     tokenizer.json      the fast tokenizer (the `tokenizers` library loads it)
@@ -29,6 +29,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from models.families import encoder_family
 # the folder's names, and the int8 step, importable from here as before
 from models.onnx_folder import (FP32_FILE, INT8_FILE, META_FILE, META_FORMAT, TOKENIZER_FILE,  # noqa: F401
                                 read_meta, write_meta)
@@ -69,12 +70,6 @@ def merged_copy(model: nn.Module) -> nn.Module:
     return m
 
 
-def _takes_token_types(model: nn.Module, tokenizer) -> bool:
-    names = getattr(tokenizer, "model_input_names", None) or []
-    params = inspect.signature(model.forward).parameters
-    return "token_type_ids" in params and "token_type_ids" in names
-
-
 def _labels(model: nn.Module, labels: Sequence[str] | None) -> list[str]:
     n = int(model.config.num_labels)
     if labels is not None:
@@ -113,13 +108,15 @@ def export_onnx(
         model.set_attn_implementation("eager")
     else:  # older transformers
         model.config._attn_implementation = "eager"
-    with_tt = _takes_token_types(model, tokenizer)
+    # The family decides the graph's inputs (UnsupportedModel for a model of none): BERT takes
+    # token_type_ids; DistilBERT and RoBERTa/XLM-R do not (RoBERTa's positions, offset past the
+    # padding id, are computed from input_ids inside the graph).
+    input_names = list(encoder_family(model.config).inputs)
+    with_tt = "token_type_ids" in input_names
     enc = tokenizer(list(_TRACE_TEXTS), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     args = (enc["input_ids"], enc["attention_mask"])
-    input_names = ["input_ids", "attention_mask"]
-    if with_tt:
-        args += (enc["token_type_ids"],)
-        input_names.append("token_type_ids")
+    if with_tt:  # one segment: zeros, which is what the device's tokenizer gives too
+        args += (enc.get("token_type_ids", torch.zeros_like(enc["input_ids"])),)
     dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in input_names}
     dynamic_axes["logits"] = {0: "batch"}
 

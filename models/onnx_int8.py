@@ -16,9 +16,10 @@ from typing import Callable, Sequence
 
 from models.onnx_folder import INT8_FILE, META_FILE, TOKENIZER_FILE, read_meta, write_meta
 
-# MatMul nodes of the feed-forward blocks (BERT naming in the TorchScript export). Pass as
-# `exclude_matching` to keep them in fp32.
-FFN_NODES = r"/intermediate/dense/|/layer\.\d+/output/dense/"
+# MatMul nodes of the feed-forward blocks in the TorchScript export: BERT and RoBERTa name them
+# intermediate/dense and output/dense, DistilBERT ffn/lin1 and ffn/lin2. Pass as `exclude_matching`
+# to keep them in fp32.
+FFN_NODES = r"/intermediate/dense/|/layer\.\d+/output/dense/|/ffn/lin[12]/"
 
 INT8_BLOCK = 32  # MatMulNBits block along K: one weight scale (and one activation scale) per 32 values
 _MS_DOMAIN = "com.microsoft"

@@ -40,16 +40,19 @@ class ModelSettings(LoraSettings, LabelSettings):
 
     def classifier_task_fields(self) -> dict:
         """What a fleet must agree on, as TaskDefinition's fields (broker.messages): the base model's
-        identity (models.fingerprint), the labels, pruning, LoRA, lengths, seed."""
-        from models.classifier import resolve_model
+        identity (models.fingerprint), the labels, pruning, LoRA (the target modules resolved: the model
+        family's when none are set, so the task hash covers them), lengths, seed. Raises
+        models.families.UnsupportedModel for a model of no supported family."""
+        from models.classifier import resolve_model, resolved_targets, spec_family
         from models.fingerprint import model_hash
 
         spec = self.classifier_spec()
         path = resolve_model(spec.model)
+        targets = resolved_targets(spec, spec_family(spec))
         return dict(mode="federated", model=Path(path).name, model_hash=model_hash(path), labels=self.label_names(),
                     max_length=spec.max_length, num_layers=spec.num_layers, lora_r=spec.lora_r,
                     lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                    target_modules=list(spec.target_modules), seed=spec.seed)
+                    target_modules=list(targets), seed=spec.seed)
 
     def classifier_spec(self) -> ClassifierSpec:
         return ClassifierSpec(

@@ -3,9 +3,10 @@
     head (agent):  embeddings + blocks[0:k]                       input_ids -> h   (B, T, C)
     tail (server): blocks[k:] + final norm + LM head + loss         h, labels -> loss
 
-Both halves are the model's own transformers modules, so any checkpoint of a supported
-family loads as it is; LoRA goes on each half through peft. The KV cache is never built
-(use_cache=False): the server needs only the activation at the cut.
+Both halves are the model's own transformers modules, so any checkpoint of a supported family
+(the allow-list in models/families.py: GPT-2; Llama, Mistral, Qwen2; any other model type is
+refused with UnsupportedModel) loads as it is; LoRA goes on each half through peft. The KV cache
+is never built (use_cache=False): the server needs only the activation at the cut.
 
 How the halves are made from one full model (no weights copied or changed):
 - GPT-2: the head is the GPT2Model with blocks[k:] removed and ln_f replaced by Identity; the
@@ -31,10 +32,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+# UnsupportedModel: raised here (by the family lookups) for a model type outside the split allow-list
+from models.families import UnsupportedModel, decoder_family, decoder_family_named, model_type_of  # noqa: F401
 from models.lm_loss import causal_lm_labels, lm_loss_per_sequence_group  # noqa: F401  (re-exported)
-
-GPT2_LORA_TARGETS = ("c_attn",)  # peft matches by suffix: "c_proj" would also catch mlp.c_proj
-LLAMA_LORA_TARGETS = ("q_proj", "v_proj")
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,6 @@ class DecoderSpec:
     lora_r: int = 8
     lora_alpha: int = 16
     seed: int = 0
-
-
-def _family(model) -> str:
-    mt = model.config.model_type
-    if mt == "gpt2":
-        return "gpt2"
-    if hasattr(model, "model") and hasattr(model.model, "layers"):
-        return "llama"
-    raise ValueError(f"model type {mt!r} is not supported for splitting (GPT-2 and Llama-family are)")
 
 
 def smollm2_location() -> tuple[str, str]:
@@ -91,6 +82,7 @@ def load_full_model(spec: DecoderSpec):
     if spec.model == "smollm2":
         folder, gguf = smollm2_location()
         return AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    decoder_family(model_type_of(spec.model), where=spec.model)  # refused before its weights load
     return AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32)
 
 
@@ -183,40 +175,33 @@ class ServerTail(nn.Module):
 
 
 def split_model(full, cut: int) -> tuple[EdgeHead, ServerTail]:
-    """Two independent halves (deep copies) of a causal LM, cut after `cut` blocks."""
-    fam = _family(full)
-    if fam == "gpt2":
-        blocks = full.transformer.h
-        if not 0 < cut < len(blocks):
-            raise ValueError(f"cut must be between 1 and {len(blocks) - 1} for a {len(blocks)}-block model")
-        body = copy.deepcopy(full.transformer)
-        body.h = nn.ModuleList(list(body.h)[:cut])
-        body.ln_f = nn.Identity()
-        body.config = copy.deepcopy(full.config)
-        body.config.n_layer = cut
-        lm = copy.deepcopy(full)
-        lm.transformer.h = nn.ModuleList(list(lm.transformer.h)[cut:])
-        lm.config.n_layer = len(blocks) - cut
-        with torch.no_grad():
-            lm.transformer.wpe.weight.zero_()  # positions were added on the edge
-        lm.transformer.wpe.weight.requires_grad_(False)
-        return EdgeHead(body), ServerTail(lm)
-    layers = full.model.layers
-    if not 0 < cut < len(layers):
-        raise ValueError(f"cut must be between 1 and {len(layers)} - 1 for a {len(layers)}-layer model")
-    body = copy.deepcopy(full.model)
-    body.layers = nn.ModuleList(list(body.layers)[:cut])
-    body.norm = nn.Identity()
+    """Two independent halves (deep copies) of a causal LM, cut after `cut` blocks.
+
+    Only the families of models/families.py are cut (UnsupportedModel otherwise): each names its
+    body, blocks, final norm, block count and learned position table, so nothing is guessed."""
+    fam = decoder_family(full.config)
+    n = len(getattr(getattr(full, fam.body), fam.blocks))
+    if not 0 < cut < n:
+        raise ValueError(f"cut must be between 1 and {n - 1} for a {n}-block model")
+    body = copy.deepcopy(getattr(full, fam.body))  # embeddings + blocks[:cut], no final norm
+    setattr(body, fam.blocks, nn.ModuleList(list(getattr(body, fam.blocks))[:cut]))
+    setattr(body, fam.norm, nn.Identity())
     body.config = copy.deepcopy(full.config)
-    body.config.num_hidden_layers = cut
-    lm = copy.deepcopy(full)
-    lm.model.layers = nn.ModuleList(list(lm.model.layers)[cut:])
-    lm.config.num_hidden_layers = len(layers) - cut
+    setattr(body.config, fam.layer_count, cut)
+    lm = copy.deepcopy(full)  # blocks[cut:] + final norm + LM head, fed inputs_embeds=h
+    lm_body = getattr(lm, fam.body)
+    setattr(lm_body, fam.blocks, nn.ModuleList(list(getattr(lm_body, fam.blocks))[cut:]))
+    setattr(lm.config, fam.layer_count, n - cut)
+    if fam.positions:  # GPT-2 adds wpe to inputs_embeds; the head already added it
+        table = getattr(lm_body, fam.positions)
+        with torch.no_grad():
+            table.weight.zero_()
+        table.weight.requires_grad_(False)
     return EdgeHead(body), ServerTail(lm)
 
 
 def lora_targets(model) -> list[str]:
-    return list(GPT2_LORA_TARGETS if _family(model) == "gpt2" else LLAMA_LORA_TARGETS)
+    return list(decoder_family(model.config).lora_targets)
 
 
 def add_lora(half: nn.Module, targets: list[str], r: int = 8, alpha: int = 16):
@@ -268,7 +253,7 @@ def full_adapter_state(head_state: dict, tail_state: dict, family: str, cut: int
     The result loads with `set_peft_model_state_dict` into the full model with LoRA on the
     same targets, so a split-trained adapter is saved and served as an ordinary peft adapter.
     """
-    root = "transformer" if family == "gpt2" else "model"
+    root = decoder_family_named(family).body
     out = {}
     for k, v in head_state.items():
         m = _HEAD_KEY.match(k)
@@ -284,4 +269,5 @@ def full_adapter_state(head_state: dict, tail_state: dict, family: str, cut: int
 
 
 def family_of(model) -> str:
-    return _family(model)
+    """The model's split family name ("gpt2", "llama"); UnsupportedModel for any other model type."""
+    return decoder_family(model.config).name
