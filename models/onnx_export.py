@@ -19,7 +19,6 @@ stays a graph input on every path, and with a padded batch so padding is exercis
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import time
 import warnings
