@@ -145,8 +145,11 @@ def test_bad_data_stops_the_run_before_anything_starts(tmp_path, content, args, 
     bad = tmp_path / "bad.csv"
     if content is not None:
         bad.write_text(content)
-    p = subprocess.run([sys.executable, "-m", "edgetune.cli", "run", "--data", str(bad), "--output", str(tmp_path / "r"),
-                        *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2, p.stdout + p.stderr
-    assert why in p.stderr and "nothing started" in p.stderr, p.stderr
+    from typer.testing import CliRunner
+
+    from edgetune.cli import app
+
+    r = CliRunner().invoke(app, ["run", "--data", str(bad), "--output", str(tmp_path / "r"), *args])
+    assert r.exit_code == 2, r.output
+    assert why in r.output and "nothing started" in r.output, r.output
     assert not (tmp_path / "r").exists()  # no broker, aggregator or agent: no output folder
