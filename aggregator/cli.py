@@ -27,6 +27,9 @@ def run(
     strategy: Optional[str] = typer.Option(None),
     output_dir: Optional[Path] = typer.Option(None),
     eval_limit: Optional[int] = typer.Option(None),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="central evaluation data: a CSV, JSONL or "
+                                            "Parquet file (or folder) in the task's labels, or demo:NAME (unset: "
+                                            "the agents' federated evaluation only)"),
     metrics_port: Optional[int] = typer.Option(None),
 ) -> None:
     """Run federated rounds until --rounds are done (Ctrl-C stops cleanly after a checkpoint)."""
@@ -36,18 +39,17 @@ def run(
         AggregatorSettings, config, broker_url=broker, fleet=fleet, rounds=rounds, min_agents=min_agents,
         expected_agents=expected_agents, round_timeout_s=round_timeout, local_epochs=local_epochs,
         max_local_steps=max_local_steps, strategy=strategy, output_dir=output_dir, eval_limit=eval_limit,
-        metrics_port=metrics_port,
+        eval_data=eval_data, metrics_port=metrics_port,
     )
     setup_logging(s.log_level, "aggregator")
     from aggregator.service import AggregatorService
     from broker.transport import BrokerError
-
-    from models.split import QuantizationUnavailable
-
+    from data.records import DataError
     from models.families import UnsupportedModel
     from models.fingerprint import ModelNotFound
+    from models.split import QuantizationUnavailable
 
-    with exit_codes({BrokerError: 3, QuantizationUnavailable: 2, ModelNotFound: 2, UnsupportedModel: 2}):
+    with exit_codes({BrokerError: 3, QuantizationUnavailable: 2, ModelNotFound: 2, UnsupportedModel: 2, DataError: 2}):
         AggregatorService(s).run()
 
 

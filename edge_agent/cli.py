@@ -40,6 +40,8 @@ def run(
     text_column: Optional[str] = _TEXT_COLUMN,
     label_column: Optional[str] = _LABEL_COLUMN,
     max_bad_rows: Optional[int] = _MAX_BAD_ROWS,
+    eval_fraction: Optional[float] = typer.Option(None, "--eval-fraction", help="share of the data held out for "
+                                                  "federated evaluation, never trained on (default 0.2; 0: none)"),
 ) -> None:
     """Join the fleet and train in every round this agent is selected for."""
     from edge_agent.settings import AgentSettings
@@ -48,13 +50,13 @@ def run(
         AgentSettings, config, agent_id=agent_id, broker_url=broker, fleet=fleet, partition=partition,
         num_partitions=num_partitions, partition_index=partition_index, metrics_port=metrics_port,
         data=data, text_column=text_column, label_column=label_column, max_bad_rows=max_bad_rows,
+        eval_fraction=eval_fraction,
     )
     setup_logging(s.log_level, s.agent_id)
     from broker.transport import BrokerError
     from data.records import DataError
     from edge_agent.local_settings import DeviceSetupError
     from edge_agent.runner import AgentRunner
-
     from models.families import UnsupportedModel
     from models.fingerprint import ModelNotFound
 
