@@ -29,3 +29,6 @@ class DataSettings(ColumnSettings):
                              "folder of them, or a shipped demo by name (demo:vader, demo:brown); unset: none")
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="the share of an agent's data held out for federated "
                                  "evaluation (never trained on; the same rows on every run); 0: none")
+    eval_max_examples: int = Field(256, ge=0, description="hold out at most this many (the first of the slice); the "
+                                   "rest of the slice trains, so a large shard does not pay for a large evaluation "
+                                   "every round (0: no cap)")

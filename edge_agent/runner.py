@@ -45,8 +45,9 @@ def local_examples(s: AgentSettings) -> tuple[list, list]:
     split is what an aggregator evaluates on). With num_partitions > 1 the agent keeps its shard
     (partition, partition_index, partition_seed); data_limit caps the count. Split mode reads
     texts only (labels ignored); federated mode maps the labels to `s.labels`, in that order.
-    Federated mode holds `eval_fraction` of the agent's examples out (data.sources.holdout_split):
-    it evaluates every global on them (federated evaluation) and never trains on them."""
+    Federated mode holds `eval_fraction` of the agent's examples out (data.sources.holdout_split),
+    at most `eval_max_examples` of them: it evaluates every global on them (federated evaluation)
+    and never trains on them."""
     if not s.data:
         return [], []
     split = s.mode == "split"
@@ -70,7 +71,10 @@ def local_examples(s: AgentSettings) -> tuple[list, list]:
         mine = mine[: s.data_limit]
     if split:
         return mine, []
-    return holdout_split(mine, s.eval_fraction)
+    train, held = holdout_split(mine, s.eval_fraction)
+    if s.eval_max_examples and len(held) > s.eval_max_examples:
+        train, held = train + held[s.eval_max_examples:], held[: s.eval_max_examples]
+    return train, held
 
 
 class AgentRunner(ProtocolDriver):

@@ -257,6 +257,8 @@ def test_the_agent_trains_on_its_data_and_the_vader_shard_only_by_name(tmp_path)
     train, held = local_examples(agent_settings(data=csv, eval_fraction=0.5))
     assert (train, held) == holdout_split(mine, 0.5) and 0 < len(held) < len(mine)
     assert {e.uid for e in train}.isdisjoint({e.uid for e in held}) and len(train) + len(held) == len(mine)
+    capped_train, capped = local_examples(agent_settings(data=csv, eval_fraction=0.5, eval_max_examples=1))
+    assert capped == held[:1] and sorted(e.uid for e in capped_train) == sorted(e.uid for e in train + held[1:])
     # demo:vader keeps today's shard: the training split, partitioned by the partition settings
     s = agent_settings(data="demo:vader", partition="iid", num_partitions=3, partition_index=1, data_limit=50,
                        eval_fraction=0)
