@@ -131,13 +131,27 @@ def main(argv: list[str] | None = None) -> None:
     rows = [run_partition(name, args.work, args) for name in args.partitions]
     config = {"genres": list(GENRES), "per_class": args.per_class, "agents": 3, "rounds": args.rounds,
               "max_local_steps": args.max_local_steps, "seed": args.seed}
-    path = report("own_task", rows, meta={"config": config}, columns=[
+    name = "own_task" if len(args.partitions) == len(SKEW) else f"own_task_{'_'.join(args.partitions)}"
+    path = report(name, rows, meta={"config": config}, columns=[
         "partition", "held_out", "macro_f1_round0", "federated_macro_f1", "central_eval_macro_f1",
         "centralized_macro_f1", "gap", "fed_vs_central_eval_max_diff", "federated_s", "centralized_s"])
     if args.record:
-        RECORDED.write_text(json.dumps({"config": config, "runs": {r["partition"]: r for r in rows},
-                                        "source": str(path.relative_to(ROOT))}, indent=2) + "\n")
-        print(f"recorded: {RECORDED}")
+        record(rows, config, machine_of(path))
+
+
+def machine_of(results: Path) -> dict:
+    return json.loads(results.read_text()).get("machine", {})
+
+
+def record(rows: list[dict], config: dict, machine: dict) -> None:
+    """bench/recorded/own_task.json: these partitions' rows, merged with the partitions recorded
+    before under the same config (the test reads the iid centralized figure from it)."""
+    old = json.loads(RECORDED.read_text()) if RECORDED.exists() else {}
+    runs = old.get("runs", {}) if old.get("config") == config else {}
+    runs.update({r["partition"]: {**r, "machine": machine} for r in rows})
+    RECORDED.write_text(json.dumps({"config": config, "runs": runs, "command": "python -m bench.own_task --record"},
+                                   indent=2) + "\n")
+    print(f"recorded: {RECORDED}")
 
 
 if __name__ == "__main__":
