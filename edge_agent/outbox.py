@@ -73,7 +73,8 @@ class Outbox:
                 path.rename(path.with_suffix(".stale"))
                 continue
             except WireError as e:
-                log.warning("outbox file %s is unreadable (%s): moved aside as %s", path, e, path.with_suffix(".bad").name)
+                log.warning("outbox file %s is unreadable (%s): moved aside as %s", path, e,
+                            path.with_suffix(".bad").name)
                 path.rename(path.with_suffix(".bad"))
                 continue
             self._paths[meta.round] = path

@@ -346,7 +346,8 @@ class SampleStore:
         of k (a holdout)."""
         known, params = self._known()
         if skip_every:
-            return self._read(f"SELECT count(*) FROM samples WHERE {known} AND id % ? != 0", [*params, int(skip_every)])[0][0]
+            q = f"SELECT count(*) FROM samples WHERE {known} AND id % ? != 0"
+            return self._read(q, [*params, int(skip_every)])[0][0]
         return self._read(f"SELECT count(*) FROM samples WHERE {known}", params)[0][0]
 
     def count_labelled_since(self, since_id: int = 0) -> int:
