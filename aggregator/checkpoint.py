@@ -17,6 +17,14 @@ when given the base model, so
 
 loads one in any transformers program (`load_checkpoint_model(ckpt)` does exactly that; peft's
 `AutoPeftModel*` classes would read the relative path against the working directory instead).
+
+Output folders of the previous release: their adapter_config.json names the base by the absolute
+path of the machine that wrote it, peft's template README.md repeats it, there is no model card
+and the base's config may name no labels. They are read as they are: the base is the
+`base_model` folder beside `checkpoints` whatever the config says (`base_model_dir`), label names
+come from the command when the base has none (`load_checkpoint_model(labels=...)`).
+`upgrade_output_dir`, run when the aggregator resumes such a folder, writes `BASE_REF` in place
+of the absolute path; the base gets its label names from the aggregator's settings (`save_base`).
 """
 
 from __future__ import annotations
@@ -196,12 +204,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
                           "aggregator output folder)")
 
 
+def _read_config(checkpoint: Path) -> dict:
+    try:
+        return json.loads((checkpoint / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{checkpoint}: adapter_config.json does not read ({e}): give another round's folder, "
+                              "or the run's output folder for its latest round") from None
+
+
 def base_model_dir(checkpoint: Path) -> Path:
     """The base model of a checkpoint: adapter_config.json's base_model_name_or_path read against
-    the checkpoint folder (older checkpoints hold an absolute path), else `../../base_model`."""
-    cfg = json.loads((checkpoint / "adapter_config.json").read_text())
-    named = cfg.get("base_model_name_or_path")
-    candidates = ([checkpoint / named] if named else []) + [checkpoint / BASE_REF]
+    the checkpoint folder, else `../../base_model`. An absolute path (the previous release wrote
+    the path of its machine) is not followed: the base is the one beside the checkpoints."""
+    named = _read_config(checkpoint).get("base_model_name_or_path")
+    candidates = ([checkpoint / named] if named and not os.path.isabs(named) else []) + [checkpoint / BASE_REF]
     for c in candidates:
         if (c / "config.json").is_file():
             return Path(os.path.normpath(c))
@@ -210,9 +226,43 @@ def base_model_dir(checkpoint: Path) -> Path:
                           "beside its checkpoints folder")
 
 
+def base_labels(base_dir: Path) -> list[str] | None:
+    """The label names a saved base's config.json holds, or None where it names none (transformers'
+    LABEL_0, LABEL_1, ... placeholders: a base saved by the previous release)."""
+    cfg = json.loads((Path(base_dir) / "config.json").read_text())
+    id2label = {int(k): str(v) for k, v in (cfg.get("id2label") or {}).items()}
+    names = [id2label.get(i, f"LABEL_{i}") for i in range(len(id2label))]
+    return None if all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names
+
+
+def upgrade_output_dir(output_dir: Path) -> list[Path]:
+    """Make an output folder of the previous release hold no path of its machine: every round's
+    adapter_config.json names the base as `BASE_REF` (relative), and peft's template README.md
+    beside it (a round without a model card) names it so too. Returns the rounds it changed."""
+    changed = []
+    base = Path(output_dir) / BASE_DIR
+    for ck in sorted((Path(output_dir) / "checkpoints").glob("round-*")):
+        cfg_path = ck / "adapter_config.json"
+        if not cfg_path.is_file():
+            continue
+        cfg = json.loads(cfg_path.read_text())
+        named = cfg.get("base_model_name_or_path")
+        if not named or not os.path.isabs(named):
+            continue
+        cfg["base_model_name_or_path"] = Path(os.path.relpath(base.resolve(), ck.resolve())).as_posix()
+        tmp = cfg_path.with_name(".adapter_config.json.tmp")
+        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        os.replace(tmp, cfg_path)
+        readme = ck / "README.md"
+        if readme.is_file() and not (ck / "model_card.json").exists():
+            readme.write_text(readme.read_text().replace(named, cfg["base_model_name_or_path"]))
+        changed.append(ck)
+    return changed
+
+
 def checkpoint_mode(checkpoint: Path) -> str:
     """"federated" (a classifier's LoRA) or "split" (a decoder's LoRA, with the split halves beside it)."""
-    cfg = json.loads((checkpoint / "adapter_config.json").read_text())
+    cfg = _read_config(checkpoint)
     if (checkpoint / "split_head.safetensors").exists() or cfg.get("task_type") != "SEQ_CLS":
         return "split"
     return "federated"
@@ -225,10 +275,26 @@ def require_classifier(checkpoint: Path) -> Path:
     return checkpoint
 
 
-def load_checkpoint_model(checkpoint: str | Path):
+def _name_classes(model, base_dir: Path, labels: Sequence[str] | None) -> None:
+    """Give a loaded base whose config names no labels (the previous release's) the names asked for."""
+    if labels is None:
+        return
+    labels = [str(x) for x in labels]
+    named = base_labels(base_dir)
+    if named is not None and named != labels:
+        raise CheckpointError(f"the base of this checkpoint names its labels {named}, not {labels}: leave the "
+                              "labels out (they are read from the checkpoint)")
+    if len(labels) != int(model.config.num_labels) or len(set(labels)) != len(labels):
+        raise CheckpointError(f"{len(labels)} label names {labels} for a model of {model.config.num_labels} classes: "
+                              "give one distinct name per class, in index order")
+    model.config.id2label, model.config.label2id = label_maps(labels)
+
+
+def load_checkpoint_model(checkpoint: str | Path, labels: Sequence[str] | None = None):
     """(peft model in eval mode, tokenizer) of a federated checkpoint: the classifier base found
     next to it (`base_model_dir`) with the checkpoint's adapter, through peft. `checkpoint` may
-    be a round folder or a run's output folder (its latest round)."""
+    be a round folder or a run's output folder (its latest round). `labels`: the class names for
+    a base that names none (the previous release's); refused if the base names others."""
     import warnings
 
     import transformers
@@ -239,6 +305,7 @@ def load_checkpoint_model(checkpoint: str | Path):
     ck = require_classifier(resolve_checkpoint(checkpoint))
     base_dir = base_model_dir(ck)
     base = AutoModelForSequenceClassification.from_pretrained(str(base_dir))
+    _name_classes(base, base_dir, labels)
     with warnings.catch_warnings():  # peft calls a transformers method that warns it is deprecated
         warnings.simplefilter("ignore", FutureWarning)
         model = PeftModel.from_pretrained(base, str(ck)).eval()

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from aggregator.checkpoint import latest_checkpoint, load_checkpoint_state, save_base, save_checkpoint
+from aggregator.checkpoint import (latest_checkpoint, load_checkpoint_state, save_base, save_checkpoint,
+                                   upgrade_output_dir)
 from models.classifier import adapter_state, load_adapter_state
 
 
@@ -78,6 +79,9 @@ class ClassifierTask:
         return path
 
     def resume(self):
+        """The latest checkpoint's global, loaded (None: none yet). A folder of the previous release
+        is upgraded first (no absolute path; its base got the label names in __init__)."""
+        upgrade_output_dir(self.out)
         ck = latest_checkpoint(self.out)
         if ck is not None:
             self.load_global(load_checkpoint_state(ck.path))
@@ -188,6 +192,7 @@ class SplitLMTask:
         return path
 
     def resume(self):
+        upgrade_output_dir(self.out)  # a folder of the previous release: no absolute path
         ck = latest_checkpoint(self.out)
         if ck is not None:
             self.load_global(load_file(str(ck.path / "split_head.safetensors")))

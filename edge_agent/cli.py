@@ -112,6 +112,15 @@ def predict(
             typer.echo(f"{p.labels[i]}\t{float(row[i]):.3f}\t{text}")
 
 
+def _open_store(s, path: Path):
+    """The agent's sample store; a store that cannot be opened as it is (one of the previous
+    release whose labels do not fit EDGETUNE_LABELS, one of a newer release) exits with what to do."""
+    from edge_agent.store import SampleStore, StoreError, StoreMigrationError
+
+    with exit_codes({StoreMigrationError: EXIT_INPUT, StoreError: EXIT_STATE}):
+        return SampleStore(path, s.store_max_samples, labels=s.labels, max_text_chars=s.store_max_text_chars)
+
+
 @app.command()
 def feedback(
     text: str = typer.Argument(..., help="the input the label belongs to"),
@@ -121,7 +130,7 @@ def feedback(
 ) -> None:
     """Store a labelled sample in the agent's store; the agent learns from it between rounds."""
     from edge_agent.local_settings import StateDirError
-    from edge_agent.store import InvalidSample, SampleStore
+    from edge_agent.store import InvalidSample
 
     s = _local_settings(config, state_dir)
     try:
@@ -130,7 +139,7 @@ def feedback(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(EXIT_STATE)
     value: str | int = int(label) if label.strip().lstrip("-").isdigit() else label
-    with SampleStore(path, s.store_max_samples, labels=s.labels, max_text_chars=s.store_max_text_chars) as store:
+    with _open_store(s, path) as store:
         try:
             sample_id = store.add(text, value, source="feedback")
         except InvalidSample as e:
@@ -154,7 +163,6 @@ def import_(
     from data.records import DataError
     from data.sources import load_source
     from edge_agent.local_settings import LocalCommandSettings, StateDirError
-    from edge_agent.store import SampleStore
 
     s = cli_settings(LocalCommandSettings, config, state_dir=str(state_dir) if state_dir else None,
                      text_column=text_column, label_column=label_column, max_bad_rows=max_bad_rows)
@@ -163,7 +171,7 @@ def import_(
         path = s.store_path()
     except StateDirError as e:
         fail(e, EXIT_STATE)
-    with SampleStore(path, s.store_max_samples, labels=s.labels, max_text_chars=s.store_max_text_chars) as store:
+    with _open_store(s, path) as store:
         try:
             # the store's own checks (length, NUL) count as bad rows of the file, with their line
             loaded = load_source(str(file), labels=s.labels, check=lambda e: store.validate(e.text, e.label, "import"),

@@ -61,13 +61,15 @@ class Device:
 
     def open(self) -> None:
         """Open the store, keep a local holdout, serve the last exported model, start the HTTP API."""
-        from edge_agent.store import SampleStore
+        from edge_agent.store import SampleStore, StoreError
 
         state = Path(self.s.state_dir).expanduser()
         try:
             state.mkdir(parents=True, exist_ok=True)
             self.store = SampleStore(state / STORE_FILE, self.s.store_max_samples, labels=self.s.labels,
                                      max_text_chars=self.s.store_max_text_chars)
+        except StoreError as e:  # a store of another release that cannot be used as it is: it says what to do
+            raise DeviceSetupError(str(e)) from None
         except (OSError, RuntimeError, sqlite3.Error) as e:
             raise DeviceSetupError(f"cannot open the sample store in {state} ({e}): check EDGETUNE_STATE_DIR "
                                    "(a writable local folder)") from None
@@ -79,11 +81,17 @@ class Device:
             held = set(random.Random(self.s.partition_seed + 7).sample(range(len(self.examples)), k))
             self.holdout_examples = [e for i, e in enumerate(self.examples) if i in held]
             self.examples = [e for i, e in enumerate(self.examples) if i not in held]
-        self.metrics.samples_stored.set(self.store.count())
-        self.trainable_count = incremental.trainable_count(self.store, self.inc)
+        self._count_store()
         self._serve_last()
         if self.s.http_port is not None:
             self._start_http()
+
+    def _count_store(self) -> None:
+        """The store's figures: samples held, those a round may train on, and those whose label is
+        not in EDGETUNE_LABELS (kept, never trained on; the store logs them when it opens)."""
+        self.metrics.samples_stored.set(self.store.count())
+        self.metrics.samples_unknown_label.set(sum(self.store.unknown_labels().values()))
+        self.trainable_count = incremental.trainable_count(self.store, self.inc)
 
     def _serve_last(self) -> None:
         from edge_agent.inference import ModelLoadError, ModelSlot, OnnxPredictor
@@ -141,8 +149,7 @@ class Device:
         now = time.monotonic()
         if now >= self._next_store_check:
             self._next_store_check = now + 1.0
-            self.metrics.samples_stored.set(self.store.count())
-            self.trainable_count = incremental.trainable_count(self.store, self.inc)
+            self._count_store()
             if learning and not self._relearn and len(incremental.pending(self.store, self.inc)) >= self.inc.min_new:
                 self._learn_incrementally()
         if self._relearn:

@@ -13,10 +13,25 @@ the last WAL sync (still a consistent database). The store takes a row per user 
 flash storage where an fsync per insert costs milliseconds and wear; losing the newest few
 inputs on a power cut is acceptable for incremental training. Pass synchronous="FULL" where
 every acknowledged feedback must survive a power cut (one fsync per commit).
+
+Labels are stored by name (schema 2), so that a stored label keeps its meaning when the fleet's
+label list (EDGETUNE_LABELS) changes: `Sample.label` is the class index of that name in the
+list the store was opened with (`labels=`), and a labelled sample whose name is not in that list
+is kept but never returned for training (`labelled`, `count_labelled`, `sample_replay` skip it);
+it is counted (`unknown_labels`) and logged once when the store opens, with what to do.
+
+Upgrading a store of the previous release (schema 1, labels as class indices): opening it
+migrates it in place, in one transaction, after copying it to `<file>.v1.bak`. Each stored index
+is read through the label list the store is opened with, which for the agent and its commands
+is EDGETUNE_LABELS: the list the schema-1 agent validated and stored those indices against (it
+had no other). An index outside that list means the labels changed since the samples were
+stored; the migration then refuses (`StoreMigrationError`, saying to set EDGETUNE_LABELS to the
+labels the store was written with) and changes nothing.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -27,22 +42,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: labels as class indices (the previous release); 2: labels by name
+BACKUP_SUFFIX = ".v1.bak"  # a schema-1 store is copied to <file>.v1.bak before it is migrated
 _SOURCE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
-_SCHEMA = (
-    """
+log = logging.getLogger("edgetune.agent")
+
+_TABLE = """
     CREATE TABLE IF NOT EXISTS samples (
         id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, so `since_id` markers stay valid
         text TEXT NOT NULL CHECK (length(text) > 0),
-        label INTEGER,                          -- class index, NULL: not labelled
+        label TEXT CHECK (length(label) > 0),  -- class name, NULL: not labelled
         source TEXT NOT NULL,                   -- feedback, predict, import, ...
         created REAL NOT NULL,                  -- unix time, seconds
         used_in_training INTEGER NOT NULL DEFAULT 0 CHECK (used_in_training IN (0, 1))
     )
-    """,
-    "CREATE INDEX IF NOT EXISTS samples_labelled ON samples (id) WHERE label IS NOT NULL",
-)
+    """
+_SCHEMA = (_TABLE, "CREATE INDEX IF NOT EXISTS samples_labelled ON samples (id) WHERE label IS NOT NULL")
+
+
+class StoreError(RuntimeError):
+    """The store file cannot be used as it is; the message says what to do."""
+
+
+class StoreMigrationError(StoreError):
+    """A store of the previous release that cannot be migrated as asked; it was not changed."""
 
 
 class InvalidSample(ValueError):
@@ -57,17 +81,19 @@ class InvalidSample(ValueError):
 class Sample:
     id: int
     text: str
-    label: int | None
+    label: int | None  # class index in the store's current labels; None: not labelled (or a name not in them)
     source: str
     created: float
     used_in_training: bool
+    label_name: str | None = None  # the stored class name; None: not labelled
 
 
 class SampleStore:
     """SQLite store of user inputs. Safe to share between threads of one process.
 
     labels: the class names, in index order; a label is given as an index or a name and stored
-    as the index. max_text_chars: longer texts are refused (InvalidSample "text_too_long").
+    by name (read back as its index in `labels`). max_text_chars: longer texts are refused
+    (InvalidSample "text_too_long"). Opening a schema-1 store migrates it (module docstring).
     """
 
     def __init__(
@@ -89,6 +115,7 @@ class SampleStore:
         self.labels = tuple(str(x) for x in labels)
         if not self.labels:
             raise ValueError("labels must name at least one class")
+        self._index = {name: i for i, name in enumerate(self.labels)}
         self.max_text_chars = int(max_text_chars)
         self._pid = os.getpid()
         self._lock = threading.RLock()
@@ -101,14 +128,75 @@ class SampleStore:
             raise RuntimeError(f"SQLite refused WAL mode for {self.path} (got {mode}): put the store on a local filesystem")
         self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        try:
+            self._open_schema()
+        except BaseException:
+            self._db.close()
+            raise
+        unknown = self.unknown_labels()
+        if unknown:
+            log.warning("%s holds %d labelled samples whose label is not in EDGETUNE_LABELS %s (%s): they are kept "
+                        "but not trained on; add those names to EDGETUNE_LABELS to train on them (labels are stored "
+                        "by name: the order does not matter)", self.path, sum(unknown.values()), list(self.labels),
+                        ", ".join(f"{k}: {n}" for k, n in sorted(unknown.items())))
+
+    def _open_schema(self) -> None:
+        """Create the schema of a new store, migrate one of schema 1, refuse a newer one."""
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            self._db.close()
-            raise RuntimeError(f"{self.path} has store schema {version}; this edgetune reads up to {SCHEMA_VERSION}: upgrade edgetune")
+            raise StoreError(f"{self.path} has store schema {version}; this edgetune reads up to {SCHEMA_VERSION}: "
+                             "upgrade edgetune")
         with self._write():
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]  # another process may have migrated it
+            if version == 1:
+                self._migrate_v1()
             for statement in _SCHEMA:  # not executescript: it would COMMIT first
                 self._db.execute(statement)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _migrate_v1(self) -> None:
+        """Schema 1 -> 2 inside the open write transaction: each class index becomes the name it
+        has in `self.labels`. Refuses (nothing changed) an index outside them; copies the file to
+        <file>.v1.bak before the first change."""
+        db, n = self._db, len(self.labels)
+        bad = db.execute("SELECT label, count(*) FROM samples WHERE label IS NOT NULL AND (typeof(label) != 'integer' "
+                         "OR label < 0 OR label >= ?) GROUP BY label ORDER BY label", (n,)).fetchall()
+        if bad:
+            found = ", ".join(f"{label!r} ({k} samples)" for label, k in bad)
+            raise StoreMigrationError(
+                f"{self.path} is a sample store of the previous release, which stored labels as class indices, and "
+                f"some are not indices of EDGETUNE_LABELS {list(self.labels)} (0..{n - 1}): {found}; set "
+                "EDGETUNE_LABELS to the labels the store was written with, in their order, and start again (the "
+                "store was not changed; it is migrated to labels by name when it opens with them)")
+        self._backup(self.path.with_name(self.path.name + BACKUP_SUFFIX))
+        db.execute("ALTER TABLE samples RENAME TO samples_v1")  # its index goes with it, and is dropped with it
+        db.execute(_TABLE)
+        db.execute("CREATE TEMP TABLE v1_labels (idx INTEGER PRIMARY KEY, name TEXT NOT NULL)")
+        db.executemany("INSERT INTO temp.v1_labels VALUES (?, ?)", enumerate(self.labels))
+        db.execute("INSERT INTO samples (id, text, label, source, created, used_in_training) "
+                   "SELECT s.id, s.text, l.name, s.source, s.created, s.used_in_training "
+                   "FROM samples_v1 AS s LEFT JOIN temp.v1_labels AS l ON l.idx = s.label ORDER BY s.id")
+        # ids are never reused: the new table goes on from the old one's counter, not from its largest id
+        (seq,) = db.execute("SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'samples_v1'").fetchone()
+        db.execute("DELETE FROM sqlite_sequence WHERE name = 'samples'")  # no unique key: one row, set here
+        db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('samples', ?)", (seq,))
+        db.execute("DROP TABLE samples_v1")
+        db.execute("DROP TABLE temp.v1_labels")
+        log.warning("%s: migrated the sample store of the previous release to labels by name (class indices read as "
+                    "%s); a copy of it as it was: %s", self.path, list(self.labels), self.path.name + BACKUP_SUFFIX)
+
+    def _backup(self, dest: Path) -> None:
+        """A consistent copy of the store as committed, while this connection holds the write lock."""
+        tmp = dest.with_name(dest.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        src, out = sqlite3.connect(str(self.path)), sqlite3.connect(str(tmp))
+        try:
+            src.backup(out)  # a second connection: WAL readers are not blocked by our write lock
+            out.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+        finally:
+            out.close()
+            src.close()
+        os.replace(tmp, dest)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -188,7 +276,8 @@ class SampleStore:
 
     def _insert(self, db: sqlite3.Connection, rows: list[tuple[str, int | None, str]]) -> list[int]:
         now = time.time()
-        ids = [db.execute("INSERT INTO samples (text, label, source, created) VALUES (?, ?, ?, ?)", (t, y, s, now)).lastrowid for t, y, s in rows]
+        ids = [db.execute("INSERT INTO samples (text, label, source, created) VALUES (?, ?, ?, ?)",
+                          (t, None if y is None else self.labels[y], s, now)).lastrowid for t, y, s in rows]
         # retention: keep the newest max_samples rows
         db.execute(
             "DELETE FROM samples WHERE id <= (SELECT id FROM samples ORDER BY id DESC LIMIT 1 OFFSET ?)",
@@ -225,21 +314,25 @@ class SampleStore:
 
     _COLS = "id, text, label, source, created, used_in_training"
 
-    @staticmethod
-    def _sample(r: tuple) -> Sample:
-        return Sample(r[0], r[1], r[2], r[3], r[4], bool(r[5]))
+    def _sample(self, r: tuple) -> Sample:
+        return Sample(r[0], r[1], self._index.get(r[2]), r[3], r[4], bool(r[5]), r[2])
+
+    def _known(self) -> tuple[str, list]:
+        """The SQL condition (and its parameters) of a row labelled with one of `self.labels`."""
+        return f"label IN ({','.join('?' * len(self.labels))})", list(self.labels)
 
     def get(self, sample_id: int) -> Sample | None:
         rows = self._read(f"SELECT {self._COLS} FROM samples WHERE id = ?", (int(sample_id),))
         return self._sample(rows[0]) if rows else None
 
     def labelled(self, since_id: int = 0, *, unused_only: bool = False, limit: int | None = None) -> list[Sample]:
-        """Labelled rows with id > since_id, oldest first."""
-        q = f"SELECT {self._COLS} FROM samples WHERE label IS NOT NULL AND id > ?"
+        """Labelled rows with id > since_id, oldest first (those labelled with one of `labels`)."""
+        known, params = self._known()
+        q = f"SELECT {self._COLS} FROM samples WHERE {known} AND id > ?"
         if unused_only:
             q += " AND used_in_training = 0"
         q += " ORDER BY id"
-        params: list = [int(since_id)]
+        params.append(int(since_id))
         if limit is not None:
             q += " LIMIT ?"
             params.append(int(limit))
@@ -249,13 +342,24 @@ class SampleStore:
         return self._read("SELECT count(*) FROM samples")[0][0]
 
     def count_labelled(self, *, skip_every: int = 0) -> int:
-        """Labelled rows; with skip_every=k, less those whose id is a multiple of k (a holdout)."""
+        """Rows labelled with one of `labels`; with skip_every=k, less those whose id is a multiple
+        of k (a holdout)."""
+        known, params = self._known()
         if skip_every:
-            return self._read("SELECT count(*) FROM samples WHERE label IS NOT NULL AND id % ? != 0", (int(skip_every),))[0][0]
-        return self._read("SELECT count(*) FROM samples WHERE label IS NOT NULL")[0][0]
+            q = f"SELECT count(*) FROM samples WHERE {known} AND id % ? != 0"
+            return self._read(q, [*params, int(skip_every)])[0][0]
+        return self._read(f"SELECT count(*) FROM samples WHERE {known}", params)[0][0]
 
     def count_labelled_since(self, since_id: int = 0) -> int:
-        return self._read("SELECT count(*) FROM samples WHERE label IS NOT NULL AND id > ?", (int(since_id),))[0][0]
+        known, params = self._known()
+        return self._read(f"SELECT count(*) FROM samples WHERE {known} AND id > ?", [*params, int(since_id)])[0][0]
+
+    def unknown_labels(self) -> dict[str, int]:
+        """Labelled rows whose label is not in `labels` (never trained on), counted by label name."""
+        known, params = self._known()
+        rows = self._read(f"SELECT label, count(*) FROM samples WHERE label IS NOT NULL AND NOT {known} GROUP BY label",
+                          params)
+        return {str(name): int(n) for name, n in rows}
 
     def last_id(self) -> int:
         """The newest id handed out (0 for a new store); a marker for `labelled(since_id=...)`."""
@@ -270,7 +374,8 @@ class SampleStore:
         """
         if n <= 0:
             return []
-        q, params = "SELECT id FROM samples WHERE label IS NOT NULL", []
+        known, params = self._known()
+        q = f"SELECT id FROM samples WHERE {known}"
         if before_id is not None:
             q += " AND id <= ?"
             params.append(int(before_id))

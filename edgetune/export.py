@@ -13,6 +13,11 @@ into a temporary folder beside OUT, moved into place only when complete: a faile
 export writes nothing. `load_classifier(SOURCE)` classifies with a checkpoint (or a run's output
 folder), an exported folder or an ONNX folder. Split-mode checkpoints are refused
 (`edgetune generate` is their tool).
+
+A checkpoint of the previous release (absolute base path, no model card, a base whose config
+names no labels) exports and predicts too: its base is the one beside its checkpoints
+(`aggregator.checkpoint.base_model_dir`), and `labels` names its classes (else they are called
+LABEL_0, LABEL_1, ... and `unnamed(labels)` says so, for the CLI to tell the user).
 """
 
 from __future__ import annotations
@@ -41,6 +46,16 @@ class Exported:
     round: int
     version: int
     labels: list[str]
+
+    @property
+    def unnamed(self) -> bool:
+        return unnamed(self.labels)
+
+
+def unnamed(labels: Sequence[str]) -> bool:
+    """Whether these are transformers' placeholder names (LABEL_0, LABEL_1, ...): a model whose
+    config names no classes, e.g. a checkpoint of the previous release exported without labels."""
+    return all(str(n) == f"LABEL_{i}" for i, n in enumerate(labels))
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -87,10 +102,11 @@ def model_labels(config) -> list[str]:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, onnx: bool = False, force: bool = False,
-                      max_length: int | None = None) -> Exported:
+                      max_length: int | None = None, labels: Sequence[str] | None = None) -> Exported:
     """Write the merged standalone model of a federated checkpoint (a round folder, or a run's
     output folder: its latest round) to `out`, and with `onnx` the agents' int8 ONNX folder in
-    `out/onnx`. Raises CheckpointError / ExportError (nothing written)."""
+    `out/onnx`. `labels`: class names for a checkpoint whose base names none (the previous
+    release's). Raises CheckpointError / ExportError (nothing written)."""
     import json
 
     from aggregator.checkpoint import load_checkpoint_model
@@ -100,7 +116,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, onnx: bool = F
     out = Path(out)
     check_out(out, force, keep=(ck, base_model_dir(ck)))
     state = json.loads((ck / "edgetune_state.json").read_text())
-    model, tok = load_checkpoint_model(ck)
+    model, tok = load_checkpoint_model(ck, labels=labels)
     merged = model.merge_and_unload().eval()
     merged.config._name_or_path = ""  # the base's path on this machine would otherwise travel in config.json
     labels = model_labels(merged.config)
@@ -144,10 +160,11 @@ class TorchClassifier:
         return [int(i) for i in probs.argmax(-1)], probs
 
 
-def load_classifier(source: str | Path):
+def load_classifier(source: str | Path, labels: Sequence[str] | None = None):
     """A classifier for `edgetune predict`: an ONNX folder (model_meta.json: the agents' runtime),
     an exported or any transformers classifier folder (config.json, no adapter), else a federated
-    checkpoint or a run's output folder (base + peft adapter). Raises CheckpointError."""
+    checkpoint or a run's output folder (base + peft adapter; `labels` names the classes of one
+    whose base names none). Raises CheckpointError."""
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -171,6 +188,6 @@ def load_classifier(source: str | Path):
     from aggregator.model_card import read_card_facts
 
     ck = require_classifier(resolve_checkpoint(p))
-    model, tok = load_checkpoint_model(ck)
+    model, tok = load_checkpoint_model(ck, labels=labels)
     facts = read_card_facts(ck)
     return TorchClassifier(model, tok, (facts.model.get("max_length") if facts else None) or DEFAULT_MAX_LENGTH)
