@@ -61,6 +61,10 @@ def _exercise(agg, agent) -> None:
     agg.split_microbatch_size.observe(3)
     agg.split_queue_depth.set(1)
     agg.split_steps.inc()
+    agg.observe_eval({"eval": "federated", "version": 2, "accuracy": 0.8, "macro_f1": 0.78, "loss": 0.5,
+                      "eval_examples": 160, "eval_agents": 3,
+                      "per_class": {"negative": {"f1": 0.75}, "positive": {"f1": 0.81}}})
+    agg.eval_reports.inc(3)
 
     agent.rounds_participated.inc()
     agent.update_bytes_sent.inc(150_000)
@@ -71,6 +75,9 @@ def _exercise(agg, agent) -> None:
     agent.local_examples.set(500)
     agent.samples_stored.set(12)
     agent.incremental_runs.inc()
+    agent.eval_examples.set(40)
+    agent.eval_accuracy.set(0.8)
+    agent.eval_reports.inc()
     agent.predictions.labels(backend="onnx").inc(5)
     agent.predict_seconds.observe(0.004)
     agent.broker_connected.set(1)
