@@ -230,6 +230,14 @@ def write_checkpoint_card(checkpoint_dir: str | Path, settings, round_number: in
         version=version, rows=card_rows([*(prev.rows if prev else []), row]),
         examples_per_agent=dict(prev.examples_per_agent) if prev else {},
         model={"num_layers": settings.num_layers, "max_length": settings.max_length, "lora_r": settings.lora_r,
-               "lora_alpha": settings.lora_alpha, "target_modules": list(settings.classifier_spec().target_modules)},
+               "lora_alpha": settings.lora_alpha, "target_modules": _targets(settings)},
     )
     return write_model_card(checkpoint_dir, facts)
+
+
+def _targets(settings) -> list[str]:
+    """The LoRA target modules the model got (the spec's, or its family's defaults)."""
+    from models.classifier import resolved_targets, spec_family
+
+    spec = settings.classifier_spec()
+    return list(resolved_targets(spec, spec_family(spec)))

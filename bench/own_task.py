@@ -1,6 +1,6 @@
 """Your own task: federated against centralized training, and federated against central evaluation.
 
-    python -m bench.own_task                     # iid and skewed, 3 agents, 4 rounds of 10 steps
+    python -m bench.own_task                     # iid and skewed, 3 agents, 5 rounds of 10 steps
     python -m bench.own_task --record            # also write bench/recorded/own_task.json (the test's figure)
 
 The task is the Brown corpus genre of a sentence (data/genres.py: press reportage, learned,
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--partitions", nargs="+", default=list(SKEW), choices=list(SKEW))
     p.add_argument("--per-class", type=int, default=300)
-    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--max-local-steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
