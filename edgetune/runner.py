@@ -174,6 +174,9 @@ def run_local(opts: RunOptions, echo=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
+    agg_dir = out / "aggregator"
+    metrics_file = agg_dir / "metrics.jsonl"
+    _clear_previous_run(agg_dir, metrics_file)
     broker: LocalBroker | None = None
     procs: list[tuple[str, subprocess.Popen]] = []
     if opts.broker_url:
@@ -183,9 +186,6 @@ def run_local(opts: RunOptions, echo=print) -> dict:
         url, protocol = broker.url, broker.mqtt_protocol
         echo(f"broker: {broker.kind} on {url}")
     env = _env(opts, url, protocol)
-    agg_dir = out / "aggregator"
-    metrics_file = agg_dir / "metrics.jsonl"
-    _clear_previous_run(agg_dir, metrics_file)
     stopping: list[int] = []  # Ctrl-C: the signal number, once asked
 
     old = signal.signal(signal.SIGINT, lambda signum, frame: stopping.append(signum))
@@ -216,12 +216,15 @@ def run_local(opts: RunOptions, echo=print) -> dict:
 
 
 def _clear_previous_run(agg_dir: Path, metrics_file: Path) -> None:
-    """A new run in the same output folder starts without the last run's rounds and checkpoints."""
+    """A new run in the same output folder starts without the last run's rounds and checkpoints, and
+    its embedded broker without the last run's persistence: the retained final announcement and
+    global it holds would otherwise tell the new agents that the run is already over."""
     import shutil
 
     if metrics_file.exists():
         metrics_file.unlink()
     shutil.rmtree(agg_dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(agg_dir.parent / "broker", ignore_errors=True)
 
 
 def _aggregator_cmd(opts: RunOptions) -> list[str]:

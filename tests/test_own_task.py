@@ -153,3 +153,30 @@ def test_bad_data_stops_the_run_before_anything_starts(tmp_path, content, args, 
     assert r.exit_code == 2, r.output
     assert why in r.output and "nothing started" in r.output, r.output
     assert not (tmp_path / "r").exists()  # no broker, aggregator or agent: no output folder
+
+
+def test_a_second_run_in_the_same_folder_starts_with_an_empty_broker(tmp_path):
+    """The embedded broker persists retained messages in OUT/broker; a new run there must not see
+    the last run's final announcement (its agents would stop at once, and the run would hang)."""
+    from broker.transport import MqttTransport
+    from edgetune.local_broker import start_local_broker
+    from edgetune.runner import _clear_previous_run
+
+    out = tmp_path / "runs" / "mine"
+    broker = start_local_broker(out / "broker")
+    t = MqttTransport("previous-run", broker.url)
+    t.connect()
+    t.publish("edgetune/v1/local/round", b"the previous run's final round", retain=True, wait=True)
+    t.close()
+    broker.close()  # mosquitto writes its persistence on exit
+    assert any((out / "broker").iterdir())
+    _clear_previous_run(out / "aggregator", out / "aggregator" / "metrics.jsonl")
+    broker = start_local_broker(out / "broker")
+    try:
+        t = MqttTransport("next-run", broker.url)
+        t.subscribe("edgetune/v1/local/round")
+        t.connect()
+        assert t.get(timeout=2.0) is None, "the new run's broker still holds the last run's retained round"
+        t.close()
+    finally:
+        broker.close()
