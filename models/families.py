@@ -119,23 +119,23 @@ ENCODER_FAMILIES: tuple[EncoderFamily, ...] = (
 )
 
 
-def _encoder_list() -> str:
-    return "; ".join(f"{f.label} (model_type {', '.join(f.model_types)})" for f in ENCODER_FAMILIES)
+def _find(families, config_or_type: Any, where: str | None, reason: str, what: str, fix: str):
+    """The family in `families` whose model types hold the config's; else UnsupportedModel naming them all."""
+    mt = _model_type(config_or_type)
+    for fam in families:
+        if mt in fam.model_types:
+            return fam
+    supported = tuple(t for f in families for t in f.model_types)
+    listed = "; ".join(f"{f.label} (model_type {', '.join(f.model_types)})" for f in families)
+    at = f" ({where})" if where else ""
+    raise UnsupportedModel(reason, f"model type {mt!r}{at} is not {what}; supported: {listed}. {fix}", mt, supported)
 
 
 def encoder_family(config_or_type: Any, where: str | None = None) -> EncoderFamily:
     """The classifier family of a config (or a model_type string); `where` names the model in the error."""
-    mt = _model_type(config_or_type)
-    for fam in ENCODER_FAMILIES:
-        if mt in fam.model_types:
-            return fam
-    supported = tuple(t for f in ENCODER_FAMILIES for t in f.model_types)
-    at = f" ({where})" if where else ""
-    raise UnsupportedModel(
-        "unsupported_encoder",
-        f"model type {mt!r}{at} is not a supported classifier family; supported: {_encoder_list()}. Point "
-        "EDGETUNE_MODEL at a folder whose config.json has one of those model types, or leave it unset for the "
-        "shipped MiniLM", mt, supported)
+    return _find(ENCODER_FAMILIES, config_or_type, where, "unsupported_encoder", "a supported classifier family",
+                 "Point EDGETUNE_MODEL at a folder whose config.json has one of those model types, or leave it unset "
+                 "for the shipped MiniLM")
 
 
 # -- decoders: split mode ------------------------------------------------------------------------
@@ -164,23 +164,11 @@ DECODER_FAMILIES: tuple[DecoderFamily, ...] = (
 )
 
 
-def _decoder_list() -> str:
-    return "; ".join(f"{f.label} (model_type {', '.join(f.model_types)})" for f in DECODER_FAMILIES)
-
-
 def decoder_family(config_or_type: Any, where: str | None = None) -> DecoderFamily:
     """The split family of a config (or a model_type string); `where` names the model in the error."""
-    mt = _model_type(config_or_type)
-    for fam in DECODER_FAMILIES:
-        if mt in fam.model_types:
-            return fam
-    supported = tuple(t for f in DECODER_FAMILIES for t in f.model_types)
-    at = f" ({where})" if where else ""
-    raise UnsupportedModel(
-        "unsupported_decoder",
-        f"model type {mt!r}{at} is not supported for split mode; supported: {_decoder_list()}. Point "
-        "EDGETUNE_SPLIT_MODEL at a folder whose config.json has one of those model types (or use gpt2-config "
-        "or smollm2)", mt, supported)
+    return _find(DECODER_FAMILIES, config_or_type, where, "unsupported_decoder", "supported for split mode",
+                 "Point EDGETUNE_SPLIT_MODEL at a folder whose config.json has one of those model types (or use "
+                 "gpt2-config or smollm2)")
 
 
 def decoder_family_named(name: str) -> DecoderFamily:
