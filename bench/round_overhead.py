@@ -87,7 +87,8 @@ def run_fleet(agents: int, rounds: int, workdir: Path, *, train_seconds: float =
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "aggregator.cli", "run", "--broker", broker.url, "--fleet", fleet,
              "--rounds", str(rounds), "--min-agents", str(agents), "--expected-agents", str(agents),
-             "--eval-limit", str(eval_limit), "--round-timeout", str(round_timeout), "--output-dir", str(out)],
+             "--eval-limit", str(eval_limit), "--eval-data", "demo:vader", "--round-timeout", str(round_timeout),
+             "--output-dir", str(out)],
             cwd=ROOT, env=_env(EDGETUNE_WAIT_FOR_AGENTS_S=wait_for_agents), stdout=open(agg_log, "w"),
             stderr=subprocess.STDOUT))
         n_proc = max(1, math.ceil(agents / per_process))
