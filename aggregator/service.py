@@ -172,17 +172,21 @@ class AggregatorService(EvaluationMixin):
         self.metrics.split_queue_depth.set(0)
         if not batch:
             return
-        t0 = time.perf_counter()
-        steps_before = self.task.server.server_step
-        replies = self.task.server.serve(batch)
-        self.metrics.split_step_seconds.observe(time.perf_counter() - t0)
-        self.metrics.split_microbatch_size.observe(len(batch))
-        self.metrics.split_steps.inc(self.task.server.server_step - steps_before)
+        train = [r for r in batch if not r.evaluate]
+        replies = self.task.server.evaluate([r for r in batch if r.evaluate])  # federated evaluation: loss only
+        if train:
+            t0 = time.perf_counter()
+            steps_before = self.task.server.server_step
+            replies += self.task.server.serve(train)
+            self.metrics.split_step_seconds.observe(time.perf_counter() - t0)
+            self.metrics.split_microbatch_size.observe(len(train))
+            self.metrics.split_steps.inc(self.task.server.server_step - steps_before)
         for rep in replies:
             req = rep.request
             msg = SplitGradient(agent_id=req.agent_id, step=req.step, encoding=req.encoding, loss=rep.loss,
                                 tokens=rep.tokens, server_step=rep.server_step, cached=rep.cached)
-            payload = codec.encode(msg, activations.encode(rep.grad, req.encoding, "grad"))
+            tensors = {} if rep.grad is None else activations.encode(rep.grad, req.encoding, "grad")
+            payload = codec.encode(msg, tensors)
             self.transport.publish(req.response_topic, payload, correlation=req.correlation)
             self.metrics.gradient_bytes.inc(len(payload))
 

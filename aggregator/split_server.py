@@ -33,12 +33,13 @@ class SplitRequest:
     response_topic: str | None = None
     encoding: str = "fp32"
     received: float = field(default_factory=time.monotonic)
+    evaluate: bool = False  # loss only: SplitServer.evaluate, no backward, no step
 
 
 @dataclass
 class SplitReply:
     request: SplitRequest
-    grad: torch.Tensor  # (B, T, C) float32 on CPU
+    grad: torch.Tensor | None  # (B, T, C) float32 on CPU; None for an evaluation
     loss: float
     tokens: int
     server_step: int
@@ -64,7 +65,8 @@ def decode_split_request(agent_id: str, payload: bytes, *, max_bytes: int, hidde
             or tuple(labels.shape) != tuple(act.shape[:2]) or labels.dtype != torch.int64
             or (hidden and act.shape[-1] != hidden) or act.shape[0] * act.shape[1] > max_tokens):
         raise BadSplitRequest(f"split request from {agent_id}: shapes {tuple(act.shape)} do not fit")
-    return SplitRequest(agent_id, msg.step, act, mask, labels, correlation, response_topic, msg.encoding)
+    return SplitRequest(agent_id, msg.step, act, mask, labels, correlation, response_topic, msg.encoding,
+                        evaluate=msg.evaluate)
 
 
 class SplitBatcher:
@@ -181,6 +183,33 @@ class SplitServer:
             t = r.act.shape[1]
             tokens = int((r.labels[:, 1:] != -100).sum())
             replies.append(SplitReply(r, host[g, :t], loss, tokens, self.server_step))
+        return replies
+
+    @torch.no_grad()
+    def evaluate(self, requests: list[SplitRequest]) -> list[SplitReply]:
+        """Federated evaluation: each request's mean next-token loss under the tail as it is, in
+        micro-batches; no backward, no optimiser step, nothing cached (the tail's state is unchanged)."""
+        replies = []
+        self.tail.eval()
+        try:
+            for batch in self.micro_batches(requests):
+                t_max = max(r.act.shape[1] for r in batch)
+                dev = self.device
+                acts = torch.cat([self._pad(r.act.to(dev), t_max, 0.0) for r in batch])
+                mask = torch.cat([self._pad(r.attention_mask.to(dev).long(), t_max, 0) for r in batch])
+                labels = torch.cat([self._pad(r.labels.to(dev), t_max, -100) for r in batch])
+                groups, start = [], 0
+                for r in batch:
+                    groups.append(slice(start, start + r.act.shape[0]))
+                    start += r.act.shape[0]
+                with torch.autocast(dev.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                    logits = self.tail(acts, mask)  # (sum B, T, V)
+                losses = lm_loss_per_sequence_group(logits, labels, groups)
+                for r, loss in zip(batch, losses):
+                    tokens = int((r.labels[:, 1:] != -100).sum())
+                    replies.append(SplitReply(r, None, float(loss), tokens, self.server_step))
+        finally:
+            self.tail.train()
         return replies
 
     def serve(self, requests: list[SplitRequest]) -> list[SplitReply]:

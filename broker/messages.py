@@ -169,10 +169,12 @@ class SplitForward(Message):
     step: int = Field(ge=0)
     encoding: Literal["fp32", "fp16", "int8"] = "fp32"
     head_version: int = Field(default=0, ge=0)
+    evaluate: bool = False  # federated evaluation: loss only (no backward, no step, no gradient back)
 
 
 class SplitGradient(Message):
-    """Split learning reply: the gradient at the cut ("grad", same encoding) and the loss."""
+    """Split learning reply: the gradient at the cut ("grad", same encoding) and the loss; for an
+    `evaluate` request the loss and tokens only, with no tensors."""
 
     kind: Literal["split_grad"] = "split_grad"
     agent_id: str = Field(pattern=AGENT_ID_PATTERN)

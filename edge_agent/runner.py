@@ -21,7 +21,7 @@ from broker.transport import MqttTransport, Will
 from common.metrics_http import linger
 from data.partition import partition
 from data.records import DataError
-from data.sources import holdout_split, is_demo, load_source
+from data.sources import holdout_split, in_test, is_demo, load_source
 from edge_agent.device import Device
 from edge_agent.driver import ProtocolDriver
 from edge_agent.metrics import AgentMetrics, serve
@@ -77,6 +77,17 @@ def local_examples(s: AgentSettings) -> tuple[list, list]:
     return train, held
 
 
+def held_out_blocks(n: int, fraction: float, cap: int) -> tuple[list[int], list[int]]:
+    """Split mode: (train, held out) indices of an agent's n token blocks. A block is held out when a
+    salted hash of its index falls below `fraction` (the same blocks on every run of the same data),
+    at most `cap` of them; the rest train."""
+    held = [i for i in range(n) if fraction > 0 and in_test(f"holdout-block:{i}", fraction)][:cap]
+    if len(held) == n:  # too little text to hold any out
+        held = []
+    taken = set(held)
+    return [i for i in range(n) if i not in taken], held
+
+
 class AgentRunner(ProtocolDriver):
     def __init__(self, settings: AgentSettings, metrics: AgentMetrics | None = None, examples: list | None = None) -> None:
         self.s = settings
@@ -107,7 +118,7 @@ class AgentRunner(ProtocolDriver):
         return n + (self.device.trainable_count if self.device is not None else 0)
 
     def eval_examples(self) -> int:
-        return len(self.held_out) if self.s.mode == "federated" else 0
+        return len(self.held_out)
 
     def publish_status(self, state: AgentState) -> None:
         n = self.num_examples()
@@ -153,19 +164,29 @@ class AgentRunner(ProtocolDriver):
     def _evaluate_global(self, a: LoadGlobal) -> None:
         """Federated evaluation: the global just loaded, on this agent's held-out slice, reported to
         the aggregator (EvalReport) before any training on top of it."""
-        if not self.held_out or self.s.mode != "federated":
+        if not len(self.held_out):
             return
-        from models.train import evaluate
-
         t0 = time.perf_counter()
-        r = evaluate(self.trainer.model, self.trainer.tokenizer, self.held_out, max_length=self.s.max_length)
-        report = EvalReport(agent_id=self.s.agent_id, version=a.version, round=a.header.round, num_examples=r.n,
-                            loss=r.loss, confusion=r.confusion, seconds=time.perf_counter() - t0,
-                            task_hash=a.header.task_hash)
+        if self.s.mode == "split":  # the head here, the tail on the server: perplexity through loss-only requests
+            loss, tokens = self.trainer.evaluate(self.held_out)
+            fields = dict(num_examples=len(self.held_out), loss=loss, tokens=tokens)
+        else:
+            from models.train import evaluate
+
+            r = evaluate(self.trainer.model, self.trainer.tokenizer, self.held_out, max_length=self.s.max_length)
+            fields = dict(num_examples=r.n, loss=r.loss, confusion=r.confusion)
+        report = EvalReport(agent_id=self.s.agent_id, version=a.version, round=a.header.round,
+                            seconds=time.perf_counter() - t0, task_hash=a.header.task_hash, **fields)
         self.transport.publish(self.topics.eval(self.s.agent_id), codec.encode(report), wait=True)
         self.metrics.eval_reports.inc()
-        self.metrics.eval_accuracy.set(r.accuracy)
-        log.info("global v%d on %d held-out examples: accuracy %.4f, loss %.4f", a.version, r.n, r.accuracy, r.loss)
+        if report.confusion:
+            accuracy = sum(report.confusion[i][i] for i in range(len(report.confusion))) / report.num_examples
+            self.metrics.eval_accuracy.set(accuracy)
+            log.info("global v%d on %d held-out examples: accuracy %.4f, loss %.4f", a.version, report.num_examples,
+                     accuracy, report.loss)
+        else:
+            log.info("global v%d on %d held-out sequences (%d tokens): loss %.4f", a.version, report.num_examples,
+                     report.tokens, report.loss)
 
     def train(self, a: Train) -> None:
         ann = a.announcement
@@ -240,9 +261,9 @@ class AgentRunner(ProtocolDriver):
         self.transport = t
         t.connect()
 
-    def split_request(self, step: int, encoding: str, tensors: dict) -> tuple[SplitGradient, dict]:
+    def split_request(self, step: int, encoding: str, tensors: dict, evaluate: bool = False) -> tuple[SplitGradient, dict]:
         """Publish one step's activations and wait for its gradient (edge_agent.split_rpc.SplitClient)."""
-        return self.split.request(step, encoding, tensors)
+        return self.split.request(step, encoding, tensors, evaluate=evaluate)
 
     # -- the run --------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -263,6 +284,8 @@ class AgentRunner(ProtocolDriver):
             if texts and len(self.examples) == 0:
                 raise DataError("empty", f"this agent's share of the data ({len(texts)} texts) is shorter than one "
                                 f"sequence of {self.s.seq_len} tokens: give it more text", path=self.s.data)
+            train, held = held_out_blocks(len(self.examples), self.s.eval_fraction, self.s.split_eval_sequences)
+            self.examples, self.held_out = self.examples[train], self.examples[held]
         else:
             self.trainer = Trainer(self.s.classifier_spec(), lr=self.s.lr, batch_size=self.s.batch_size,
                                    prox_mu=self.s.prox_mu, seed=self.s.train_seed)

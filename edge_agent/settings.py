@@ -39,6 +39,9 @@ class AgentSettings(EdgeTuneSettings, ConnectionSettings, ProcessSettings, Model
     split_lr: float = Field(1e-3, gt=0, description="the head's LoRA learning rate")
     split_timeout_s: float = Field(60, gt=0, description="wait this long for a gradient, then resend")
     split_retries: int = Field(5, ge=0, description="resends before the step fails")
+    split_eval_sequences: int = Field(8, ge=0, description="split mode: held-out sequences (of the agent's own text, "
+                                      "never trained on) on which it evaluates each global through the server "
+                                      "(federated perplexity; each costs the server a tail forward); 0: none")
 
     @model_validator(mode="after")
     def _index(self):

@@ -29,12 +29,13 @@ class SplitClient:
         self.timeout_s, self.retries = timeout_s, retries
         self.head_version, self.should_stop = head_version, should_stop
 
-    def request(self, step: int, encoding: str, tensors: dict) -> tuple[SplitGradient, dict]:
-        """Publish one step's activations and wait (on a Future) for its gradient; resend on timeout."""
+    def request(self, step: int, encoding: str, tensors: dict, evaluate: bool = False) -> tuple[SplitGradient, dict]:
+        """Publish one step's activations and wait (on a Future) for its gradient; resend on timeout.
+        `evaluate`: an evaluation request (its own step numbers), answered with the loss only."""
         msg = SplitForward(agent_id=self.agent_id, step=step, encoding=encoding,
-                           head_version=max(self.head_version(), 0))
+                           head_version=max(self.head_version(), 0), evaluate=evaluate)
         payload = codec.encode(msg, tensors)
-        corr = f"{self.agent_id}:{step}".encode()
+        corr = f"{self.agent_id}:{'e' if evaluate else ''}{step}".encode()
         topic = self.topics.split_forward(self.agent_id)
         reply_topic = self.topics.split_gradient(self.agent_id)
         for attempt in range(self.retries + 1):

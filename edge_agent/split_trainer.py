@@ -23,7 +23,7 @@ from models.split import (DecoderSpec, add_split_lora, causal_lm_labels, load_fu
                           lora_targets, split_model)
 from models.train import TrainResult
 
-RequestFn = Callable[[int, str, dict], tuple]  # (step, encoding, tensors) -> (SplitGradient, tensors)
+RequestFn = Callable[..., tuple]  # (step, encoding, tensors, evaluate=False) -> (SplitGradient, tensors)
 
 
 class SplitTrainer:
@@ -47,6 +47,7 @@ class SplitTrainer:
         self.lr, self.batch_size, self.encoding, self.seed = lr, batch_size, encoding, seed
         self.global_version = -1
         self.step = 0  # this agent's split step counter: the request id the server caches by
+        self.eval_step = 0  # its evaluation requests' own counter (they are never cached)
         self.last_server_loss: float | None = None
 
     def load_global(self, state: dict[str, torch.Tensor], version: int) -> None:
@@ -77,6 +78,24 @@ class SplitTrainer:
         opt.step()
         self.step += 1
         return reply.loss
+
+    @torch.no_grad()
+    def evaluate(self, blocks: torch.Tensor) -> tuple[float, int]:
+        """Federated evaluation of the head and the server's tail as they are: (mean next-token loss,
+        tokens) over these (N, T) blocks, through evaluation requests (no backward, no step)."""
+        self.model.eval()
+        total, tokens = 0.0, 0
+        for i in range(0, len(blocks), self.batch_size):
+            ids = blocks[i : i + self.batch_size]
+            mask = torch.ones_like(ids)
+            tensors = activations.encode(self.model(ids, mask), self.encoding, "act")
+            tensors["attention_mask"] = mask.to(torch.int8)
+            tensors["labels"] = causal_lm_labels(ids, mask)
+            reply, _ = self.request(self.eval_step, self.encoding, tensors, evaluate=True)
+            self.eval_step += 1
+            total += reply.loss * reply.tokens
+            tokens += reply.tokens
+        return total / max(tokens, 1), tokens
 
     def train(self, blocks: torch.Tensor, *, epochs: int, max_steps: int, round_number: int,
               should_stop: Callable[[], bool] | None = None) -> LocalUpdate:

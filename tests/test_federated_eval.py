@@ -159,3 +159,40 @@ def test_the_service_records_reports_counts_refusals_and_sets_the_gauges(tmp_pat
     assert svc.metrics.eval_reports._value.get() == 2
     svc._handle_eval("a1", Incoming(svc.topics.eval("a1"), b"not a frame", retain=False))
     assert rejected("truncated") == 1
+
+
+def test_the_split_server_evaluates_without_changing_the_tail():
+    """Split mode's federated perplexity: an evaluation request gets the loss a training request
+    would get from the same tail (micro-batched, padded), and the tail's weights do not move."""
+    import torch
+
+    from aggregator.split_server import SplitRequest, SplitServer
+    from models.split import DecoderSpec, add_lora, causal_lm_labels, load_full_model, split_model
+
+    spec = DecoderSpec(n_layer=3, n_embd=64, n_head=2, cut=1)
+    _, tail = split_model(load_full_model(spec), spec.cut)
+    tail = add_lora(tail, ["c_attn"])
+    g = torch.Generator().manual_seed(0)
+    reqs = []
+    for i, t in enumerate((16, 24)):  # two lengths: padded and masked in one micro-batch
+        ids = torch.randint(0, 50257, (2, t), generator=g)
+        mask = torch.ones(2, t, dtype=torch.long)
+        reqs.append(SplitRequest(f"a{i}", i, torch.randn(2, t, 64, generator=g), mask, causal_lm_labels(ids, mask),
+                                 evaluate=True))
+    server = SplitServer(tail, lr=1e-2, device="cpu")
+    before = {k: v.clone() for k, v in server.tail.state_dict().items()}
+    evaluated = {r.request.agent_id: r for r in server.evaluate(reqs)}
+    assert all(torch.equal(v, server.tail.state_dict()[k]) for k, v in before.items()) and server.server_step == 0
+    assert all(r.grad is None and r.tokens == r.request.labels[:, 1:].ne(-100).sum() for r in evaluated.values())
+    trained = {r.request.agent_id: r for r in server.serve(reqs)}  # the first step's loss is the tail as it was
+    for a, r in evaluated.items():
+        assert abs(r.loss - trained[a].loss) <= 1e-5 * abs(r.loss), (r.loss, trained[a].loss)
+
+
+def test_an_agent_holds_out_a_few_of_its_token_blocks_the_same_way_every_time():
+    from edge_agent.runner import held_out_blocks
+
+    train, held = held_out_blocks(100, 0.2, 8)
+    assert len(held) == 8 and sorted(train + held) == list(range(100)) and held == held_out_blocks(100, 0.2, 8)[1]
+    assert held_out_blocks(100, 0.0, 8) == (list(range(100)), [])
+    assert held_out_blocks(1, 0.99, 8) == ([0], [])  # never all of them

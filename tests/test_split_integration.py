@@ -41,11 +41,17 @@ def test_two_agents_int8_perplexity_falls_and_head_adapters_are_averaged(mosquit
                            **env))
     finish_all(procs, timeout=600, logs=logs)
 
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in lines if r.get("eval") != "federated"]
     assert [r["round"] for r in rows] == [0, 1, 2]
     first, last = rows[0]["perplexity"], rows[-1]["perplexity"]
     # 2 rounds x 8 steps x 2 agents: held-out perplexity must fall by at least 25%
     assert last < 0.75 * first, f"perplexity {first:.1f} -> {last:.1f}"
+    # federated perplexity: each agent's held-out blocks (8 by default) through its head and the server's tail
+    fed = [r for r in lines if r.get("eval") == "federated"]
+    assert [r["version"] for r in fed] == [0, 1, 2] and all(r["eval_agents"] == 2 for r in fed), fed
+    assert all(r["eval_tokens"] == 2 * 8 * 31 for r in fed)  # 2 agents x 8 blocks x (32 - 1) predicted tokens
+    assert fed[-1]["perplexity"] < 0.75 * fed[0]["perplexity"], [r["perplexity"] for r in fed]
     assert all(sorted(r["answered"]) == ["edge-1", "edge-2"] for r in rows[1:])
     # ROUGE of greedy continuations of 8 held-out prompts (16 tokens each, 16 generated) is in every row
     for r in rows:
