@@ -174,8 +174,10 @@ def run_local(opts: RunOptions, echo=print) -> dict:
                                       logs / f"{aid}.log")))
         echo(f"started the aggregator and {opts.agents} agents ({opts.partition} partition); logs in {logs}")
         _follow(procs, metrics_file, opts.agents, logs, lambda: bool(stopping), echo)
-        _wait_all(procs, echo)
         agg = procs[0][1]
+        if agg.returncode not in (0, None) and not stopping:  # no final round will come: the agents would wait
+            _stop_agents(procs[1:], echo, f"the aggregator exited with status {agg.returncode}")
+        _wait_all(procs, echo)
         if agg.returncode not in (0, None) and not stopping:
             tail = (logs / "aggregator.log").read_text()[-3000:]
             raise RuntimeError(f"the aggregator failed (exit {agg.returncode}):\n{tail}")
@@ -264,6 +266,28 @@ def _follow(procs: list[tuple[str, subprocess.Popen]], metrics_file: Path, agent
                     p.send_signal(signal.SIGINT)
             break
         time.sleep(0.5)
+
+
+AGENT_STOP_GRACE_S = 5.0  # agents get this long to go offline after a failed aggregator, then are killed
+
+
+def _stop_agents(agents: list[tuple[str, subprocess.Popen]], echo, why: str,
+                 grace_s: float = AGENT_STOP_GRACE_S) -> None:
+    """SIGINT to every running agent (it goes offline and exits), then kill those still running after grace_s
+    (an agent still loading its model exits only once it has loaded it)."""
+    running = [(n, p) for n, p in agents if p.poll() is None]
+    if not running:
+        return
+    echo(f"{why}: stopping the agents")
+    for _, p in running:
+        p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    for _, p in running:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def _wait_all(procs: list[tuple[str, subprocess.Popen]], echo, timeout_s: float = 60) -> None:
