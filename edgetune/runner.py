@@ -36,19 +36,23 @@ class RunOptions:
     eval_limit: int = 0
     round_timeout_s: float = 900
     threads_per_process: int = 1
+    aggregator_threads: int = 2  # it idles while agents train; 1 where other jobs load the cores (2 threads then thrash)
     lr: float = 5e-3
     batch_size: int = 32
     seed: int = 0
     fleet: str = "local"
     mode: str = "federated"
     split_encoding: str = "fp32"
-    split_model: str = "gpt2-config"
+    # the split demo: SmolLM2-135M (pretrained, ships offline) cut after 2 blocks, 4 x 64 tokens per step,
+    # SPLIT_LOCAL_STEPS steps per round; gpt2-config (random init, the sizes below) is for throughput runs
+    split_model: str = "smollm2"
     split_n_layer: int = 6
     split_n_embd: int = 256
     split_n_head: int = 4
     split_cut: int = 2
     seq_len: int = 64
-    split_batch_size: int = 8
+    split_batch_size: int = 4
+    split_lr: float = 0.0  # 0: split_lr_default(split_model)
     max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES  # the embedded broker's and every process's
     data: str = ""  # the agents' EDGETUNE_DATA, each taking its partition of it; "": the mode's demo (below)
     extra_env: dict = field(default_factory=dict)
@@ -75,11 +79,18 @@ def _env(opts: RunOptions, broker_url: str, protocol: int) -> dict:
             "EDGETUNE_SPLIT_N_LAYER": str(opts.split_n_layer), "EDGETUNE_SPLIT_N_EMBD": str(opts.split_n_embd),
             "EDGETUNE_SPLIT_N_HEAD": str(opts.split_n_head), "EDGETUNE_SPLIT_CUT": str(opts.split_cut),
             "EDGETUNE_SEQ_LEN": str(opts.seq_len),
-            # LoRA on a randomly initialised GPT-2 needs a larger step than fine-tuning a checkpoint
-            "EDGETUNE_SPLIT_LR": "1e-2" if opts.split_model == "gpt2-config" else "1e-3",
+            "EDGETUNE_SPLIT_LR": str(opts.split_lr or split_lr_default(opts.split_model)),
         })
     env.update(opts.extra_env)
     return env
+
+
+SPLIT_LOCAL_STEPS = 10  # the split demo's steps per agent and round (federated: RunOptions.max_local_steps)
+
+
+def split_lr_default(split_model: str) -> float:
+    """LoRA on a randomly initialised GPT-2 needs a larger step than fine-tuning a pretrained model."""
+    return 1e-2 if split_model == "gpt2-config" else 2e-3
 
 
 def _progress(row: dict) -> str:
@@ -214,7 +225,8 @@ def _aggregator_cmd(opts: RunOptions) -> list[str]:
 
 def _aggregator_env(opts: RunOptions, env: dict, agg_dir: Path) -> dict:
     # the aggregator idles while agents train: let its evaluation use two threads
-    agg_env = dict(env, EDGETUNE_OUTPUT_DIR=str(agg_dir), EDGETUNE_THREADS="2", OMP_NUM_THREADS="2",
+    threads = str(opts.aggregator_threads)
+    agg_env = dict(env, EDGETUNE_OUTPUT_DIR=str(agg_dir), EDGETUNE_THREADS=threads, OMP_NUM_THREADS=threads,
                    EDGETUNE_AGGREGATION=opts.aggregation, EDGETUNE_ASYNC_BUFFER_SIZE=str(opts.async_buffer_size))
     if opts.strategy_options:
         agg_env["EDGETUNE_STRATEGY_OPTIONS"] = opts.strategy_options
