@@ -1,6 +1,7 @@
 """The split demo (`edgetune run --mode split --encoding int8`): SmolLM2-135M, pretrained and shipped
-offline, learns over a real Mosquitto; `--split-model smollm2` starts; a runner whose aggregator
-fails at start stops its agents at once instead of waiting for them."""
+offline, learns over a real Mosquitto, so `--split-model smollm2` starts; its GGUF is converted
+once to a plain folder; a runner whose aggregator fails at start stops its agents at once instead
+of waiting for them."""
 
 from __future__ import annotations
 
@@ -31,36 +32,43 @@ def test_short_split_demo_perplexity_falls_from_the_pretrained_base(mosquitto, t
     assert first < 500, f"round 0 perplexity {first:.1f}: not a pretrained model"
     assert last <= 0.9 * first, f"held-out perplexity {first:.1f} -> {last:.1f}: less than a 10% drop"
     assert isinstance(rows[-1]["sample_generation"], str) and rows[-1]["sample_prompt"]
-    settings = json.loads((tmp_path / "run" / "aggregator" / "settings.json").read_text())
+    agg = tmp_path / "run" / "aggregator"
+    settings = json.loads((agg / "settings.json").read_text())
     assert settings["split_model"] == "smollm2" and settings["split_lr"] == pytest.approx(2e-3)
+    # `--split-model smollm2` starts: the aggregator saved its base (it used to fail there, the GGUF's quantizer)
+    assert "quantization_config" not in json.loads((agg / "base_model" / "config.json").read_text())
 
 
 @pytest.mark.slow
-def test_smollm2_converts_once_to_a_plain_folder_and_the_split_task_starts(tmp_path, monkeypatch):
-    """The GGUF is converted once into the model cache; the aggregator's split task saves its base
-    from it (a model loaded from the GGUF itself refuses: 'quantized with gguf and is not serializable')."""
+def test_smollm2_converts_once_to_a_plain_folder(tmp_path, monkeypatch):
+    """The GGUF is converted once into the model cache, without gguf's quantizer (a model loaded from
+    the GGUF refuses save_pretrained: 'quantized with gguf and is not serializable')."""
     from transformers import AutoModelForCausalLM
 
-    from aggregator.settings import AggregatorSettings
-    from aggregator.tasks import SplitLMTask
-    from edge_agent.settings import AgentSettings
     from models.smollm2 import SOURCE_FILE, smollm2_folder
 
     monkeypatch.setenv("EDGETUNE_MODEL_CACHE", str(tmp_path / "models"))
     folder = smollm2_folder()
     assert folder.parent == tmp_path / "models" and (folder / SOURCE_FILE).exists()
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    assert (folder / "tokenizer.json").exists()
     t0 = time.perf_counter()
     assert smollm2_folder() == folder and time.perf_counter() - t0 < 5  # made once: no second conversion
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)  # tied, not a new random head
 
-    kw = dict(mode="split", split_model="smollm2", split_cut=2, seq_len=32)
-    s = AggregatorSettings(**kw, eval_sequences=2, eval_rouge_prompts=0, output_dir=tmp_path / "agg")
-    task = SplitLMTask(s, tmp_path / "agg")
-    base = AutoModelForCausalLM.from_pretrained(str(task.base_path), dtype=torch.float32)
-    assert torch.equal(base.lm_head.weight, base.model.embed_tokens.weight)  # tied, not a new random head
-    assert task.evaluate()["perplexity"] < 500
-    # agent and aggregator agree on the task: the model hash is the shipped GGUF's
-    assert s.decoder_task_fields() == AgentSettings(**kw, agent_id="a1").decoder_task_fields()
+
+def test_agent_and_aggregator_agree_on_the_smollm2_task():
+    """Both sides hash the shipped GGUF file, whichever process converted it."""
+    from aggregator.settings import AggregatorSettings
+    from edge_agent.settings import AgentSettings
+    from models.fingerprint import model_hash
+    from models.smollm2 import smollm2_gguf
+
+    kw = dict(mode="split", split_model="smollm2", split_cut=2, seq_len=64)
+    agg = AggregatorSettings(**kw).decoder_task_fields()
+    assert agg == AgentSettings(**kw, agent_id="a1").decoder_task_fields()
+    assert agg["model"] == "smollm2" and agg["model_hash"] == model_hash(smollm2_gguf())
 
 
 def test_runner_stops_its_agents_soon_after_the_aggregator_fails_at_start(mosquitto, tmp_path):
