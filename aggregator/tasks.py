@@ -178,7 +178,8 @@ class SplitLMTask:
             self.server.tail.train()
         hyps = [self.tokenizer.decode(row[p:].tolist()) for row in ids.cpu()]
         references = [self.tokenizer.decode(row.tolist()) for row in refs.cpu()]
-        return {**rouge(references, hyps), "rouge_samples": len(hyps), "sample_generation": hyps[0]}
+        return {**rouge(references, hyps), "rouge_samples": len(hyps), "sample_prompt": self.tokenizer.decode(
+            blocks[0, :p].tolist()), "sample_generation": hyps[0]}
 
     def checkpoint(self, round_number: int, version: int, extra: dict) -> Path:
         from models.split import full_adapter_state

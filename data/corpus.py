@@ -88,15 +88,16 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 def token_blocks(tokenizer, sentences, seq_len: int, max_blocks: int = 0):
-    """Sentences joined with EOS and cut into (N, seq_len) blocks of token ids (no padding)."""
+    """Sentences joined with a space, as running text, and cut into (N, seq_len) blocks of token ids
+    (no padding, no special tokens). Running text is what a pretrained decoder read in pretraining;
+    an end-of-sequence token after every sentence would cost it perplexity for nothing it can learn."""
     import torch
 
-    eos = tokenizer.eos_token_id
     ids: list[int] = []
     need = max_blocks * seq_len if max_blocks else None
     for s in sentences:
-        ids.extend(tokenizer(s.text if hasattr(s, "text") else s).input_ids)
-        ids.append(eos)
+        text = s.text if hasattr(s, "text") else s
+        ids.extend(tokenizer(" " + text if ids else text, add_special_tokens=False).input_ids)
         if need and len(ids) >= need:
             break
     n = len(ids) // seq_len

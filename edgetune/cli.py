@@ -17,7 +17,8 @@ def run(
     agents: int = typer.Option(4, min=1, help="edge agents (separate processes)"),
     rounds: int = typer.Option(5, min=1),
     local_epochs: int = typer.Option(1, min=1),
-    max_local_steps: int = typer.Option(40, min=0, help="cap on each agent's steps per round (0: whole epochs)"),
+    max_local_steps: Optional[int] = typer.Option(None, min=0, help="cap on each agent's steps per round (0: whole "
+                                                  "epochs; default 40, split mode 10)"),
     partition: str = typer.Option("by-domain", help="iid, dirichlet, by-domain (one domain per agent) or by:COLUMN "
                                                     "(one value of a data column per agent)"),
     strategy: str = typer.Option("fedavg", help="fedavg, fedadam, fedyogi, median, trimmed_mean, krum, clip, dp_fedavg"),
@@ -32,7 +33,9 @@ def run(
     seed: int = typer.Option(0),
     mode: str = typer.Option("federated", help="federated (edge classifier) or split (decoder cut between agent and server)"),
     encoding: str = typer.Option("fp32", help="split mode: activation/gradient encoding fp32, fp16 or int8"),
-    split_model: str = typer.Option("gpt2-config", help="split mode: gpt2-config, smollm2, or a model folder"),
+    split_model: str = typer.Option("smollm2", help="split mode: smollm2 (pretrained SmolLM2-135M, ships offline), "
+                                                    "gpt2-config (GPT-2 architecture, random init: throughput runs), "
+                                                    "or a model folder"),
     split_layers: int = typer.Option(6, help="split mode, gpt2-config: blocks"),
     split_embd: int = typer.Option(256, help="split mode, gpt2-config: hidden size"),
     cut: int = typer.Option(2, help="split mode: blocks on the agent"),
@@ -58,8 +61,10 @@ def run(
         raise typer.Exit(2)
     from edgetune import run_data
     from edgetune.local_broker import BrokerUnavailable
-    from edgetune.runner import RunOptions, run_local
+    from edgetune.runner import SPLIT_LOCAL_STEPS, RunOptions, run_local
 
+    if max_local_steps is None:
+        max_local_steps = SPLIT_LOCAL_STEPS if mode == "split" else RunOptions.max_local_steps
     opts = RunOptions(agents=agents, rounds=rounds, local_epochs=local_epochs, max_local_steps=max_local_steps,
                       partition=partition, strategy=strategy, strategy_options=strategy_options,
                       aggregation=aggregation, async_buffer_size=buffer_size, prox_mu=prox_mu,
@@ -89,6 +94,10 @@ def run(
         typer.echo(f"metrics: {Path(summary['output']) / 'aggregator' / 'metrics.jsonl'}")
         typer.echo(f"plot:    {summary.get('plot')}")
         typer.echo(f"adapter: {Path(summary['output']) / 'aggregator' / 'checkpoints'} (peft format)")
+        last = rows[-1]
+        if "sample_generation" in last:  # split mode: a held-out prompt and the last round's greedy continuation
+            typer.echo(f"sample:  round {last['round']}: {last.get('sample_prompt', '')!r} -> "
+                       f"{last['sample_generation']!r}")
 
 
 from edgetune.compare_cli import compare  # noqa: E402  (in-process strategy and mode comparison)

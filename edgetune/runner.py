@@ -36,19 +36,23 @@ class RunOptions:
     eval_limit: int = 0
     round_timeout_s: float = 900
     threads_per_process: int = 1
+    aggregator_threads: int = 2  # it idles while agents train; 1 where other jobs load the cores (2 threads then thrash)
     lr: float = 5e-3
     batch_size: int = 32
     seed: int = 0
     fleet: str = "local"
     mode: str = "federated"
     split_encoding: str = "fp32"
-    split_model: str = "gpt2-config"
+    # the split demo: SmolLM2-135M (pretrained, ships offline) cut after 2 blocks, 4 x 64 tokens per step,
+    # SPLIT_LOCAL_STEPS steps per round; gpt2-config (random init, the sizes below) is for throughput runs
+    split_model: str = "smollm2"
     split_n_layer: int = 6
     split_n_embd: int = 256
     split_n_head: int = 4
     split_cut: int = 2
     seq_len: int = 64
-    split_batch_size: int = 8
+    split_batch_size: int = 4
+    split_lr: float = 0.0  # 0: split_lr_default(split_model)
     max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES  # the embedded broker's and every process's
     data: str = ""  # the agents' EDGETUNE_DATA, each taking its partition of it; "": the mode's demo (below)
     agent_data: list = field(default_factory=list)  # or agent i's own file, i-th in sorted order (--agent-data)
@@ -83,11 +87,18 @@ def _env(opts: RunOptions, broker_url: str, protocol: int) -> dict:
             "EDGETUNE_SPLIT_N_LAYER": str(opts.split_n_layer), "EDGETUNE_SPLIT_N_EMBD": str(opts.split_n_embd),
             "EDGETUNE_SPLIT_N_HEAD": str(opts.split_n_head), "EDGETUNE_SPLIT_CUT": str(opts.split_cut),
             "EDGETUNE_SEQ_LEN": str(opts.seq_len),
-            # LoRA on a randomly initialised GPT-2 needs a larger step than fine-tuning a checkpoint
-            "EDGETUNE_SPLIT_LR": "1e-2" if opts.split_model == "gpt2-config" else "1e-3",
+            "EDGETUNE_SPLIT_LR": str(opts.split_lr or split_lr_default(opts.split_model)),
         })
     env.update(opts.extra_env)
     return env
+
+
+SPLIT_LOCAL_STEPS = 10  # the split demo's steps per agent and round (federated: RunOptions.max_local_steps)
+
+
+def split_lr_default(split_model: str) -> float:
+    """LoRA on a randomly initialised GPT-2 needs a larger step than fine-tuning a pretrained model."""
+    return 1e-2 if split_model == "gpt2-config" else 2e-3
 
 
 def _progress(row: dict) -> str:
@@ -200,8 +211,10 @@ def run_local(opts: RunOptions, echo=print) -> dict:
         how = "a file each" if opts.agent_data else f"{opts.partition} partition"
         echo(f"started the aggregator and {opts.agents} agents ({how}); logs in {logs}")
         _follow(procs, metrics_file, opts.agents, logs, lambda: bool(stopping), echo)
-        _wait_all(procs, echo)
         agg = procs[0][1]
+        if agg.returncode not in (0, None) and not stopping:  # no final round will come: the agents would wait
+            _stop_agents(procs[1:], echo, f"the aggregator exited with status {agg.returncode}")
+        _wait_all(procs, echo)
         if agg.returncode not in (0, None) and not stopping:
             tail = (logs / "aggregator.log").read_text()[-3000:]
             raise RuntimeError(f"the aggregator failed (exit {agg.returncode}):\n{tail}")
@@ -250,7 +263,8 @@ def central_eval_data(opts: RunOptions) -> str:
 
 def _aggregator_env(opts: RunOptions, env: dict, agg_dir: Path) -> dict:
     # the aggregator idles while agents train: let its evaluation use two threads
-    agg_env = dict(env, EDGETUNE_OUTPUT_DIR=str(agg_dir), EDGETUNE_THREADS="2", OMP_NUM_THREADS="2",
+    threads = str(opts.aggregator_threads)
+    agg_env = dict(env, EDGETUNE_OUTPUT_DIR=str(agg_dir), EDGETUNE_THREADS=threads, OMP_NUM_THREADS=threads,
                    EDGETUNE_AGGREGATION=opts.aggregation, EDGETUNE_ASYNC_BUFFER_SIZE=str(opts.async_buffer_size))
     if opts.strategy_options:
         agg_env["EDGETUNE_STRATEGY_OPTIONS"] = opts.strategy_options
@@ -307,6 +321,28 @@ def _follow(procs: list[tuple[str, subprocess.Popen]], metrics_file: Path, agent
                     p.send_signal(signal.SIGINT)
             break
         time.sleep(0.5)
+
+
+AGENT_STOP_GRACE_S = 5.0  # agents get this long to go offline after a failed aggregator, then are killed
+
+
+def _stop_agents(agents: list[tuple[str, subprocess.Popen]], echo, why: str,
+                 grace_s: float = AGENT_STOP_GRACE_S) -> None:
+    """SIGINT to every running agent (it goes offline and exits), then kill those still running after grace_s
+    (an agent still loading its model exits only once it has loaded it)."""
+    running = [(n, p) for n, p in agents if p.poll() is None]
+    if not running:
+        return
+    echo(f"{why}: stopping the agents")
+    for _, p in running:
+        p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    for _, p in running:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def _wait_all(procs: list[tuple[str, subprocess.Popen]], echo, timeout_s: float = 60) -> None:

@@ -330,10 +330,10 @@ class GPT2BPETokenizer:
         def __init__(self, ids):
             self.input_ids = ids
 
-    def __call__(self, text: str | list[str]):
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True):
         if isinstance(text, str):
-            return self._Encoding(self._tok.encode(text).ids)
-        return self._Encoding([e.ids for e in self._tok.encode_batch(text)])
+            return self._Encoding(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        return self._Encoding([e.ids for e in self._tok.encode_batch(text, add_special_tokens=add_special_tokens)])
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

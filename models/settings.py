@@ -91,11 +91,10 @@ class DecoderSettings(LoraSettings):
         if self.split_model == "gpt2-config":
             ident = config_hash({"n_layer": self.split_n_layer, "n_embd": self.split_n_embd,
                                  "n_head": self.split_n_head}, self.split_seed)
-        elif self.split_model == "smollm2":
-            from models.split import smollm2_location
+        elif self.split_model == "smollm2":  # the shipped GGUF file, whichever process converted it (models/smollm2.py)
+            from models.smollm2 import smollm2_gguf
 
-            folder, gguf = smollm2_location()
-            ident = model_hash(Path(folder) / gguf)
+            ident = model_hash(smollm2_gguf())
         else:
             ident = model_hash(self.split_model)
         return dict(mode="split", model=Path(self.split_model).name, model_hash=ident, max_length=self.seq_len,

