@@ -25,8 +25,10 @@ def test_short_split_demo_perplexity_falls_from_the_pretrained_base(mosquitto, t
                                  "EDGETUNE_EVAL_ROUGE_PROMPTS": "1", "EDGETUNE_EVAL_ROUGE_NEW_TOKENS": "8"})
     assert (opts.split_model, opts.split_cut, opts.split_batch_size) == ("smollm2", 2, 4)
     summary = run_local(opts, echo=lambda line: None)
-    rows = summary["rounds"]
+    rows = [r for r in summary["rounds"] if r.get("eval") != "federated"]  # central: the same held-out blocks
     assert [r["round"] for r in rows] == [0, 1]
+    fed = [r for r in summary["rounds"] if r.get("eval") == "federated"]  # the agent's own held-out blocks
+    assert [r["version"] for r in fed] == [0, 1] and all(r["eval_tokens"] > 0 for r in fed)
     first, last = rows[0]["perplexity"], rows[-1]["perplexity"]
     # round 0 is the pretrained base (a random init of this vocabulary starts near 49,152)
     assert first < 500, f"round 0 perplexity {first:.1f}: not a pretrained model"
