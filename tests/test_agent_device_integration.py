@@ -29,7 +29,6 @@ from tests.conftest import ROOT, child_env, spawn, wait_all
 
 FLEET = "devtest"
 DATA_LIMIT = 100
-LOCAL_HOLDOUT = DATA_LIMIT // 5  # min(local_holdout=64, shard // 5)
 HOLDOUT_EVERY = 10
 
 
@@ -120,7 +119,8 @@ def test_feedback_is_stored_learned_from_and_sent_in_a_round(mosquitto, tmp_path
         assert update is not None, logs[1].read_text()[-3000:]
         trainable = 13 - 13 // HOLDOUT_EVERY
         # 3 steps x batch 32 = 96 examples seen >= the 80 + 12 in the mix
-        assert update.num_examples == DATA_LIMIT - LOCAL_HOLDOUT + trainable, update
+        # the shard less its held-out slice (federated evaluation's, which the device also checks models on)
+        assert update.num_examples == DATA_LIMIT - _held_out() + trainable, update
         wait_all(procs, timeout=300, logs=logs)
         for p, lg in zip(procs, logs):
             assert p.returncode == 0, f"{lg.name} exited {p.returncode}:\n{lg.read_text()[-3000:]}"
@@ -143,3 +143,12 @@ def test_feedback_is_stored_learned_from_and_sent_in_a_round(mosquitto, tmp_path
     assert [x["text"] for x in rows] == ["I love it", "awful, just awful"]
     assert all(x["label"] in ("negative", "positive") and abs(sum(x["probabilities"]) - 1) < 1e-4 for x in rows)
     assert len({x["model"] for x in rows}) == 1 and rows[0]["model"].startswith("g0000")
+
+
+def _held_out() -> int:
+    """How many of the agent's DATA_LIMIT examples it keeps out of training (data.sources.holdout_split)."""
+    from edge_agent.runner import local_examples
+    from edge_agent.settings import AgentSettings
+
+    s = AgentSettings(agent_id="dev-0", data="demo:vader", partition="iid", data_limit=DATA_LIMIT)
+    return len(local_examples(s)[1])
