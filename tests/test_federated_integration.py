@@ -72,11 +72,17 @@ def test_global_accuracy_improved(fed_run):
 
 def test_the_agents_evaluated_every_global_on_their_held_out_rows(fed_run):
     """Federated evaluation beside the central one: each global (0..ROUNDS) evaluated by every agent
-    on its held-out slice (20% of its 600 examples), and the figures learn like the central ones."""
+    on its held-out slice (20% of its 600 examples, by hash), and the figures learn like the central ones."""
+    from edge_agent.runner import local_examples
+    from edge_agent.settings import AgentSettings
+
     fed = fed_run["federated"]
     assert [r["version"] for r in fed] == list(range(ROUNDS + 1))
     assert all(r["eval_agents"] == AGENTS and "eval_missing" not in r for r in fed), fed
-    assert all(80 <= r["eval_examples"] <= 160 for r in fed)  # 3 x 20% of 600, by hash
+    held = sum(len(local_examples(AgentSettings(agent_id=f"agent-{i}", data="demo:vader", partition="iid",
+                                                num_partitions=AGENTS, partition_index=i, data_limit=600))[1])
+               for i in range(AGENTS))  # each agent's held-out slice, chosen the agent's way
+    assert all(r["eval_examples"] == held for r in fed) and 3 * 80 <= held <= 3 * 160, (held, fed)
     assert fed[-1]["accuracy"] >= fed[0]["accuracy"] + 0.10, [r["accuracy"] for r in fed]
     assert all(r["eval"] == "central" for r in fed_run["rows"])
 
