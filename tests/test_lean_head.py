@@ -291,8 +291,12 @@ def test_one_lean_and_one_transformers_agent_against_mosquitto(mosquitto, tmp_pa
                                                 **agent)))
     finish_all(procs, timeout=300, logs=logs)
     assert json.loads(modules.read_text())["heavy"] == [], "the lean agent imported transformers or peft"
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in lines if r.get("eval") != "federated"]
     assert sorted(rows[-1]["answered"]) == ["edge-lean", "edge-peft"]
+    # both heads evaluated every global on their held-out blocks through the server (federated perplexity)
+    fed = [r for r in lines if r.get("eval") == "federated"]
+    assert fed and all(sorted(r["eval_per_agent"]) == ["edge-lean", "edge-peft"] for r in fed), fed
 
     updates, glob = [], None
     deadline = time.monotonic() + 10
