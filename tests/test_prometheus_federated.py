@@ -58,6 +58,8 @@ EXPECTED_WITHOUT_DATA = {
         "agents with a state dir only: no model is exported and swapped in during this run, so it stays NaN",
     "edgetune_aggregator_global_perplexity":
         "split learning only: perplexity stays NaN (not a made-up 0) while a classifier is trained",
+    "edgetune_aggregator_eval_perplexity":
+        "split learning only: perplexity stays NaN for both sources (central, federated) while a classifier is trained",
 }
 
 
