@@ -146,21 +146,27 @@ class SplitServer:
             return x
         return torch.cat([x, x.new_full((x.shape[0], t - x.shape[1], *x.shape[2:]), value)], dim=1)
 
-    def _run(self, batch: list[SplitRequest]) -> list[SplitReply]:
+    def _forward(self, batch: list[SplitRequest], grad: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[slice]]:
+        """One micro-batch through the tail: (activations, each request's loss, each request's rows).
+        Each request goes to the device as it is, then is padded (masked out of attention and loss)
+        and concatenated there; `grad`: the activations require grad (training)."""
         t_max = max(r.act.shape[1] for r in batch)
         dev = self.device
-        # each request goes to the device as it is, then padded and concatenated there
         acts = torch.cat([self._pad(r.act.to(dev, non_blocking=True), t_max, 0.0) for r in batch])
         mask = torch.cat([self._pad(r.attention_mask.to(dev, non_blocking=True).long(), t_max, 0) for r in batch])
         labels = torch.cat([self._pad(r.labels.to(dev, non_blocking=True), t_max, -100) for r in batch])
-        acts.requires_grad_(True)
+        acts.requires_grad_(grad)
         groups, start = [], 0
         for r in batch:
             groups.append(slice(start, start + r.act.shape[0]))
             start += r.act.shape[0]
         with torch.autocast(dev.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             logits = self.tail(acts, mask)  # (sum B, T, V)
-        losses = lm_loss_per_sequence_group(logits, labels, groups)
+        return acts, lm_loss_per_sequence_group(logits, labels, groups), groups
+
+    def _run(self, batch: list[SplitRequest]) -> list[SplitReply]:
+        dev = self.device
+        acts, losses, groups = self._forward(batch, grad=True)
         total = torch.stack(losses).sum()
         self.opt.zero_grad(set_to_none=True)
         total.backward()  # d total / d act_i = d loss_i / d act_i for every agent i
@@ -193,18 +199,7 @@ class SplitServer:
         self.tail.eval()
         try:
             for batch in self.micro_batches(requests):
-                t_max = max(r.act.shape[1] for r in batch)
-                dev = self.device
-                acts = torch.cat([self._pad(r.act.to(dev), t_max, 0.0) for r in batch])
-                mask = torch.cat([self._pad(r.attention_mask.to(dev).long(), t_max, 0) for r in batch])
-                labels = torch.cat([self._pad(r.labels.to(dev), t_max, -100) for r in batch])
-                groups, start = [], 0
-                for r in batch:
-                    groups.append(slice(start, start + r.act.shape[0]))
-                    start += r.act.shape[0]
-                with torch.autocast(dev.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                    logits = self.tail(acts, mask)  # (sum B, T, V)
-                losses = lm_loss_per_sequence_group(logits, labels, groups)
+                _, losses, _ = self._forward(batch, grad=False)
                 for r, loss in zip(batch, losses):
                     tokens = int((r.labels[:, 1:] != -100).sum())
                     replies.append(SplitReply(r, None, float(loss), tokens, self.server_step))

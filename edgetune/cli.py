@@ -83,21 +83,28 @@ def run(
     except (BrokerUnavailable, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
-    key = "perplexity" if mode == "split" else "accuracy"
+    _print_summary(summary, "perplexity" if mode == "split" else "accuracy")
+
+
+def _print_summary(summary: dict, key: str) -> None:
+    """The run's figure from first to last round, per source (central, on the devices), where its
+    files are, and in split mode the last round's sample."""
+    rows = summary["rounds"]
     for source in ("central", "federated"):
-        rows = [r for r in summary["rounds"] if key in r and r.get("eval") == source]
-        if rows:
+        scored = [r for r in rows if key in r and r.get("eval") == source]
+        if scored:
             where = "on the aggregator's evaluation data" if source == "central" else "on the devices' held-out rows"
-            typer.echo(f"\n{key} {rows[0][key]:.4f} -> {rows[-1][key]:.4f} {where} (rounds {rows[0]['round']}-"
-                       f"{rows[-1]['round']}) in {summary['seconds']:.0f}s")
-    if summary["rounds"]:
-        typer.echo(f"metrics: {Path(summary['output']) / 'aggregator' / 'metrics.jsonl'}")
-        typer.echo(f"plot:    {summary.get('plot')}")
-        typer.echo(f"adapter: {Path(summary['output']) / 'aggregator' / 'checkpoints'} (peft format)")
-        last = rows[-1]
-        if "sample_generation" in last:  # split mode: a held-out prompt and the last round's greedy continuation
-            typer.echo(f"sample:  round {last['round']}: {last.get('sample_prompt', '')!r} -> "
-                       f"{last['sample_generation']!r}")
+            typer.echo(f"\n{key} {scored[0][key]:.4f} -> {scored[-1][key]:.4f} {where} (rounds {scored[0]['round']}-"
+                       f"{scored[-1]['round']}) in {summary['seconds']:.0f}s")
+    if not rows:
+        return
+    typer.echo(f"metrics: {Path(summary['output']) / 'aggregator' / 'metrics.jsonl'}")
+    typer.echo(f"plot:    {summary.get('plot')}")
+    typer.echo(f"adapter: {Path(summary['output']) / 'aggregator' / 'checkpoints'} (peft format)")
+    sampled = [r for r in rows if "sample_generation" in r]
+    if sampled:  # split mode: a held-out prompt and the last round's greedy continuation
+        last = sampled[-1]
+        typer.echo(f"sample:  round {last['round']}: {last.get('sample_prompt', '')!r} -> {last['sample_generation']!r}")
 
 
 from edgetune.compare_cli import compare  # noqa: E402  (in-process strategy and mode comparison)
