@@ -1,7 +1,8 @@
 """The split agent's memory and start-up time: transformers + peft GPT-2 head vs the lean head.
 
 Each measurement is a fresh Python process that does what a split agent does before and in its
-first step: build the settings (edge_agent.settings.AgentSettings, mode split), construct
+first step: build the settings (edge_agent.settings.AgentSettings, mode split) and the spec from the
+fleet's task (edge_agent.task_model.task_spec), construct
 edge_agent.split_trainer.SplitTrainer (the head with LoRA and the tokenizer), tokenize local text
 (data.corpus.token_blocks over the Brown sentences), run the head forward on one batch, and make
 one split step (SplitTrainer.split_step; the server is a local stub that returns a gradient of
@@ -74,16 +75,21 @@ if not head.startswith("floor"):
     from broker import activations
     from data.corpus import lm_split, token_blocks
     cfg = json.loads(os.environ["FOOTPRINT_CFG"])
+    from broker.messages import TaskDefinition
+    from edge_agent.task_model import task_spec
+    from models.fingerprint import config_hash
+
     s = AgentSettings(agent_id="footprint", mode="split", split_head=head,
-                      split_head_path=os.environ.get("FOOTPRINT_HEAD_PATH") or None,
-                      split_n_layer=cfg["n_layer"], split_n_embd=cfg["n_embd"], split_n_head=cfg["n_head"],
-                      split_cut=cfg["cut"], seq_len=cfg["seq_len"])
+                      split_head_path=os.environ.get("FOOTPRINT_HEAD_PATH") or None)
+    config = {"n_layer": cfg["n_layer"], "n_embd": cfg["n_embd"], "n_head": cfg["n_head"]}
+    task = TaskDefinition(mode="split", model="gpt2-config", model_hash=config_hash(config, 0), config=config,
+                          max_length=cfg["seq_len"], lora_r=8, lora_alpha=16, cut=cfg["cut"])  # as the fleet's
 
     def request(step, encoding, tensors):
         act = activations.decode(tensors, encoding, "act")
         return type("R", (), {"loss": 0.0, "encoding": encoding})(), activations.encode(torch.ones_like(act), encoding, "grad")
 
-    t = SplitTrainer(s.decoder_spec(), request, batch_size=cfg["batch"], head=head, head_path=s.split_head_path)
+    t = SplitTrainer(task_spec(task, []), request, batch_size=cfg["batch"], head=head, head_path=s.split_head_path)
     mark("head_ready")
     train, _ = lm_split()
     blocks = token_blocks(t.tokenizer, train[:2000], cfg["seq_len"], max_blocks=cfg["batch"])

@@ -67,6 +67,7 @@ class TaskDefinition(Message):
     lora_dropout: float = 0.0
     target_modules: list[str] = []
     cut: int = 0  # split: decoder blocks on the edge
+    config: dict[str, int] = {}  # a model built from a config (split gpt2-config): its architecture
     seed: int = 0
 
     @property

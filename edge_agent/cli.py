@@ -112,13 +112,25 @@ def predict(
             typer.echo(f"{p.labels[i]}\t{float(row[i]):.3f}\t{text}")
 
 
-def _open_store(s, path: Path):
-    """The agent's sample store; a store that cannot be opened as it is (one of the previous
-    release whose labels do not fit EDGETUNE_LABELS, one of a newer release) exits with what to do."""
+def _open_store(s, path: Path, labels: list[str] | None, names: list[str]):
+    """The agent's sample store, with its fleet's labels (`labels`: those of the task the agent saved
+    in its state dir) or, before the agent has joined a fleet (None), the label names given (`names`:
+    kept by name; the agent trains on those its task has). A store that cannot be opened as it is
+    (one of the previous release, one of a newer release) exits with what to do."""
     from edge_agent.store import SampleStore, StoreError, StoreMigrationError
 
     with exit_codes({StoreMigrationError: EXIT_INPUT, StoreError: EXIT_STATE}):
-        return SampleStore(path, s.store_max_samples, labels=s.labels, max_text_chars=s.store_max_text_chars)
+        return SampleStore(path, s.store_max_samples, labels=labels if labels is not None else names,
+                           max_text_chars=s.store_max_text_chars, migrate=labels is not None)
+
+
+def _task_labels(s) -> list[str] | None:
+    from edge_agent.local_settings import StateDirError
+
+    try:
+        return s.task_labels()
+    except StateDirError as e:
+        fail(e, EXIT_STATE)
 
 
 @app.command()
@@ -139,14 +151,32 @@ def feedback(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(EXIT_STATE)
     value: str | int = int(label) if label.strip().lstrip("-").isdigit() else label
-    with _open_store(s, path) as store:
+    labels = _task_labels(s)
+    if labels is None and isinstance(value, int):
+        fail(f"label {value} is an index, and the agent has not joined its fleet yet (no task in {s.state_path()}), "
+             "so the fleet's labels are not known here: give the label by name (nothing stored)", EXIT_INPUT)
+    with _open_store(s, path, labels, [str(value)]) as store:
         try:
             sample_id = store.add(text, value, source="feedback")
         except InvalidSample as e:
             typer.echo(f"error: {e} (nothing stored)", err=True)
             raise typer.Exit(EXIT_INPUT)
-        name = s.labels[store.get(sample_id).label]
+        name = store.labels[store.get(sample_id).label]
     typer.echo(f"stored sample {sample_id} ({name}) in {path}")
+
+
+def _label_names(file: Path, s) -> list[str]:
+    """The label names a file holds (the fleet's labels are not known yet); class indices need them."""
+    from data.records import DataError
+    from data.sources import load_source
+
+    loaded = load_source(str(file), labels=None, **s.load_options())
+    names = list(loaded.labels or [])
+    if not names or all(n.isdigit() for n in names):
+        raise DataError("unknown_label", "gives its labels as class indices, and the agent has not joined its fleet "
+                        "yet, so the fleet's labels are not known here: give the labels by name, or start "
+                        "`edgetune-agent run` once first", path=str(file))
+    return names
 
 
 @app.command("import")
@@ -159,7 +189,8 @@ def import_(
     config: Optional[Path] = _CONFIG,
 ) -> None:
     """Load a file of labelled texts into the agent's sample store, all rows in one transaction:
-    a bad file stores nothing. Labels are names from EDGETUNE_LABELS (or class indices)."""
+    a bad file stores nothing. Labels are names of the fleet's task (or class indices in its label
+    list), as the agent saved it in its state dir; before the agent has joined a fleet, names only."""
     from data.records import DataError
     from data.sources import load_source
     from edge_agent.local_settings import LocalCommandSettings, StateDirError
@@ -171,10 +202,15 @@ def import_(
         path = s.store_path()
     except StateDirError as e:
         fail(e, EXIT_STATE)
-    with _open_store(s, path) as store:
+    labels = _task_labels(s)
+    try:
+        names = labels if labels is not None else _label_names(file, s)
+    except DataError as e:
+        fail(f"{e} (nothing stored)", EXIT_INPUT)
+    with _open_store(s, path, labels, names) as store:
         try:
             # the store's own checks (length, NUL) count as bad rows of the file, with their line
-            loaded = load_source(str(file), labels=s.labels, check=lambda e: store.validate(e.text, e.label, "import"),
+            loaded = load_source(str(file), labels=names, check=lambda e: store.validate(e.text, e.label, "import"),
                                  **s.load_options())
         except DataError as e:
             fail(f"{e} (nothing stored)", EXIT_INPUT)

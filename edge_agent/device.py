@@ -43,11 +43,13 @@ class Device:
     `examples`: the agent's shard; `held_out`: its held-out slice for federated evaluation, which
     is also the local holdout that checks a model before it serves. Without one, a fixed slice of
     the shard becomes the local holdout (never trained on) and `self.examples` holds the rest,
-    which the agent trains its rounds on."""
+    which the agent trains its rounds on. `labels` and `max_length` are the fleet's task's."""
 
     def __init__(self, s: AgentSettings, metrics: AgentMetrics, trainer, examples: list,
-                 should_stop: Callable[[], bool], held_out: list | None = None) -> None:
+                 should_stop: Callable[[], bool], held_out: list | None = None, *, labels: list[str],
+                 max_length: int) -> None:
         self.s, self.metrics, self.trainer, self.should_stop = s, metrics, trainer, should_stop
+        self.labels, self.max_length = list(labels), max_length
         self.store = None
         self.slot = None
         self.http = None
@@ -66,7 +68,7 @@ class Device:
         state = Path(self.s.state_dir).expanduser()
         try:
             state.mkdir(parents=True, exist_ok=True)
-            self.store = SampleStore(state / STORE_FILE, self.s.store_max_samples, labels=self.s.labels,
+            self.store = SampleStore(state / STORE_FILE, self.s.store_max_samples, labels=self.labels,
                                      max_text_chars=self.s.store_max_text_chars)
         except StoreError as e:  # a store of another release that cannot be used as it is: it says what to do
             raise DeviceSetupError(str(e)) from None
@@ -88,7 +90,7 @@ class Device:
 
     def _count_store(self) -> None:
         """The store's figures: samples held, those a round may train on, and those whose label is
-        not in EDGETUNE_LABELS (kept, never trained on; the store logs them when it opens)."""
+        not in the task's labels (kept, never trained on; the store logs them when it opens)."""
         self.metrics.samples_stored.set(self.store.count())
         self.metrics.samples_unknown_label.set(sum(self.store.unknown_labels().values()))
         self.trainable_count = incremental.trainable_count(self.store, self.inc)
@@ -204,8 +206,8 @@ class Device:
 
         tmp, final = models / (name + ".tmp"), models / name
         try:
-            export_onnx(self.trainer.model, self.trainer.tokenizer, tmp, max_length=self.s.max_length,
-                        adapter_version=self.trainer.global_version, labels=self.s.labels)
+            export_onnx(self.trainer.model, self.trainer.tokenizer, tmp, max_length=self.max_length,
+                        adapter_version=self.trainer.global_version, labels=self.labels)
             with _quiet_root_logger():  # onnxruntime.quantization logs every tensor at INFO on the root logger
                 quantize_int8(tmp / "model.onnx")
             (tmp / "model.onnx").unlink()  # the device serves int8; the fp32 graph is 4x its size

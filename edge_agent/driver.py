@@ -77,8 +77,14 @@ class ProtocolDriver:
 
     def task_refusal(self, task_hash: str, task: TaskDefinition | None = None) -> str | None:
         """Why this agent cannot train for the task with this hash (None: it can). The real agent
-        compares with its own model and settings; the light agent takes any task."""
+        builds its model for a new task definition (and says why when it cannot); the light agent
+        takes any task."""
         return None
+
+    def ready(self) -> bool:
+        """Whether the agent holds a model to train (the real agent: once it has built one for the
+        fleet's task). Until then rounds and globals pass it by; a final announcement still ends its run."""
+        return True
 
     # -- the fleet's task -------------------------------------------------------------------------
     def check_task(self, task_hash: str, task: TaskDefinition | None = None) -> bool:
@@ -139,11 +145,11 @@ class ProtocolDriver:
             elif kind is TopicKind.global_adapter:
                 header = parse(frame.header, GlobalAdapter)
                 self.received_global(header, len(payload))
-                if self.check_task(header.task_hash):
+                if self.ready() and self.check_task(header.task_hash):
                     self.act(self.proto.on_global(header, frame.tensors))
             else:
                 ann = parse(frame.header, RoundAnnouncement)
-                if ann.final or self.check_task(ann.task_hash):
+                if ann.final or (self.ready() and self.check_task(ann.task_hash)):
                     self.act(self.proto.on_announcement(ann))
         except WireError as e:
             self.rejected(e.reason, f"{topic}: {e}")

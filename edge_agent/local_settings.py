@@ -8,17 +8,29 @@ Kept apart from `edge_agent.settings` (which pulls in the model code, hence torc
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from common.settings import EdgeTuneSettings, LabelSettings
+from common.settings import EdgeTuneSettings
 from data.settings import DataSettings
 
 STORE_FILE = "samples.db"
 MODELS_DIR = "models"
 CURRENT_FILE = "CURRENT"  # in MODELS_DIR: the name of the model folder in service
+TASK_FILE = "task.json"  # the fleet's task the agent last built its model for (broker.messages.TaskDefinition)
+
+
+def save_task(state_dir: str | Path, task) -> None:
+    """Keep the fleet's task (a TaskDefinition) in the state dir: the device commands read its labels."""
+    path = Path(state_dir).expanduser() / TASK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(task.model_dump_json(indent=2))
+    os.replace(tmp, path)
 
 
 class StateDirError(RuntimeError):
@@ -29,7 +41,37 @@ class DeviceSetupError(RuntimeError):
     """The agent cannot open its store or serve its HTTP API; the message says what to change."""
 
 
-class OnDeviceSettings(LabelSettings):
+_FROM_TASK = "the fleet's task: the aggregator publishes it and the agent builds its model from it; set it on the aggregator"
+# the settings an agent of the previous release took, which now come with the fleet's task (broker.messages.
+# TaskDefinition): naming one (environment, settings file, keyword) fails at start-up with its replacement
+REMOVED_SETTINGS = {
+    "model": "the model comes with " + _FROM_TASK + "; put the aggregator's model folder in a folder of "
+             "EDGETUNE_MODEL_DIR on the device (the shipped MiniLM and SmolLM2 need nothing)",
+    "labels": "the labels come with " + _FROM_TASK + " (EDGETUNE_LABELS there); the device commands read them "
+              "from the task the agent saved in its state dir",
+    **{name: f"it comes with {_FROM_TASK}" for name in (
+        "num_labels", "num_layers", "max_length", "model_seed", "lora_r", "lora_alpha", "split_model", "split_cut",
+        "split_n_layer", "split_n_embd", "split_n_head", "seq_len", "split_seed")},
+}
+
+
+class NoTaskSettings(BaseModel):
+    """Refuses the settings that now come with the fleet's task, naming what replaced each."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data):
+        given = set(data) if isinstance(data, dict) else set()
+        given |= {k[len("EDGETUNE_"):].lower() for k in os.environ if k.startswith("EDGETUNE_")}
+        found = sorted(given & set(REMOVED_SETTINGS))
+        if found:
+            raise ValueError("; ".join(f"{name} (EDGETUNE_{name.upper()}) is no longer an agent setting: "
+                                       f"{REMOVED_SETTINGS[name]}" for name in found)
+                             + ". Remove it from the agent's environment and settings file")
+        return data
+
+
+class OnDeviceSettings(NoTaskSettings):
     state_dir: str | None = Field(None, description="outbox, sample store and exported models; unset: no durable state")
     # the sample store
     store_max_samples: int = Field(10_000, ge=1, description="retention: keep the newest N samples")
@@ -65,6 +107,19 @@ class OnDeviceSettings(LabelSettings):
             raise StateDirError(f"state dir {p} does not exist: start the agent (edgetune-agent run) with "
                                 f"EDGETUNE_STATE_DIR={p} first, or fix the path")
         return p
+
+    def task_labels(self) -> list[str] | None:
+        """The labels of the fleet's task the agent last built its model for (None: it has not joined
+        a fleet yet)."""
+        path = self.state_path() / TASK_FILE
+        if not path.exists():
+            return None
+        try:
+            labels = json.loads(path.read_text())["labels"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StateDirError(f"{path} is not a task the agent saved ({e}): delete it and start the agent again "
+                                "(it saves the fleet's task when it builds its model)") from None
+        return [str(x) for x in labels]
 
     def store_path(self) -> Path:
         return self.state_path() / STORE_FILE

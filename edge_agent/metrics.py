@@ -25,7 +25,7 @@ class AgentMetrics:
         self.local_examples = Gauge(p + "local_examples", "Labelled examples available for local training", registry=r)
         self.samples_stored = Gauge(p + "samples_stored", "User inputs held in the local store", registry=r)
         self.samples_unknown_label = Gauge(p + "samples_unknown_label", "Labelled samples in the local store whose "
-                                           "label is not in EDGETUNE_LABELS (kept, never trained on)", registry=r)
+                                           "label is not among the fleet's labels (kept, never trained on)", registry=r)
         self.incremental_runs = Counter(p + "incremental_training_runs", "Incremental fine-tuning runs", registry=r)
         self.model_swaps = Counter(p + "model_swaps", "Exported models checked for service, by outcome "
                                    "(first_model, accepted, worse, ...)", ["outcome"], registry=r)

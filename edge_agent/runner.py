@@ -23,6 +23,7 @@ from data.partition import partition
 from data.records import DataError
 from data.sources import holdout_split, in_test, is_demo, load_source
 from edge_agent.device import Device
+from edge_agent.local_settings import save_task
 from edge_agent.driver import ProtocolDriver
 from edge_agent.metrics import AgentMetrics, serve
 from edge_agent.outbox import Outbox
@@ -31,27 +32,27 @@ from edge_agent.settings import AgentSettings
 from edge_agent.split_rpc import SplitClient
 from edge_agent.trainer import Trainer
 from models.classifier import AdapterMismatch, set_threads
-from models.settings import task_fields
 
 log = logging.getLogger("edgetune.agent")
 
 
-def local_examples(s: AgentSettings) -> tuple[list, list]:
+def local_examples(s: AgentSettings, labels: list[str] | None = None) -> tuple[list, list]:
     """(train, held out): the agent's own data (EDGETUNE_DATA: a file, a folder or a demo by name),
-    or ([], []) without it.
+    or ([], []) without it. `labels`: the fleet's task's label names, in order (None: as the data
+    gives them, for checking the data before the task is known).
 
     Through data/sources.py: a bad file raises DataError (naming the file and line) before the
     agent connects, so nothing is published. A demo gives its training split only (its held-out
     split is what an aggregator evaluates on). With num_partitions > 1 the agent keeps its shard
     (partition, partition_index, partition_seed); data_limit caps the count. Split mode reads
-    texts only (labels ignored); federated mode maps the labels to `s.labels`, in that order.
+    texts only (labels ignored); federated mode maps the labels to `labels`, in that order.
     Federated mode holds `eval_fraction` of the agent's examples out (data.sources.holdout_split),
     at most `eval_max_examples` of them: it evaluates every global on them (federated evaluation)
     and never trains on them."""
     if not s.data:
         return [], []
     split = s.mode == "split"
-    loaded = load_source(s.data, labels=None if split else s.labels, text_only=split,
+    loaded = load_source(s.data, labels=None if split else labels, text_only=split,
                          split="train" if is_demo(s.data) else None, **s.load_options())
     if loaded.skipped:
         log.warning("%s: %d bad rows skipped (max_bad_rows %d), each logged above", s.data, loaded.num_skipped,
@@ -97,7 +98,7 @@ class AgentRunner(ProtocolDriver):
         self.held_out: list = []  # federated evaluation: the examples each global is evaluated on
         self.transport: MqttTransport | None = None
         self.trainer = None
-        self.local_task: TaskDefinition | None = None  # the task this device's model and settings give (_setup)
+        self.local_task: TaskDefinition | None = None  # the fleet's task this agent built its model for (_adopt)
         self.outbox = Outbox(settings.state_dir)
         self.split: SplitClient | None = None  # split mode: set at connect
         self.device: Device | None = None  # federated mode with a state dir: on-device learning and serving
@@ -113,7 +114,9 @@ class AgentRunner(ProtocolDriver):
     # -- the driver's hooks (edge_agent.driver.ProtocolDriver) ----------------------------------
     def num_examples(self) -> int:
         """What this agent can train on: its data plus the store's trainable labelled samples (0: it is
-        not selected)."""
+        not selected; so too before it has built its model for the fleet's task)."""
+        if self.trainer is None:
+            return 0
         n = len(self.examples) if self.examples is not None else 0
         return n + (self.device.trainable_count if self.device is not None else 0)
 
@@ -138,17 +141,21 @@ class AgentRunner(ProtocolDriver):
     def task_fit(self) -> str:
         return self.local_task.hash if self.local_task is not None else ""
 
+    def ready(self) -> bool:
+        return self.trainer is not None
+
     def task_refusal(self, task_hash: str, task: TaskDefinition | None = None) -> str | None:
         mine = self.local_task
+        if task is not None and (mine is None or task.hash != mine.hash):
+            return self._adopt(task)  # a task definition this agent has not built for: build for it
         if mine is None or task_hash == mine.hash:
             return None
-        if task is None:  # an announcement or global for a task whose definition has not come yet
-            return (f"the fleet's task {task_hash[:12]} is not this device's {mine.hash[:12]}: its model or model "
-                    "settings differ (the task topic says which)")
-        return (f"this device's model does not fit the fleet's task ({'; '.join(mine.differences(task))}): install "
-                f"the task's model {task.model!r} (EDGETUNE_MODEL / EDGETUNE_SPLIT_MODEL) and settings")
+        return (f"the fleet's task {task_hash[:12]} is not the one this agent built its model for ({mine.hash[:12]}); "
+                "it builds for a task when the task's definition comes (on the task topic)")
 
     def load_global(self, a: LoadGlobal) -> bool:
+        if self.trainer is None:
+            return False
         try:
             self.trainer.load_global(a.tensors, a.version)
         except AdapterMismatch as e:
@@ -173,7 +180,7 @@ class AgentRunner(ProtocolDriver):
         else:
             from models.train import evaluate
 
-            r = evaluate(self.trainer.model, self.trainer.tokenizer, self.held_out, max_length=self.s.max_length)
+            r = evaluate(self.trainer.model, self.trainer.tokenizer, self.held_out, max_length=self.local_task.max_length)
             fields = dict(num_examples=r.n, loss=r.loss, confusion=r.confusion)
         report = EvalReport(agent_id=self.s.agent_id, version=a.version, round=a.header.round,
                             seconds=time.perf_counter() - t0, task_hash=a.header.task_hash, **fields)
@@ -267,37 +274,90 @@ class AgentRunner(ProtocolDriver):
 
     # -- the run --------------------------------------------------------------------------------
     def _setup(self) -> None:
-        """The local data, the trainer, the device's store and model, /metrics."""
-        self.local_task = TaskDefinition(**task_fields(self.s))  # what this device can train: checked against the fleet's
+        """The local data, checked before the agent connects (its labels are mapped once the task
+        comes: `_build`), and /metrics."""
         if self.examples is None:
-            self.examples, self.held_out = local_examples(self.s)
+            self._given = None
+            train, held = local_examples(self.s)
+            self._unbuilt = len(train)
+        else:
+            self._given = (self.examples, self.held_out)
+            self._unbuilt = len(self.examples)
+        self.metrics.local_examples.set(self._unbuilt)
+        if self.s.metrics_port is not None:
+            self.metrics_server, _ = serve(self.metrics.registry, self.s.metrics_port, self.s.metrics_addr)
+
+    def _adopt(self, task: TaskDefinition) -> str | None:
+        """Build this agent's model for the fleet's task; the reason when it cannot (its model is
+        missing or differs, or the task is of the other mode). Bad data raises DataError."""
+        from edge_agent.task_model import ModelMismatch, model_dirs, task_spec
+        from models.families import UnsupportedModel
+        from models.fingerprint import ModelNotFound
+
+        if task.mode != self.s.mode:
+            return (f"the fleet's task is {task.mode} mode; this agent runs {self.s.mode} mode (EDGETUNE_MODE): "
+                    f"set EDGETUNE_MODE={task.mode}")
+        try:
+            spec = task_spec(task, model_dirs(self.s.model_dir))
+        except (ModelNotFound, ModelMismatch, UnsupportedModel) as e:
+            return str(e)
+        if self.local_task is not None:
+            log.info("the fleet's task changed (%s): building the model again", "; ".join(self.local_task.differences(task)))
+            self._teardown()
+            self.proto = type(self.proto)(self.s.agent_id)  # a new task: nothing of the last one's rounds carries over
+        self._build(task, spec)
+        if self.transport is not None:  # the aggregator selects by the status: its examples and task now
+            self.publish_status(AgentState.online)
+        return None
+
+    def _build(self, task: TaskDefinition, spec) -> None:
+        """The trainer, the data with the task's labels, the device's store and model."""
+        log.info("building the model for the fleet's task %s: %s", task.hash[:12], task.model)
+        if self._given is None:
+            self.examples, self.held_out = local_examples(self.s, labels=task.labels)
+        else:
+            self.examples, self.held_out = self._given
         if self.s.mode == "split":
             from data.corpus import token_blocks
             from edge_agent.split_trainer import SplitTrainer
 
-            self.trainer = SplitTrainer(self.s.decoder_spec(), self.split_request, lr=self.s.split_lr,
-                                        batch_size=self.s.split_batch_size, encoding=self.s.split_encoding,
-                                        seed=self.s.train_seed, head=self.s.split_head,
-                                        head_path=self.s.split_head_path)
+            trainer = SplitTrainer(spec, self.split_request, lr=self.s.split_lr, batch_size=self.s.split_batch_size,
+                                   encoding=self.s.split_encoding, seed=self.s.train_seed, head=self.s.split_head,
+                                   head_path=self.s.split_head_path)
             texts = self.examples
-            self.examples = token_blocks(self.trainer.tokenizer, texts, self.s.seq_len)
+            self.examples = token_blocks(trainer.tokenizer, texts, task.max_length)
             if texts and len(self.examples) == 0:
                 raise DataError("empty", f"this agent's share of the data ({len(texts)} texts) is shorter than one "
-                                f"sequence of {self.s.seq_len} tokens: give it more text", path=self.s.data)
+                                f"sequence of {task.max_length} tokens: give it more text", path=self.s.data)
             train, held = held_out_blocks(len(self.examples), self.s.eval_fraction, self.s.split_eval_sequences)
             self.examples, self.held_out = self.examples[train], self.examples[held]
         else:
-            self.trainer = Trainer(self.s.classifier_spec(), lr=self.s.lr, batch_size=self.s.batch_size,
-                                   prox_mu=self.s.prox_mu, seed=self.s.train_seed)
+            trainer = Trainer(spec, lr=self.s.lr, batch_size=self.s.batch_size, prox_mu=self.s.prox_mu,
+                              seed=self.s.train_seed)
         if self.s.state_dir and self.s.mode == "federated":
-            self.device = Device(self.s, self.metrics, self.trainer, self.examples, lambda: self._stop,
-                                 held_out=self.held_out)
+            self.device = Device(self.s, self.metrics, trainer, self.examples, lambda: self._stop,
+                                 held_out=self.held_out, labels=task.labels, max_length=task.max_length)
             self.device.open()
             self.examples = self.device.examples  # less the local holdout
+        if self.s.state_dir:
+            save_task(self.s.state_dir, task)
+        self.trainer, self.local_task = trainer, task
         self.metrics.local_examples.set(len(self.examples))
         self.metrics.eval_examples.set(len(self.held_out))
-        if self.s.metrics_port is not None:
-            self.metrics_server, _ = serve(self.metrics.registry, self.s.metrics_port, self.s.metrics_addr)
+        log.info("model built: %d examples to train on, %d held out", self.num_examples(), len(self.held_out))
+        if not self.num_examples():
+            if self.device is not None:
+                hint = "set EDGETUNE_DATA (--data), or add labelled samples: `edgetune-agent import` / `feedback`"
+            else:
+                hint = "set EDGETUNE_DATA (--data)" + ("" if self.s.mode == "split" else
+                                                       ", or EDGETUNE_STATE_DIR for a sample store")
+            log.warning("no data to train on yet: this agent reports 0 examples and is not selected until it "
+                        "has some (%s)", hint)
+
+    def _teardown(self) -> None:
+        if self.device is not None:
+            self.device.close()
+        self.device, self.trainer, self.local_task = None, None, None
 
     def run(self) -> None:
         def _on_signal(signum, frame):
@@ -311,26 +371,18 @@ class AgentRunner(ProtocolDriver):
             # after a restart: publish what was never acknowledged, and don't train those rounds again
             for round_number, payload in self.outbox.unsent():
                 self.act(self.proto.restore(round_number, payload))
-            log.info("agent %s online with %d local examples", self.s.agent_id, self.num_examples())
-            if not self.num_examples():
-                if self.device is not None:
-                    hint = "set EDGETUNE_DATA (--data), or add labelled samples: `edgetune-agent import` / `feedback`"
-                else:
-                    hint = "set EDGETUNE_DATA (--data)" + ("" if self.s.mode == "split" else
-                                                           ", or EDGETUNE_STATE_DIR for a sample store")
-                log.warning("no data to train on yet: this agent reports 0 examples and is not selected until it "
-                            "has some (%s)", hint)
+            log.info("agent %s online with %d local examples; it builds its model when the fleet's task comes",
+                     self.s.agent_id, self._unbuilt)
             while not self._stop and not self.proto.finished:
                 self.step(timeout=0.5)
             if self.proto.finished:
-                log.info("the run is over (global v%d)", self.trainer.global_version)
+                log.info("the run is over (global v%d)", self.proto.global_version)
         finally:
             if self.transport is not None:
                 self.transport.close(final=(self.topics.status(self.s.agent_id), self.status_frame(AgentState.offline)))
             if self.metrics_server is not None:
                 linger(self.s.metrics_linger_s, lambda: self._stop)
                 self.metrics_server.shutdown()
-            if self.device is not None:
-                self.device.close()
+            self._teardown()
             for s, h in old.items():
                 signal.signal(s, h)

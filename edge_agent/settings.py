@@ -13,13 +13,18 @@ from common.settings import EdgeTuneSettings, ProcessSettings
 from data.partition import PARTITIONERS
 from data.settings import DataSettings
 from edge_agent.local_settings import OnDeviceSettings
-from models.settings import DecoderSettings, ModelSettings
 
 
-class AgentSettings(EdgeTuneSettings, ConnectionSettings, ProcessSettings, ModelSettings, DecoderSettings,
-                    OnDeviceSettings, DataSettings):
-    mode: Literal["federated", "split"] = Field("federated", description="federated classifier or split decoder")
+class AgentSettings(EdgeTuneSettings, ConnectionSettings, ProcessSettings, OnDeviceSettings, DataSettings):
+    """An agent needs its broker, id, credentials and data. Its model (base, labels, pruning, LoRA,
+    lengths, the split cut) comes with the fleet's task, which the aggregator publishes
+    (edge_agent.task_model finds the task's model on the device and checks its hash)."""
+
+    mode: Literal["federated", "split"] = Field("federated", description="federated classifier or split decoder "
+                                                "(reads the data as labelled texts or as plain text)")
     agent_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0][:64], pattern=AGENT_ID_PATTERN)
+    model_dir: str | None = Field(None, description="where the task's model folders are, by their names (folders "
+                                  "separated by ':'); the shipped MiniLM and SmolLM2 need none")
     # the agent's data (DataSettings: EDGETUNE_DATA, a file, folder or demo:NAME) plus its sample store; with
     # num_partitions > 1 it takes one shard of that data (the one-machine demo splits a demo set this way)
     partition: str = Field("by-domain", description=f"one of {', '.join(PARTITIONERS)}")
@@ -39,6 +44,12 @@ class AgentSettings(EdgeTuneSettings, ConnectionSettings, ProcessSettings, Model
     split_lr: float = Field(1e-3, gt=0, description="the head's LoRA learning rate")
     split_timeout_s: float = Field(60, gt=0, description="wait this long for a gradient, then resend")
     split_retries: int = Field(5, ge=0, description="resends before the step fails")
+    split_head: Literal["transformers", "lean"] = Field(
+        "transformers", description="the agent's GPT-2 head: transformers + peft, or lean (plain torch + loralib: "
+        "the agent imports neither transformers nor peft)")
+    split_head_path: str | None = Field(
+        None, description="lean head: a GPT-2 checkpoint folder with the head's weights; needed for gpt2-config "
+        "(made by `python -m models.lean_gpt2 export DIR` with the fleet's split settings); unset: the model's folder")
     split_eval_sequences: int = Field(8, ge=0, description="split mode: held-out sequences (of the agent's own text, "
                                       "never trained on) on which it evaluates each global through the server "
                                       "(federated perplexity; each costs the server a tail forward); 0: none")
@@ -49,6 +60,4 @@ class AgentSettings(EdgeTuneSettings, ConnectionSettings, ProcessSettings, Model
             raise ValueError(f"partition_index {self.partition_index} must be below num_partitions {self.num_partitions}")
         if self.partition not in PARTITIONERS:
             raise ValueError(f"partition {self.partition!r}: choose one of {', '.join(PARTITIONERS)}")
-        if self.mode == "federated" and len(self.labels) != self.num_labels:
-            raise ValueError(f"labels {list(self.labels)} name {len(self.labels)} classes; num_labels is {self.num_labels}")
         return self

@@ -15,18 +15,20 @@ inputs on a power cut is acceptable for incremental training. Pass synchronous="
 every acknowledged feedback must survive a power cut (one fsync per commit).
 
 Labels are stored by name (schema 2), so that a stored label keeps its meaning when the fleet's
-label list (EDGETUNE_LABELS) changes: `Sample.label` is the class index of that name in the
+label list (the task's labels, which the aggregator's EDGETUNE_LABELS sets) changes: `Sample.label` is the class index of that name in the
 list the store was opened with (`labels=`), and a labelled sample whose name is not in that list
 is kept but never returned for training (`labelled`, `count_labelled`, `sample_replay` skip it);
 it is counted (`unknown_labels`) and logged once when the store opens, with what to do.
 
 Upgrading a store of the previous release (schema 1, labels as class indices): opening it
 migrates it in place, in one transaction, after copying it to `<file>.v1.bak`. Each stored index
-is read through the label list the store is opened with, which for the agent and its commands
-is EDGETUNE_LABELS: the list the schema-1 agent validated and stored those indices against (it
-had no other). An index outside that list means the labels changed since the samples were
-stored; the migration then refuses (`StoreMigrationError`, saying to set EDGETUNE_LABELS to the
-labels the store was written with) and changes nothing.
+is read through the label list the store is opened with, which for the agent is its fleet's
+task's labels: the list that the schema-1 agent's EDGETUNE_LABELS had to equal, and the one it
+validated and stored those indices against. An index outside that list means the labels changed
+since the samples were stored; the migration then refuses (`StoreMigrationError`, saying to give
+the fleet the labels the store was written with) and changes nothing. The device commands
+(`feedback`, `import`) run before the agent has joined a fleet leave a schema-1 store alone
+(`migrate=False`): only the agent knows the fleet's labels.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ class SampleStore:
         max_text_chars: int = 2000,
         synchronous: str = "NORMAL",
         busy_timeout_s: float = 5.0,
+        migrate: bool = True,
     ) -> None:
         if max_samples < 1:
             raise ValueError("max_samples must be at least 1")
@@ -117,6 +120,7 @@ class SampleStore:
             raise ValueError("labels must name at least one class")
         self._index = {name: i for i, name in enumerate(self.labels)}
         self.max_text_chars = int(max_text_chars)
+        self._migrate = migrate
         self._pid = os.getpid()
         self._lock = threading.RLock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,9 +139,9 @@ class SampleStore:
             raise
         unknown = self.unknown_labels()
         if unknown:
-            log.warning("%s holds %d labelled samples whose label is not in EDGETUNE_LABELS %s (%s): they are kept "
-                        "but not trained on; add those names to EDGETUNE_LABELS to train on them (labels are stored "
-                        "by name: the order does not matter)", self.path, sum(unknown.values()), list(self.labels),
+            log.warning("%s holds %d labelled samples whose label is not among the fleet's labels %s (%s): they "
+                        "are kept but not trained on; add those names to the fleet's labels (the aggregator's "
+                        "EDGETUNE_LABELS) to train on them (labels are stored by name: the order does not matter)", self.path, sum(unknown.values()), list(self.labels),
                         ", ".join(f"{k}: {n}" for k, n in sorted(unknown.items())))
 
     def _open_schema(self) -> None:
@@ -149,6 +153,11 @@ class SampleStore:
         with self._write():
             version = self._db.execute("PRAGMA user_version").fetchone()[0]  # another process may have migrated it
             if version == 1:
+                if not self._migrate:
+                    raise StoreMigrationError(
+                        f"{self.path} is a sample store of the previous release (labels as class indices); the agent "
+                        "migrates it with its fleet's labels when it builds its model: start `edgetune-agent run` "
+                        "once, then try again (the store was not changed)")
                 self._migrate_v1()
             for statement in _SCHEMA:  # not executescript: it would COMMIT first
                 self._db.execute(statement)
@@ -165,9 +174,10 @@ class SampleStore:
             found = ", ".join(f"{label!r} ({k} samples)" for label, k in bad)
             raise StoreMigrationError(
                 f"{self.path} is a sample store of the previous release, which stored labels as class indices, and "
-                f"some are not indices of EDGETUNE_LABELS {list(self.labels)} (0..{n - 1}): {found}; set "
-                "EDGETUNE_LABELS to the labels the store was written with, in their order, and start again (the "
-                "store was not changed; it is migrated to labels by name when it opens with them)")
+                f"some are not indices of the fleet's labels {list(self.labels)} (0..{n - 1}): {found}; give the "
+                "fleet the labels the store was written with, in their order (the aggregator's EDGETUNE_LABELS), "
+                "and start again (the store was not changed; it is migrated to labels by name when it opens with "
+                "them)")
         self._backup(self.path.with_name(self.path.name + BACKUP_SUFFIX))
         db.execute("ALTER TABLE samples RENAME TO samples_v1")  # its index goes with it, and is dropped with it
         db.execute(_TABLE)

@@ -78,6 +78,7 @@ def _env(opts: RunOptions, broker_url: str, protocol: int) -> dict:
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     })
     if opts.labels:  # the fleet's task: the aggregator publishes them, the agents map their data to them
+        # (model settings go to the aggregator only: _agent_env leaves them out)
         env.update({"EDGETUNE_LABELS": json.dumps(list(opts.labels)), "EDGETUNE_NUM_LABELS": str(len(opts.labels))})
     if opts.domain_column:
         env["EDGETUNE_DOMAIN_COLUMN"] = opts.domain_column
@@ -279,8 +280,18 @@ def demo_data(mode: str) -> str:
 
 
 def _agent_env(opts: RunOptions, env: dict, aid: str, i: int) -> dict:
-    """Agent i's environment: its id, its data and partition of it, and its training seed."""
+    """Agent i's environment: its id, its data and partition of it, and its training seed. No model
+    settings (the agents build their model from the task the aggregator publishes): where the
+    aggregator's model is a local folder, the agents find it by name in its parent (EDGETUNE_MODEL_DIR)."""
+    from edge_agent.local_settings import REMOVED_SETTINGS
+
     own = bool(opts.agent_data)  # agent i holds the i-th file, whole
+    removed = {f"EDGETUNE_{name.upper()}" for name in REMOVED_SETTINGS}
+    folders = [str(Path(env[k]).expanduser().resolve().parent) for k in ("EDGETUNE_MODEL", "EDGETUNE_SPLIT_MODEL")
+               if env.get(k) and Path(env[k]).expanduser().is_dir()]
+    env = {k: v for k, v in env.items() if k not in removed}
+    if folders:
+        env["EDGETUNE_MODEL_DIR"] = os.pathsep.join(folders + [env["EDGETUNE_MODEL_DIR"]] * ("EDGETUNE_MODEL_DIR" in env))
     return dict(env, EDGETUNE_AGENT_ID=aid,
                 EDGETUNE_DATA=opts.agent_data[i] if own else (opts.data or demo_data(opts.mode)),
                 EDGETUNE_PARTITION="iid" if own else opts.partition,

@@ -1,9 +1,9 @@
-"""Settings that define the model; every agent and the aggregator of a fleet must agree."""
+"""The aggregator's settings that define the fleet's model: its task (broker.messages.TaskDefinition),
+which agents build their model from (edge_agent.task_model); agents hold none of these settings."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -43,13 +43,13 @@ class ModelSettings(LoraSettings, LabelSettings):
         identity (models.fingerprint), the labels, pruning, LoRA (the target modules resolved: the model
         family's when none are set, so the task hash covers them), lengths, seed. Raises
         models.families.UnsupportedModel for a model of no supported family."""
-        from models.classifier import resolve_model, resolved_targets, spec_family
+        from models.classifier import model_name, resolve_model, resolved_targets, spec_family
         from models.fingerprint import model_hash
 
         spec = self.classifier_spec()
         path = resolve_model(spec.model)
         targets = resolved_targets(spec, spec_family(spec))
-        return dict(mode="federated", model=Path(path).name, model_hash=model_hash(path), labels=self.label_names(),
+        return dict(mode="federated", model=model_name(spec.model), model_hash=model_hash(path), labels=self.label_names(),
                     max_length=spec.max_length, num_layers=spec.num_layers, lora_r=spec.lora_r,
                     lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
                     target_modules=list(targets), seed=spec.seed)
@@ -77,20 +77,15 @@ class DecoderSettings(LoraSettings):
     split_n_head: int = Field(12, ge=1, description="gpt2-config: attention heads")
     seq_len: int = Field(128, ge=8, le=4096, description="tokens per training sequence")
     split_seed: int = 0
-    split_head: Literal["transformers", "lean"] = Field(
-        "transformers", description="the agent's GPT-2 head: transformers + peft, or lean (plain torch + loralib: "
-        "the agent imports neither transformers nor peft)")
-    split_head_path: str | None = Field(
-        None, description="lean head: a GPT-2 checkpoint folder with the head's weights; needed for gpt2-config "
-        "(made by `python -m models.lean_gpt2 export DIR` with the fleet's split settings); unset: split_model's folder")
 
     def decoder_task_fields(self) -> dict:
         """TaskDefinition's fields in split mode (see ModelSettings.classifier_task_fields)."""
         from models.fingerprint import config_hash, model_hash
 
+        config = {}
         if self.split_model == "gpt2-config":
-            ident = config_hash({"n_layer": self.split_n_layer, "n_embd": self.split_n_embd,
-                                 "n_head": self.split_n_head}, self.split_seed)
+            config = {"n_layer": self.split_n_layer, "n_embd": self.split_n_embd, "n_head": self.split_n_head}
+            ident = config_hash(config, self.split_seed)
         elif self.split_model == "smollm2":  # the shipped GGUF file, whichever process converted it (models/smollm2.py)
             from models.smollm2 import smollm2_gguf
 
@@ -98,7 +93,8 @@ class DecoderSettings(LoraSettings):
         else:
             ident = model_hash(self.split_model)
         return dict(mode="split", model=Path(self.split_model).name, model_hash=ident, max_length=self.seq_len,
-                    lora_r=self.lora_r, lora_alpha=self.lora_alpha, cut=self.split_cut, seed=self.split_seed)
+                    lora_r=self.lora_r, lora_alpha=self.lora_alpha, cut=self.split_cut, config=config,
+                    seed=self.split_seed)
 
     def decoder_spec(self):
         from models.split import DecoderSpec

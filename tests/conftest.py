@@ -73,3 +73,15 @@ def kill_all(procs) -> None:
     for p in procs:
         if p.poll() is None:
             p.kill()
+
+
+def join_demo_task(state_dir: Path, **aggregator_settings) -> None:
+    """The state dir of an agent that has built its model for the fleet's task (the demo's, or the one
+    these aggregator settings give): the agent saves the task there, and the device commands read
+    its labels."""
+    from aggregator.settings import AggregatorSettings
+    from broker.messages import TaskDefinition
+    from edge_agent.local_settings import save_task
+    from models.settings import task_fields
+
+    save_task(state_dir, TaskDefinition(**task_fields(AggregatorSettings(**aggregator_settings))))

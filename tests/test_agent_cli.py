@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from edge_agent.cli import EXIT_INPUT, EXIT_STATE, app
 from edge_agent.local_settings import CURRENT_FILE, MODELS_DIR, STORE_FILE
 from edge_agent.store import SampleStore
-from tests.conftest import ROOT, child_env
+from tests.conftest import ROOT, child_env, join_demo_task
 
 runner = CliRunner()
 
@@ -29,6 +29,7 @@ def rows(state):
 
 
 def test_feedback_stores_a_labelled_sample(tmp_path):
+    join_demo_task(tmp_path)
     r = invoke("feedback", "a fine film", "--label", "positive", "--state-dir", str(tmp_path))
     assert r.exit_code == 0, r.output
     r = invoke("feedback", "a dull film", "--label", "0", env={"EDGETUNE_STATE_DIR": str(tmp_path)})
@@ -45,6 +46,7 @@ def test_feedback_stores_a_labelled_sample(tmp_path):
     ("x" * 2001, "positive", "the limit is 2000"),
 ])
 def test_bad_feedback_exits_2_and_stores_nothing(tmp_path, text, label, says):
+    join_demo_task(tmp_path)
     r = invoke("feedback", text, "--label", label, "--state-dir", str(tmp_path))
     assert r.exit_code == EXIT_INPUT, r.output
     assert says in r.output and "nothing stored" in r.output

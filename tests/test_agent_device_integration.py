@@ -52,6 +52,13 @@ def metric(port: int, name: str) -> float | None:
     return None
 
 
+def healthy(port: int) -> bool:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).status == 200
+    except OSError:
+        return False
+
+
 def wait_for(cond, timeout: float, what: str, procs, logs):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -85,8 +92,9 @@ def test_feedback_is_stored_learned_from_and_sent_in_a_round(mosquitto, tmp_path
               EDGETUNE_HOLDOUT_EVERY=HOLDOUT_EVERY, **common),
     ]
     try:
-        wait_for(lambda: metric(metrics_port, "edgetune_agent_samples_stored") == 0, 240,
-                 "the agent's /metrics", procs, logs[:2])
+        # the loopback API comes up once the agent has built its model for the fleet's task
+        wait_for(lambda: healthy(http_port), 240, "the agent's HTTP API", procs, logs[:2])
+        assert metric(metrics_port, "edgetune_agent_samples_stored") == 0
         # a malformed feedback gets a 4xx with a reason and stores nothing
         status, body = post(http_port, "/feedback", {"text": "fine", "label": "meh"})
         assert status == 422 and body["error"] == "unknown_label", body

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from data.records import DataError, LabelledText
 from data.sources import holdout_split, load_source
+from tests.conftest import join_demo_task
 
 runner = CliRunner()
 LABELS = ("negative", "positive")
@@ -249,15 +250,15 @@ def test_the_agent_trains_on_its_data_and_the_vader_shard_only_by_name(tmp_path)
     from data.sentiment import train_test_split
     from edge_agent.runner import local_examples
 
-    assert local_examples(agent_settings()) == ([], [])  # no data setting: no data (the store only)
+    assert local_examples(agent_settings(), LABELS) == ([], [])  # no data setting: no data (the store only)
     csv = str(write_csv(tmp_path / "m.csv", ROWS))
-    mine, held = local_examples(agent_settings(data=csv, eval_fraction=0))
+    mine, held = local_examples(agent_settings(data=csv, eval_fraction=0), LABELS)
     assert [(e.text, e.label) for e in mine] == [(t, y) for t, y, _ in EXPECTED] and held == []
     # the held-out slice for federated evaluation: a fixed share of the agent's rows, never trained on
-    train, held = local_examples(agent_settings(data=csv, eval_fraction=0.5))
+    train, held = local_examples(agent_settings(data=csv, eval_fraction=0.5), LABELS)
     assert (train, held) == holdout_split(mine, 0.5) and 0 < len(held) < len(mine)
     assert {e.uid for e in train}.isdisjoint({e.uid for e in held}) and len(train) + len(held) == len(mine)
-    capped_train, capped = local_examples(agent_settings(data=csv, eval_fraction=0.5, eval_max_examples=1))
+    capped_train, capped = local_examples(agent_settings(data=csv, eval_fraction=0.5, eval_max_examples=1), LABELS)
     assert capped == held[:1] and sorted(e.uid for e in capped_train) == sorted(e.uid for e in train + held[1:])
     # demo:vader keeps today's shard: the training split, partitioned by the partition settings
     s = agent_settings(data="demo:vader", partition="iid", num_partitions=3, partition_index=1, data_limit=50,
@@ -268,7 +269,7 @@ def test_the_agent_trains_on_its_data_and_the_vader_shard_only_by_name(tmp_path)
 
     want = [train[i] for i in part]
     random.Random(0).shuffle(want)
-    assert [(e.text, e.uid) for e in local_examples(s)[0]] == [(e.text, e.uid) for e in want[:50]]
+    assert [(e.text, e.uid) for e in local_examples(s, LABELS)[0]] == [(e.text, e.uid) for e in want[:50]]
     with pytest.raises(DataError):
         local_examples(agent_settings(data=str(_bad_csv(tmp_path))))
 
@@ -279,24 +280,27 @@ def test_agent_run_with_bad_data_exits_2_before_connecting(tmp_path):
     env = {"EDGETUNE_BROKER_URL": "mqtt://127.0.0.1:9", "EDGETUNE_AGENT_ID": "a1"}  # nothing listens there
     r = runner.invoke(app, ["run", "--data", str(tmp_path / "gone.csv")], env=env)
     assert r.exit_code == 2 and "gone.csv: does not exist" in r.output, r.output
-    r = runner.invoke(app, ["run", "--data", str(_bad_csv(tmp_path)), "--max-bad-rows", "1"], env=env)
+    # a malformed row (its labels are checked against the task's when the task comes: test_agent_task_model)
+    r = runner.invoke(app, ["run", "--data", str(_bad_csv(tmp_path))], env=env)
     errors = [line for line in r.output.splitlines() if line.startswith("error:")]
-    assert r.exit_code == 2 and len(errors) == 1, r.output  # one line, after the skipped row's log line
-    assert "bad.csv, row 3" in errors[0] and "--max-bad-rows" in errors[0]
+    assert r.exit_code == 2 and len(errors) == 1, r.output
+    assert "bad.csv, row 3: has 1 fields where the header has 2" in errors[0]
     r = runner.invoke(app, ["run", "--max-bad-rows", "-1"], env=env)
     assert r.exit_code == 2 and "EDGETUNE_MAX_BAD_ROWS" in r.output
 
 
 def test_labels_setting_takes_names_separated_by_commas(monkeypatch):
+    from aggregator.settings import AggregatorSettings
     from common.settings import load_settings
-    from edge_agent.local_settings import LocalCommandSettings
 
     monkeypatch.setenv("EDGETUNE_LABELS", "neg, neutral,pos")
-    monkeypatch.setenv("EDGETUNE_DATA", "demo:vader")
-    s = load_settings(LocalCommandSettings)
-    assert s.labels == ("neg", "neutral", "pos") and s.data == "demo:vader" and s.max_bad_rows == 0
+    monkeypatch.setenv("EDGETUNE_NUM_LABELS", "3")
+    monkeypatch.setenv("EDGETUNE_EVAL_DATA", "demo:vader")
+    s = load_settings(AggregatorSettings)
+    assert s.labels == ("neg", "neutral", "pos") and s.eval_data == "demo:vader"
     monkeypatch.setenv("EDGETUNE_LABELS", '["a", "b"]')
-    assert load_settings(LocalCommandSettings).labels == ("a", "b")
+    monkeypatch.setenv("EDGETUNE_NUM_LABELS", "2")
+    assert load_settings(AggregatorSettings).labels == ("a", "b")
 
 
 def test_an_agent_that_gets_data_publishes_its_status_again():
@@ -318,7 +322,7 @@ def test_an_agent_that_gets_data_publishes_its_status_again():
             self.sent.append(parse(codec.decode(payload).header, AgentStatus))
 
     a = AgentRunner(agent_settings(), examples=[])
-    a.device, a.transport = Store(), Transport()
+    a.device, a.transport, a.trainer = Store(), Transport(), object()  # built for its task
     a.publish_status(AgentState.online)
     a.idle()
     assert [s.num_examples for s in a.transport.sent] == [0]  # nothing new: no status
@@ -346,6 +350,7 @@ def agent_cli(*args, **env):
 
 
 def test_import_loads_a_file_into_the_store_in_one_go(tmp_path):
+    join_demo_task(tmp_path)
     p = write_jsonl(tmp_path / "in.jsonl", ROWS)
     r = agent_cli("import", str(p), "--state-dir", str(tmp_path))
     assert r.exit_code == 0 and "imported 3 labelled samples" in r.output, r.output
@@ -364,6 +369,7 @@ def test_import_loads_a_file_into_the_store_in_one_go(tmp_path):
     ('text,lbl\nfine,positive\n', "has no 'label' column"),
 ])
 def test_import_of_bad_data_exits_2_and_stores_nothing(tmp_path, content, says):
+    join_demo_task(tmp_path)
     p = tmp_path / "in.csv"
     p.write_text(content)
     r = agent_cli("import", str(p), "--state-dir", str(tmp_path))

@@ -347,8 +347,9 @@ def test_the_task_publishes_the_familys_target_modules(trained):
 
 
 def test_the_clis_refuse_an_unsupported_model_with_exit_2(tmp_path):
+    """The aggregator's CLI (the agents take no model setting; an agent given a task of an unsupported
+    model refuses it: test_an_agent_refuses_a_task_whose_model_is_of_no_family)."""
     from aggregator.cli import app as aggregator
-    from edge_agent.cli import app as agent
 
     from transformers import GemmaConfig
 
@@ -357,8 +358,7 @@ def test_the_clis_refuse_an_unsupported_model_with_exit_2(tmp_path):
     federated = {"EDGETUNE_MODEL": str(electra), "EDGETUNE_STATE_DIR": ""}
     split = {"EDGETUNE_MODE": "split", "EDGETUNE_SPLIT_MODEL": str(tmp_path / "gemma"), "EDGETUNE_STATE_DIR": ""}
     broker = ["--broker", "mqtt://127.0.0.1:1"]  # never reached: the model is refused first
-    runs = [(agent, ["run", "--id", "t1", *broker, "--data", "demo:vader"], federated, "electra"),
-            (aggregator, ["run", *broker, "--output-dir", str(tmp_path / "agg")], federated, "electra"),
+    runs = [(aggregator, ["run", *broker, "--output-dir", str(tmp_path / "agg")], federated, "electra"),
             (aggregator, ["run", *broker, "--output-dir", str(tmp_path / "agg-split")], split, "gemma")]
     for app, args, env, kind in runs:
         r = CliRunner().invoke(app, args, env=env)
@@ -366,3 +366,17 @@ def test_the_clis_refuse_an_unsupported_model_with_exit_2(tmp_path):
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith(f"error: model type '{kind}'"), r.output
         assert "supported: " in lines[0]
+
+
+def test_an_agent_refuses_a_task_whose_model_is_of_no_family(tmp_path):
+    from broker.messages import TaskDefinition
+    from edge_agent.task_model import task_spec
+    from models.fingerprint import model_hash
+
+    (tmp_path / "models").mkdir()
+    electra = _electra_folder(tmp_path / "models" / "electra")
+    task = TaskDefinition(mode="federated", model="electra", model_hash=model_hash(electra), labels=["a", "b"],
+                          max_length=32, lora_r=4, lora_alpha=8)
+    with pytest.raises(UnsupportedModel) as e:
+        task_spec(task, [tmp_path / "models"])
+    assert _lists_the_families(str(e.value))

@@ -264,9 +264,10 @@ def test_one_lean_and_one_transformers_agent_against_mosquitto(mosquitto, tmp_pa
     from tests.conftest import child_env, finish_all, spawn
 
     fleet = "lean-itest"
-    split = {"EDGETUNE_MODE": "split", "EDGETUNE_SPLIT_N_LAYER": "4", "EDGETUNE_SPLIT_N_EMBD": "128",
-             "EDGETUNE_SPLIT_N_HEAD": "4", "EDGETUNE_SPLIT_CUT": "2", "EDGETUNE_SEQ_LEN": "32",
-             "EDGETUNE_SPLIT_LR": "1e-2", "EDGETUNE_FLEET": fleet, "EDGETUNE_BROKER_URL": mosquitto.url}
+    split = {"EDGETUNE_MODE": "split", "EDGETUNE_SPLIT_LR": "1e-2", "EDGETUNE_FLEET": fleet,
+             "EDGETUNE_BROKER_URL": mosquitto.url}
+    task = {"EDGETUNE_SPLIT_N_LAYER": "4", "EDGETUNE_SPLIT_N_EMBD": "128", "EDGETUNE_SPLIT_N_HEAD": "4",
+            "EDGETUNE_SPLIT_CUT": "2", "EDGETUNE_SEQ_LEN": "32"}  # the aggregator's: its task carries them
     head_dir = export_head(DecoderSettings(split_n_layer=4, split_n_embd=128, split_n_head=4, split_cut=2,
                                            seq_len=32).decoder_spec(), tmp_path / "head")
     topics = Topics(fleet)
@@ -280,7 +281,7 @@ def test_one_lean_and_one_transformers_agent_against_mosquitto(mosquitto, tmp_pa
                  EDGETUNE_DATA_LIMIT="200")
     procs = [spawn("aggregator.cli", ["run", "--rounds", "1", "--min-agents", "2", "--expected-agents", "2",
                                       "--max-local-steps", "3", "--output-dir", str(out)], logs[0],
-                   EDGETUNE_EVAL_SEQUENCES="8", **split),
+                   EDGETUNE_EVAL_SEQUENCES="8", **task, **split),
              spawn("edge_agent.cli", ["run"], logs[1], EDGETUNE_AGENT_ID="edge-peft", EDGETUNE_PARTITION_INDEX="0",
                    **agent)]
     modules = tmp_path / "lean-modules.json"

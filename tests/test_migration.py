@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from tests.conftest import join_demo_task
+
 LABELS = ("negative", "positive")
 
 # -- the sample store ------------------------------------------------------------------------------
@@ -126,7 +128,7 @@ def test_a_v1_store_with_indices_outside_the_labels_is_refused_unchanged(tmp_pat
         SampleStore(path, labels=LABELS)
     assert isinstance(e.value, StoreError)
     said = str(e.value)
-    assert "set EDGETUNE_LABELS to the labels" in said and "2 (1 samples)" in said and "not changed" in said
+    assert "give the fleet the labels the store was written with" in said and "2 (1 samples)" in said and "not changed" in said
     assert raw(path, "PRAGMA user_version") == [(1,)] and raw(path, "SELECT * FROM samples ORDER BY id") == before
     assert not (tmp_path / "samples.sqlite.v1.bak").exists()
     # with the labels it was written with, it migrates
@@ -150,7 +152,7 @@ def test_labels_keep_their_meaning_when_the_list_changes(tmp_path, caplog):
         assert s.unknown_labels() == {"positive": 3}
         assert s.get(3).label is None and s.get(3).label_name == "positive"  # kept, never trained on
     said = caplog.text
-    assert "3 labelled samples" in said and "positive: 3" in said and "add those names to EDGETUNE_LABELS" in said
+    assert "3 labelled samples" in said and "positive: 3" in said and "add those names to the fleet's labels" in said
 
 
 def test_the_store_readers_get_the_indices_they_got_before(tmp_path):
@@ -175,12 +177,17 @@ def test_the_agent_commands_migrate_or_say_what_to_do(tmp_path):
     from edge_agent.local_settings import STORE_FILE
 
     runner = CliRunner()
-    env = {"EDGETUNE_LABELS": "negative,positive"}
+    env: dict = {}
     write_v1_store(tmp_path / STORE_FILE, rows=[*V1_ROWS, ("so-so", 2, "feedback", 0)])
+    # before the agent has joined its fleet, the commands do not know its labels: they leave the store alone
+    r = runner.invoke(app, ["feedback", "a fine film", "--label", "positive", "--state-dir", str(tmp_path)], env=env)
+    assert r.exit_code == 2 and "start `edgetune-agent run` once" in r.output and "Traceback" not in r.output, r.output
+    assert raw(tmp_path / STORE_FILE, "PRAGMA user_version") == [(1,)]
+    join_demo_task(tmp_path)  # the fleet's labels leave index 2 without a name: refused, with what to do
     r = runner.invoke(app, ["feedback", "a fine film", "--label", "positive", "--state-dir", str(tmp_path)], env=env)
     assert r.exit_code == 2, r.output
-    assert "set EDGETUNE_LABELS to the labels" in r.output and "Traceback" not in r.output
-    env["EDGETUNE_LABELS"] = "negative,positive,neutral"
+    assert "give the fleet the labels the store was written with" in r.output and "Traceback" not in r.output
+    join_demo_task(tmp_path, labels=["negative", "positive", "neutral"], num_labels=3)
     r = runner.invoke(app, ["feedback", "a fine film", "--label", "positive", "--state-dir", str(tmp_path)], env=env)
     assert r.exit_code == 0 and "(positive)" in r.output, r.output
     data = tmp_path / "more.csv"
@@ -200,10 +207,10 @@ def test_the_device_counts_samples_whose_label_left_the_list(tmp_path):
     write_v1_store(tmp_path / STORE_FILE, rows=[*V1_ROWS, ("so-so", 2, "feedback", 0)])
 
     def device(labels):
-        s = AgentSettings(state_dir=str(tmp_path), labels=list(labels), num_labels=len(labels))
-        return Device(s, AgentMetrics(), None, [], lambda: False)
+        s = AgentSettings(state_dir=str(tmp_path))
+        return Device(s, AgentMetrics(), None, [], lambda: False, labels=list(labels), max_length=64)
 
-    with pytest.raises(DeviceSetupError, match="set EDGETUNE_LABELS to the labels"):
+    with pytest.raises(DeviceSetupError, match="give the fleet the labels the store was written with"):
         device(LABELS).open()  # index 2 has no name in this list: refused, nothing changed
     assert raw(tmp_path / STORE_FILE, "PRAGMA user_version") == [(1,)]
     d = device((*LABELS, "neutral"))

@@ -48,8 +48,8 @@ def test_env_errors_name_the_variable(monkeypatch):
         load_settings(AggregatorSettings)
 
 
-@pytest.mark.parametrize("cls", [AggregatorSettings, AgentSettings])
-def test_lora_settings_reach_both_modes(cls, monkeypatch):
+def test_lora_settings_reach_both_modes(monkeypatch):
+    cls = AggregatorSettings  # the agents take them from the task (tests/test_agent_task_model.py)
     default = load_settings(cls, mode="split")
     assert (default.decoder_spec().lora_r, default.decoder_spec().lora_alpha) == (8, 16)
     monkeypatch.setenv("EDGETUNE_LORA_R", "4")

@@ -61,15 +61,17 @@ def test_smollm2_converts_once_to_a_plain_folder(tmp_path, monkeypatch):
 
 
 def test_agent_and_aggregator_agree_on_the_smollm2_task():
-    """Both sides hash the shipped GGUF file, whichever process converted it."""
+    """Both sides hash the shipped GGUF file, whichever process converted it: the agent finds the task's
+    smollm2 without a model dir and builds the aggregator's decoder spec from the task."""
     from aggregator.settings import AggregatorSettings
-    from edge_agent.settings import AgentSettings
+    from broker.messages import TaskDefinition
+    from edge_agent.task_model import task_spec
     from models.fingerprint import model_hash
     from models.smollm2 import smollm2_gguf
 
-    kw = dict(mode="split", split_model="smollm2", split_cut=2, seq_len=64)
-    agg = AggregatorSettings(**kw).decoder_task_fields()
-    assert agg == AgentSettings(**kw, agent_id="a1").decoder_task_fields()
+    settings = AggregatorSettings(mode="split", split_model="smollm2", split_cut=2, seq_len=64)
+    agg = settings.decoder_task_fields()
+    assert task_spec(TaskDefinition(**agg), []) == settings.decoder_spec()
     assert agg["model"] == "smollm2" and agg["model_hash"] == model_hash(smollm2_gguf())
 
 

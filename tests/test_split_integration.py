@@ -17,9 +17,10 @@ from tests.conftest import finish_all, spawn
 
 FLEET = "split-itest"
 ROUNDS = 2
-SPLIT = {"EDGETUNE_MODE": "split", "EDGETUNE_SPLIT_N_LAYER": "4", "EDGETUNE_SPLIT_N_EMBD": "256",
-         "EDGETUNE_SPLIT_N_HEAD": "4", "EDGETUNE_SPLIT_CUT": "2", "EDGETUNE_SEQ_LEN": "32",
-         "EDGETUNE_SPLIT_LR": "1e-2", "EDGETUNE_FLEET": FLEET}
+SPLIT = {"EDGETUNE_MODE": "split", "EDGETUNE_SPLIT_LR": "1e-2", "EDGETUNE_FLEET": FLEET}
+# the fleet's decoder: the aggregator's settings, which its task carries to the agents
+TASK = {"EDGETUNE_SPLIT_N_LAYER": "4", "EDGETUNE_SPLIT_N_EMBD": "256", "EDGETUNE_SPLIT_N_HEAD": "4",
+        "EDGETUNE_SPLIT_CUT": "2", "EDGETUNE_SEQ_LEN": "32"}
 
 
 def test_two_agents_int8_perplexity_falls_and_head_adapters_are_averaged(mosquitto, tmp_path):
@@ -33,7 +34,7 @@ def test_two_agents_int8_perplexity_falls_and_head_adapters_are_averaged(mosquit
     env = dict(SPLIT, EDGETUNE_BROKER_URL=mosquitto.url)
     procs = [spawn("aggregator.cli", ["run", "--rounds", str(ROUNDS), "--min-agents", "2", "--expected-agents", "2",
                                       "--max-local-steps", "8", "--output-dir", str(out)], logs[0],
-                   EDGETUNE_EVAL_SEQUENCES="32", **env)]
+                   EDGETUNE_EVAL_SEQUENCES="32", **TASK, **env)]
     for i in (1, 2):
         procs.append(spawn("edge_agent.cli", ["run"], logs[i], EDGETUNE_AGENT_ID=f"edge-{i}", EDGETUNE_DATA="demo:brown",
                            EDGETUNE_PARTITION="iid", EDGETUNE_NUM_PARTITIONS="2", EDGETUNE_PARTITION_INDEX=str(i - 1),

@@ -56,7 +56,9 @@ def test_model_hash_is_sorted_relative_paths_and_file_hashes_of_the_model_files(
 
 def test_the_task_hash_covers_every_field_and_differences_name_them():
     base = TaskDefinition(**ModelSettings().classifier_task_fields())
-    assert base.labels == ["negative", "positive"] and base.mode == "federated" and "/" not in base.model
+    # the shipped MiniLM by its hub name: never a path of this machine
+    assert base.labels == ["negative", "positive"] and base.mode == "federated"
+    assert base.model == "sentence-transformers/all-MiniLM-L6-v2"
     for change in ({"num_layers": 3}, {"labels": ["neg", "pos"]}, {"lora_r": 4}, {"max_length": 32}, {"seed": 1},
                    {"model_hash": "0" * 64}):
         other = base.model_copy(update=change)
@@ -87,29 +89,42 @@ def _scrape(port: int, sample: str, want: float, timeout: float = 30.0) -> float
     return got
 
 
-def test_an_agent_whose_model_differs_from_the_task_is_refused_on_both_sides_and_the_round_goes_on(
+def test_agents_whose_model_differs_from_the_task_or_is_missing_are_refused_on_both_sides_and_the_round_goes_on(
         mosquitto, tmp_path):
+    """The aggregator's task names a model folder ("minilm"); one agent holds another model under that
+    name (one config value differs), another holds none. Both refuse, say why in their status
+    (counted on both sides), and a third agent makes the round."""
+    from models.classifier import default_model_path
+    from tests.test_agent_task_model import link_model
+
     fleet = "task-itest"
     topics = Topics(fleet)
     watcher = MqttTransport("task-watcher", mosquitto.url)
     watcher.subscribe(topics.task)
     watcher.subscribe(topics.status("edge-other"))
+    watcher.subscribe(topics.status("edge-none"))
     watcher.connect()
+    model = link_model(default_model_path(), tmp_path / "fleet-models" / "minilm")
+    other = tmp_path / "other-models"
+    link_model(default_model_path(), other / "minilm", changed={"hidden_dropout_prob": 0.2})
     agg_port, agent_port = free_port(), free_port()
     out = tmp_path / "aggregator"
-    logs = [tmp_path / "aggregator.log", tmp_path / "other.log", tmp_path / "light.log"]
+    logs = [tmp_path / "aggregator.log", tmp_path / "other.log", tmp_path / "none.log", tmp_path / "light.log"]
     common = dict(EDGETUNE_BROKER_URL=mosquitto.url, EDGETUNE_FLEET=fleet)
     procs = [spawn("aggregator.cli", ["run", "--rounds", "1", "--min-agents", "1", "--expected-agents", "1",
                                       "--round-timeout", "60", "--eval-limit", "16", "--output-dir", str(out),
                                       "--metrics-port", str(agg_port)], logs[0], EDGETUNE_METRICS_LINGER_S="0",
-                   **common)]
+                   EDGETUNE_MODEL=str(model), **common)]
     try:
-        # an agent with one encoder layer less than the task (its local model is another model)
         procs.append(spawn("edge_agent.cli", ["run", "--id", "edge-other", "--metrics-port", str(agent_port)], logs[1],
-                           EDGETUNE_NUM_LAYERS="3", EDGETUNE_DATA_LIMIT="50", EDGETUNE_METRICS_LINGER_S="0", **common))
-        task = status = None
+                           EDGETUNE_MODEL_DIR=str(other), EDGETUNE_DATA="demo:vader", EDGETUNE_DATA_LIMIT="50",
+                           EDGETUNE_METRICS_LINGER_S="0", **common))
+        procs.append(spawn("edge_agent.cli", ["run", "--id", "edge-none"], logs[2], EDGETUNE_DATA="demo:vader",
+                           EDGETUNE_MODEL_DIR=str(tmp_path / "no-models"), EDGETUNE_DATA_LIMIT="50", **common))
+        task, status = None, {}
         deadline = time.monotonic() + 120
-        while (status is None or status.state != AgentState.refused) and time.monotonic() < deadline:
+        while (len(status) < 2 or any(x.state != AgentState.refused for x in status.values())) and \
+                time.monotonic() < deadline:
             m = watcher.get(timeout=0.5)
             if m is None or not m.payload:
                 continue
@@ -117,18 +132,22 @@ def test_an_agent_whose_model_differs_from_the_task_is_refused_on_both_sides_and
             if m.topic == topics.task:
                 task = parse(f.header, TaskDefinition)
             else:
-                status = parse(f.header, AgentStatus)
-        assert task is not None and task.num_layers == 4
-        assert status is not None and status.state == AgentState.refused, logs[1].read_text()[-2000:]
-        assert "num_layers: 3 != 4" in status.reason and "install the task's model" in status.reason
-        # counted on both sides, once
+                st = parse(f.header, AgentStatus)
+                status[st.agent_id] = st
+        assert task is not None and task.model == "minilm"
+        for aid, log in (("edge-other", logs[1]), ("edge-none", logs[2])):
+            assert aid in status and status[aid].state == AgentState.refused, log.read_text()[-2000:]
+        assert "is not the task's" in status["edge-other"].reason and task.model_hash[:12] in status["edge-other"].reason
+        assert "is not on this device: looked in" in status["edge-none"].reason
+        assert str(tmp_path / "no-models" / "minilm") in status["edge-none"].reason
+        # counted on both sides, once per agent
         assert _scrape(agent_port, 'edgetune_agent_rejected_messages_total{reason="wrong_task"}', 1) == 1
-        assert _scrape(agg_port, "edgetune_aggregator_agents_refused_total", 1) == 1
-        assert _scrape(agg_port, "edgetune_aggregator_agents_refusing", 1) == 1
+        assert _scrape(agg_port, "edgetune_aggregator_agents_refused_total", 2) == 2
+        assert _scrape(agg_port, "edgetune_aggregator_agents_refusing", 2) == 2
         # a light agent (the real protocol, synthetic adapters) makes the round
         procs.append(spawn("edge_agent.light", ["--id", "light-1", "--broker", mosquitto.url, "--fleet", fleet],
-                           logs[2]))
-        finish_all([procs[0], procs[2]], timeout=120, logs=[logs[0], logs[2]])
+                           logs[3]))
+        finish_all([procs[0], procs[3]], timeout=120, logs=[logs[0], logs[3]])
     finally:
         kill_all(procs)
         watcher.close()
