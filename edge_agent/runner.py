@@ -124,6 +124,8 @@ class AgentRunner(ProtocolDriver):
         return len(self.held_out)
 
     def publish_status(self, state: AgentState) -> None:
+        if self.trainer is None and self.refusal is None and state is not AgentState.offline:
+            return  # not yet built for the fleet's task: the aggregator sees this agent once it can train (or refuses)
         n = self.num_examples()
         super().publish_status(state)
         self._status = (state, n)

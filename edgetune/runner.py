@@ -314,6 +314,7 @@ def _follow(procs: list[tuple[str, subprocess.Popen]], metrics_file: Path, agent
     """Echo the aggregator's rounds as they come, until it exits or Ctrl-C (then SIGINT to every process)."""
     seen = 0
     agg = procs[0][1]
+    warned = False
     while True:
         if metrics_file.exists():
             rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
@@ -323,8 +324,17 @@ def _follow(procs: list[tuple[str, subprocess.Popen]], metrics_file: Path, agent
         if agg.poll() is not None:
             break
         dead = [n for n, p in procs[1:] if p.poll() not in (None, 0)]
-        if dead and len(dead) > agents - max(1, agents // 2):
+        if dead and not warned and len(dead) > agents - max(1, agents // 2):
             echo(f"agents {dead} exited with errors; see {logs}")
+            warned = True
+        if dead and all(p.poll() is not None for _, p in procs[1:]):  # no agent left: the run cannot go on
+            agg.send_signal(signal.SIGINT)
+            try:
+                agg.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                agg.kill()
+            raise RuntimeError(f"every agent exited before the run ended ({', '.join(dead)} with errors): "
+                               f"{_last_error(logs / f'{dead[0]}.log')} (logs in {logs})")
         if stopping():
             echo("stopping: the aggregator writes its checkpoint, agents go offline")
             for _, p in procs:
@@ -332,6 +342,16 @@ def _follow(procs: list[tuple[str, subprocess.Popen]], metrics_file: Path, agent
                     p.send_signal(signal.SIGINT)
             break
         time.sleep(0.5)
+
+
+def _last_error(log: Path) -> str:
+    """The last `error:` line of a process's log (or its last line)."""
+    try:
+        lines = [x.strip() for x in log.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return f"{log.name} is missing"
+    errors = [x for x in lines if x.startswith("error:")]
+    return (errors or lines or [f"{log.name} is empty"])[-1]
 
 
 AGENT_STOP_GRACE_S = 5.0  # agents get this long to go offline after a failed aggregator, then are killed

@@ -42,16 +42,20 @@ def test_short_split_demo_perplexity_falls_from_the_pretrained_base(mosquitto, t
 
 
 @pytest.mark.slow
-def test_smollm2_converts_once_to_a_plain_folder(tmp_path, monkeypatch):
+def test_smollm2_converts_once_to_a_plain_folder():
     """The GGUF is converted once into the model cache, without gguf's quantizer (a model loaded from
-    the GGUF refuses save_pretrained: 'quantized with gguf and is not serializable')."""
+    the GGUF refuses save_pretrained: 'quantized with gguf and is not serializable'). The machine's
+    cache: the suite's first SmolLM2 test converts (on a fresh machine), every later one reads the
+    folder; converting again into a private cache here would cost the suite ~18 s for nothing new."""
     from transformers import AutoModelForCausalLM
 
-    from models.smollm2 import SOURCE_FILE, smollm2_folder
+    from common.paths import model_cache_dir
+    from models.fingerprint import file_sha256
+    from models.smollm2 import SOURCE_FILE, smollm2_folder, smollm2_gguf
 
-    monkeypatch.setenv("EDGETUNE_MODEL_CACHE", str(tmp_path / "models"))
     folder = smollm2_folder()
-    assert folder.parent == tmp_path / "models" and (folder / SOURCE_FILE).exists()
+    assert folder.parent == model_cache_dir() and (folder / SOURCE_FILE).exists()
+    assert json.loads((folder / SOURCE_FILE).read_text())["sha256"] == file_sha256(smollm2_gguf())  # made from it
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     assert (folder / "tokenizer.json").exists()
     t0 = time.perf_counter()
@@ -91,3 +95,17 @@ def test_runner_stops_its_agents_soon_after_the_aggregator_fails_at_start(mosqui
     # 5 s more covers reading the log tail and a loaded machine's slow process exits
     assert end - noticed < AGENT_STOP_GRACE_S + 5, f"{end - noticed:.1f}s from noticing to return"
     assert end - t0 < 60, f"{end - t0:.1f}s in all"
+
+
+def test_runner_stops_the_aggregator_when_every_agent_has_failed(mosquitto, tmp_path):
+    """The agents' data has labels the task does not (a runner driven from Python, past the CLI's data
+    check): each agent exits 2 when the task comes. The aggregator would wait for agents until its
+    timeout; the runner stops it and says why."""
+    data = tmp_path / "mine.csv"
+    data.write_text("text,label\n" + "".join(f"text {i},{'yes' if i % 2 else 'no'}\n" for i in range(30)))
+    opts = RunOptions(agents=1, rounds=1, broker_url=mosquitto.url, output=tmp_path / "run", agent_data=[str(data)],
+                      labels=["negative", "positive"])
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"every agent exited .*mine.csv, row 2: label 'no' is not one of"):
+        run_local(opts, echo=lambda line: None)
+    assert time.monotonic() - t0 < 90
