@@ -291,7 +291,8 @@ def _agent_env(opts: RunOptions, env: dict, aid: str, i: int) -> dict:
                if env.get(k) and Path(env[k]).expanduser().is_dir()]
     env = {k: v for k, v in env.items() if k not in removed}
     if folders:
-        env["EDGETUNE_MODEL_DIR"] = os.pathsep.join(folders + [env["EDGETUNE_MODEL_DIR"]] * ("EDGETUNE_MODEL_DIR" in env))
+        env["EDGETUNE_MODEL_DIR"] = os.pathsep.join(folders + ([env["EDGETUNE_MODEL_DIR"]] if env.get("EDGETUNE_MODEL_DIR")
+                                                               else []))
     return dict(env, EDGETUNE_AGENT_ID=aid,
                 EDGETUNE_DATA=opts.agent_data[i] if own else (opts.data or demo_data(opts.mode)),
                 EDGETUNE_PARTITION="iid" if own else opts.partition,

@@ -157,3 +157,21 @@ def test_the_agent_builds_for_the_task_that_comes_and_maps_its_data_to_the_tasks
         assert a.task_refusal(task.hash) is None and "not the one this agent built" in a.task_refusal("f" * 64)
     finally:
         a._teardown()
+
+
+def test_the_one_machine_runner_gives_its_agents_no_model_settings_only_where_the_model_is(tmp_path):
+    from edgetune.runner import RunOptions, _agent_env
+
+    model = tmp_path / "fleet" / "my-minilm"
+    model.mkdir(parents=True)
+    env = {"EDGETUNE_MODEL": str(model), "EDGETUNE_LABELS": '["a", "b", "c"]', "EDGETUNE_NUM_LABELS": "3",
+           "EDGETUNE_NUM_LAYERS": "2", "EDGETUNE_BROKER_URL": "mqtt://127.0.0.1:1883", "PATH": "/bin"}
+    got = _agent_env(RunOptions(agents=2), env, "agent-1", 0)
+    assert not {f"EDGETUNE_{n.upper()}" for n in REMOVED_SETTINGS} & set(got)
+    assert got["EDGETUNE_MODEL_DIR"] == str(tmp_path / "fleet") and got["EDGETUNE_BROKER_URL"] == env["EDGETUNE_BROKER_URL"]
+    os.environ.update({k: v for k, v in got.items() if k.startswith("EDGETUNE_")})  # what the agent process reads
+    try:
+        assert load_settings(AgentSettings).model_dir == str(tmp_path / "fleet")
+    finally:
+        for k in [k for k in got if k.startswith("EDGETUNE_")]:
+            os.environ.pop(k, None)
