@@ -62,8 +62,9 @@ def federated(files: list[Path], heldout_file: Path, out: Path, args) -> tuple[l
     from edgetune import run_data
     from edgetune.runner import RunOptions, run_local
 
-    opts = RunOptions(rounds=args.rounds, max_local_steps=args.max_local_steps, output=out,
-                      eval_data=str(heldout_file), seed=args.seed)
+    opts = RunOptions(rounds=args.rounds, max_local_steps=args.max_local_steps, output=out, lr=args.lr,
+                      batch_size=args.batch_size, num_layers=args.num_layers, eval_data=str(heldout_file),
+                      seed=args.seed)
     run_data.resolve(opts, agent_data=str(files[0].parent / "agent-*"))
     t0 = time.time()
     run_local(opts, echo=lambda line: print("   ", line, flush=True))
@@ -75,16 +76,14 @@ def centralized(train: list, held: list, labels: list[str], steps: int, args) ->
     import torch
 
     from aggregator.evaluation import classification_figures
-    from edgetune.runner import RunOptions
     from models.classifier import ClassifierSpec, build_classifier, load_tokenizer
     from models.train import evaluate, train_local
 
     torch.set_num_threads(args.threads)
-    o = RunOptions()
-    spec = ClassifierSpec(num_labels=len(labels))
+    spec = ClassifierSpec(num_labels=len(labels), num_layers=args.num_layers)
     model, tok = build_classifier(spec), load_tokenizer(spec)
     t0 = time.time()
-    train_local(model, tok, train, epochs=10**6, max_steps=steps, batch_size=o.batch_size, lr=o.lr,
+    train_local(model, tok, train, epochs=10**6, max_steps=steps, batch_size=args.batch_size, lr=args.lr,
                 max_length=spec.max_length, seed=args.seed)
     r = evaluate(model, tok, held, max_length=spec.max_length)
     return {**classification_figures(r.confusion, labels), "seconds": time.time() - t0}
@@ -92,7 +91,6 @@ def centralized(train: list, held: list, labels: list[str], steps: int, args) ->
 
 def run_partition(name: str, work: Path, args) -> dict:
     from data.genres import label_names, write_agent_files, write_rows
-    from edgetune.runner import RunOptions
 
     labels = label_names(GENRES)
     files = write_agent_files(work / name / "data", GENRES, args.per_class, 3, SKEW[name], args.seed)
@@ -111,18 +109,23 @@ def run_partition(name: str, work: Path, args) -> dict:
         "federated_macro_f1": fed[last]["macro_f1"], "central_eval_macro_f1": central[last]["macro_f1"],
         "centralized_macro_f1": cen["macro_f1"], "gap": cen["macro_f1"] - fed[last]["macro_f1"],
         "federated_accuracy": fed[last]["accuracy"], "centralized_accuracy": cen["accuracy"],
-        "fed_vs_central_eval_max_diff": agree, "examples_seen": steps * RunOptions().batch_size,
+        "fed_vs_central_eval_max_diff": agree, "examples_seen": steps * args.batch_size,
         "federated_s": fed_s, "centralized_s": cen["seconds"],
         "federated_per_round": [fed[v]["macro_f1"] for v in sorted(fed)],
     }
 
 
 def main(argv: list[str] | None = None) -> None:
+    from edgetune.runner import RunOptions
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--partitions", nargs="+", default=list(SKEW), choices=list(SKEW))
     p.add_argument("--per-class", type=int, default=300)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--max-local-steps", type=int, default=10)
+    p.add_argument("--lr", type=float, default=RunOptions.lr, help="the agents' (and centralized) AdamW lr")
+    p.add_argument("--batch-size", type=int, default=RunOptions.batch_size)
+    p.add_argument("--num-layers", type=int, default=4, help="encoder layers kept (the task's pruning)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "results" / "own_task")
@@ -130,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     rows = [run_partition(name, args.work, args) for name in args.partitions]
     config = {"genres": list(GENRES), "per_class": args.per_class, "agents": 3, "rounds": args.rounds,
-              "max_local_steps": args.max_local_steps, "seed": args.seed}
+              "max_local_steps": args.max_local_steps, "lr": args.lr, "batch_size": args.batch_size,
+              "num_layers": args.num_layers, "seed": args.seed}
     name = "own_task" if len(args.partitions) == len(SKEW) else f"own_task_{'_'.join(args.partitions)}"
     path = report(name, rows, meta={"config": config}, columns=[
         "partition", "held_out", "macro_f1_round0", "federated_macro_f1", "central_eval_macro_f1",

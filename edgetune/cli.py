@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from common.cli import new_app
+from edgetune.runner import RunOptions as RUN_DEFAULTS  # the defaults the options below show
 
 app = new_app("EdgeTune: federated LoRA fine-tuning across edge devices over MQTT.")
 
@@ -27,6 +28,10 @@ def run(
                                                  "--buffer-size updates, stale ones weighted down)"),
     buffer_size: int = typer.Option(0, min=0, help="async: updates per new global (0: half the agents)"),
     prox_mu: float = typer.Option(0.0, min=0.0, help="FedProx: the agents' proximal weight mu (0: off)"),
+    lr: float = typer.Option(RUN_DEFAULTS.lr, min=0.0, help="the agents' AdamW learning rate (federated mode)"),
+    batch_size: int = typer.Option(RUN_DEFAULTS.batch_size, min=1, help="examples per agent step (federated mode)"),
+    num_layers: Optional[int] = typer.Option(None, min=0, help="federated mode: encoder layers the fleet's classifier "
+                                             "keeps (the task's pruning; 0: all; default 4)"),
     broker: Optional[str] = typer.Option(None, help="use this broker (mqtt://host:port) instead of an embedded one"),
     output: Path = typer.Option(Path("runs/latest"), help="metrics, checkpoints, logs and the plot go here"),
     eval_limit: int = typer.Option(0, min=0, help="evaluate on the first N held-out examples (0: all)"),
@@ -67,7 +72,8 @@ def run(
         max_local_steps = SPLIT_LOCAL_STEPS if mode == "split" else RunOptions.max_local_steps
     opts = RunOptions(agents=agents, rounds=rounds, local_epochs=local_epochs, max_local_steps=max_local_steps,
                       partition=partition, strategy=strategy, strategy_options=strategy_options,
-                      aggregation=aggregation, async_buffer_size=buffer_size, prox_mu=prox_mu,
+                      aggregation=aggregation, async_buffer_size=buffer_size, prox_mu=prox_mu, lr=lr,
+                      batch_size=batch_size, num_layers=num_layers,
                       broker_url=broker, output=output,
                       eval_limit=eval_limit, seed=seed, mode=mode, split_encoding=encoding, split_model=split_model,
                       split_n_layer=split_layers, split_n_embd=split_embd, split_n_head=max(1, split_embd // 64),

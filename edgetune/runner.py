@@ -39,6 +39,7 @@ class RunOptions:
     aggregator_threads: int = 2  # it idles while agents train; 1 where other jobs load the cores (2 threads then thrash)
     lr: float = 5e-3
     batch_size: int = 32
+    num_layers: int | None = None  # the task's encoder layers kept (0: all; None: the aggregator's setting, 4)
     seed: int = 0
     fleet: str = "local"
     mode: str = "federated"
@@ -82,6 +83,8 @@ def _env(opts: RunOptions, broker_url: str, protocol: int) -> dict:
         env.update({"EDGETUNE_LABELS": json.dumps(list(opts.labels)), "EDGETUNE_NUM_LABELS": str(len(opts.labels))})
     if opts.domain_column:
         env["EDGETUNE_DOMAIN_COLUMN"] = opts.domain_column
+    if opts.mode == "federated" and opts.num_layers is not None:
+        env["EDGETUNE_NUM_LAYERS"] = str(opts.num_layers)
     if opts.mode == "split":
         env.update({
             "EDGETUNE_MODE": "split", "EDGETUNE_SPLIT_MODEL": opts.split_model,

@@ -166,6 +166,11 @@ def test_the_one_machine_runner_gives_its_agents_no_model_settings_only_where_th
     model.mkdir(parents=True)
     env = {"EDGETUNE_MODEL": str(model), "EDGETUNE_LABELS": '["a", "b", "c"]', "EDGETUNE_NUM_LABELS": "3",
            "EDGETUNE_NUM_LAYERS": "2", "EDGETUNE_BROKER_URL": "mqtt://127.0.0.1:1883", "PATH": "/bin"}
+    from edgetune.runner import _env
+
+    shared = _env(RunOptions(agents=2, num_layers=2), "mqtt://127.0.0.1:1883", 5)  # `edgetune run --num-layers 2`
+    assert shared["EDGETUNE_NUM_LAYERS"] == "2"  # the aggregator's task setting ...
+    assert "EDGETUNE_NUM_LAYERS" not in _agent_env(RunOptions(agents=2), shared, "agent-1", 0)  # ... never the agents'
     got = _agent_env(RunOptions(agents=2), env, "agent-1", 0)
     assert not {f"EDGETUNE_{n.upper()}" for n in REMOVED_SETTINGS} & set(got)
     assert got["EDGETUNE_MODEL_DIR"] == str(tmp_path / "fleet") and got["EDGETUNE_BROKER_URL"] == env["EDGETUNE_BROKER_URL"]
