@@ -7,10 +7,11 @@ from typing import Optional
 
 import typer
 
+from broker.messages import wire_about
 from common.cli import cli_settings, exit_codes, new_app
 from common.logs import setup_logging
 
-app = new_app("EdgeTune aggregator: rounds, FedAvg, checkpoints, metrics.")
+app = new_app("EdgeTune aggregator: rounds, FedAvg, checkpoints, metrics.", about=wire_about)
 
 
 @app.command()

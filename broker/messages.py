@@ -18,6 +18,11 @@ from broker.errors import SchemaError, UnsupportedVersion
 
 PROTOCOL_VERSION = 2  # 2: the task definition, and its hash on announcements, globals and updates
 
+
+def wire_about() -> str:
+    """What `--version` adds to the package's version: the wire protocol this release speaks."""
+    return f"wire protocol {PROTOCOL_VERSION}"
+
 AGENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NoReturn, TypeVar
+from typing import Any, Callable, Iterator, Mapping, NoReturn, TypeVar
 
 import typer
 
@@ -13,13 +13,30 @@ S = TypeVar("S")
 EXIT_INPUT = 2  # a bad setting or input: nothing started, nothing stored
 
 
-def new_app(help: str) -> typer.Typer:
+def version_line(about: Callable[[], str] | None = None) -> str:
+    """'edgetune 0.1.0 (wire protocol 2)': the installed package's version, and what `about` adds."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("edgetune")
+    except PackageNotFoundError:
+        v = "(not installed: run scripts/install)"
+    return f"edgetune {v}" + (f" ({about()})" if about is not None else "")
+
+
+def new_app(help: str, about: Callable[[], str] | None = None) -> typer.Typer:
     """A command group (`edgetune-agent run`, `edgetune-aggregator run`, ...): subcommands stay
-    subcommands even when there is only one."""
+    subcommands even when there is only one. `--version` prints `version_line(about)`."""
     app = typer.Typer(add_completion=False, help=help)
 
+    def _version(value: bool) -> None:
+        if value:
+            typer.echo(version_line(about))
+            raise typer.Exit(0)
+
     @app.callback()
-    def main() -> None:
+    def main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                          help="print the version (and the wire protocol's) and exit")) -> None:
         pass
 
     return app

@@ -14,10 +14,11 @@ from typing import Optional
 
 import typer
 
+from broker.messages import wire_about
 from common.cli import cli_settings, exit_codes, fail, new_app
 from common.logs import setup_logging
 
-app = new_app("EdgeTune edge agent: local training, updates, predictions.")
+app = new_app("EdgeTune edge agent: local training, updates, predictions.", about=wire_about)
 _TEXT_COLUMN = typer.Option(None, "--text-column", help="the column (JSON field) with the text (default: text)")
 _LABEL_COLUMN = typer.Option(None, "--label-column", help="the column (JSON field) with the label name (default: label)")
 _MAX_BAD_ROWS = typer.Option(None, "--max-bad-rows", help="skip up to N bad rows, each logged with its line "

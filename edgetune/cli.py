@@ -7,10 +7,19 @@ from typing import Optional
 
 import typer
 
+import enum
+
+from aggregator.strategy_names import STRATEGY_NAMES
+from broker.messages import wire_about
 from common.cli import new_app
 from edgetune.runner import RunOptions as RUN_DEFAULTS  # the defaults the options below show
 
-app = new_app("EdgeTune: federated LoRA fine-tuning across edge devices over MQTT.")
+Mode = enum.Enum("Mode", {m: m for m in ("federated", "split")}, type=str)
+Aggregation = enum.Enum("Aggregation", {m: m for m in ("sync", "async")}, type=str)
+Encoding = enum.Enum("Encoding", {m: m for m in ("fp32", "fp16", "int8")}, type=str)
+Strategy = enum.Enum("Strategy", {m: m for m in STRATEGY_NAMES}, type=str)
+
+app = new_app("EdgeTune: federated LoRA fine-tuning across edge devices over MQTT.", about=wire_about)
 
 
 @app.command()
@@ -22,9 +31,9 @@ def run(
                                                   "epochs; default 40, split mode 10)"),
     partition: str = typer.Option("by-domain", help="iid, dirichlet, by-domain (one domain per agent) or by:COLUMN "
                                                     "(one value of a data column per agent)"),
-    strategy: str = typer.Option("fedavg", help="fedavg, fedadam, fedyogi, median, trimmed_mean, krum, clip, dp_fedavg"),
+    strategy: Strategy = typer.Option("fedavg", help="the aggregation strategy"),
     strategy_options: str = typer.Option("", help='the strategy\'s options as JSON, e.g. \'{"f": 1, "m": 3}\' for krum'),
-    aggregation: str = typer.Option("sync", help="sync rounds, or async (buffered, FedBuff: a new global every "
+    aggregation: Aggregation = typer.Option("sync", help="sync rounds, or async (buffered, FedBuff: a new global every "
                                                  "--buffer-size updates, stale ones weighted down)"),
     buffer_size: int = typer.Option(0, min=0, help="async: updates per new global (0: half the agents)"),
     prox_mu: float = typer.Option(0.0, min=0.0, help="FedProx: the agents' proximal weight mu (0: off)"),
@@ -36,8 +45,8 @@ def run(
     output: Path = typer.Option(Path("runs/latest"), help="metrics, checkpoints, logs and the plot go here"),
     eval_limit: int = typer.Option(0, min=0, help="evaluate on the first N held-out examples (0: all)"),
     seed: int = typer.Option(0),
-    mode: str = typer.Option("federated", help="federated (edge classifier) or split (decoder cut between agent and server)"),
-    encoding: str = typer.Option("fp32", help="split mode: activation/gradient encoding fp32, fp16 or int8"),
+    mode: Mode = typer.Option("federated", help="federated (edge classifier) or split (decoder cut between agent and server)"),
+    encoding: Encoding = typer.Option("fp32", help="split mode: activation/gradient encoding fp32, fp16 or int8"),
     split_model: str = typer.Option("smollm2", help="split mode: smollm2 (pretrained SmolLM2-135M, ships offline), "
                                                     "gpt2-config (GPT-2 architecture, random init: throughput runs), "
                                                     "or a model folder"),
@@ -58,12 +67,10 @@ def run(
     """A local run: embedded broker, the aggregator and N agents on this machine."""
     from common.cli import EXIT_INPUT, fail
 
-    if mode not in ("federated", "split"):
-        typer.echo(f"error: --mode {mode!r}: choose federated or split", err=True)
-        raise typer.Exit(2)
-    if aggregation not in ("sync", "async"):
-        typer.echo(f"error: --aggregation {aggregation!r}: choose sync or async", err=True)
-        raise typer.Exit(2)
+    mode, aggregation, encoding, strategy = mode.value, aggregation.value, encoding.value, strategy.value
+    _check_strategy(strategy, strategy_options, aggregation)
+    if broker:
+        _check_broker(broker)
     from edgetune import run_data
     from edgetune.local_broker import BrokerUnavailable
     from edgetune.runner import SPLIT_LOCAL_STEPS, RunOptions, run_local
@@ -90,6 +97,52 @@ def run(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     _print_summary(summary, "perplexity" if mode == "split" else "accuracy")
+
+
+def _check_strategy(strategy: str, options: str, aggregation: str) -> None:
+    """Bad --strategy-options fail here, before anything starts: not JSON (without importing torch),
+    then what the aggregator would refuse at its start (building the strategy: this imports torch)."""
+    import json
+
+    from common.cli import EXIT_INPUT, fail
+
+    if not options:
+        return
+    try:
+        parsed = json.loads(options)
+    except json.JSONDecodeError as e:
+        fail(f"--strategy-options is not JSON ({e.msg} at character {e.pos}): give an object, e.g. "
+             '\'{"f": 1, "m": 3}\' for krum (nothing started)', EXIT_INPUT)
+    if not isinstance(parsed, dict):
+        fail(f"--strategy-options must be a JSON object of option names to values, not {options!r} (nothing started)",
+             EXIT_INPUT)
+    if aggregation == "async":
+        return  # the aggregator's settings refuse strategy options with async aggregation, with the reason
+    from aggregator.strategies import StrategyOptionsError, make_strategy
+
+    try:
+        make_strategy(strategy, **parsed)
+    except (StrategyOptionsError, TypeError, ValueError) as e:
+        fail(f"--strategy {strategy} --strategy-options {options}: {e} (nothing started)", EXIT_INPUT)
+
+
+def _check_broker(url: str, timeout_s: float = 2.0) -> None:
+    """--broker must be reachable over TCP within `timeout_s`: say so at once rather than after starting
+    the aggregator and the agents."""
+    import socket
+    from urllib.parse import urlparse
+
+    from common.cli import fail
+
+    u = urlparse(url)
+    if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+        fail(f"--broker {url!r}: give mqtt://HOST:PORT or mqtts://HOST:PORT (nothing started)", 2)
+    port = u.port or (8883 if u.scheme == "mqtts" else 1883)
+    try:
+        socket.create_connection((u.hostname, port), timeout=timeout_s).close()
+    except OSError as e:
+        fail(f"no broker at {u.hostname}:{port} ({e.strerror or e}): is it running and reachable? (nothing "
+             "started)", 3)
 
 
 def _print_summary(summary: dict, key: str) -> None:
