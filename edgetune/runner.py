@@ -132,15 +132,28 @@ def _progress(row: dict) -> str:
     return line
 
 
-def plot_accuracy(metrics_file: Path, png: Path, title: str = "") -> Path:
+def plot_accuracy(metrics_file: Path, png: Path, title: str = "", agent_labels: dict | None = None) -> Path:
     """Left: the global held-out metric per round (accuracy, or perplexity with ROUGE-L in split
-    mode). Right: each agent's local training loss per round (from the rows' "agents")."""
+    mode). Right: each agent's local training loss per round (from the rows' "agents"), labelled
+    with `agent_labels` (agent id -> what it trains on) where given. Rounds on integer ticks."""
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    fig = draw_run(rows, title, agent_labels or {})
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
+def draw_run(rows: list[dict], title: str = "", agent_labels: dict | None = None):
+    """The figure plot_accuracy saves, from a run's metrics rows."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    agent_labels = agent_labels or {}
     key = "accuracy" if any("accuracy" in r for r in rows) else "perplexity"
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     for source, style in (("central", "o-"), ("federated", "^--")):  # the aggregator's data, the devices' held-out rows
@@ -170,17 +183,26 @@ def plot_accuracy(metrics_file: Path, png: Path, title: str = "") -> Path:
         pts = [(r["round"], r["agents"][a]["train_loss"]) for r in rows
                if a in r.get("agents", {}) and r["agents"][a].get("train_loss") is not None]
         if pts:
-            ax2.plot(*zip(*pts), marker=".", label=a)
+            ax2.plot(*zip(*pts), marker=".", label=f"{a} ({agent_labels[a]})" if a in agent_labels else a)
     ax2.set_xlabel("round")
     ax2.set_ylabel("local training loss")
     ax2.set_title("per agent")
     ax2.grid(alpha=0.3)
     if agents:
-        ax2.legend(fontsize="small", ncol=2)
+        ax2.legend(fontsize="small", ncol=1 if agent_labels else 2)
+    for a in (ax, ax2):
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-    return png
+    return fig
+
+
+def agent_labels(opts: "RunOptions") -> dict[str, str]:
+    """What each local agent trains on, for the plot's legend: its file, or its share of the data."""
+    if opts.agent_data:
+        return {f"agent-{i + 1}": Path(f).name for i, f in enumerate(opts.agent_data)}
+    data = opts.data or demo_data(opts.mode)
+    return {f"agent-{i + 1}": f"{opts.partition} part {i + 1}/{opts.agents} of {Path(data).name}"
+            for i in range(opts.agents)}
 
 
 def run_local(opts: RunOptions, echo=print) -> dict:
@@ -401,7 +423,7 @@ def _summary(opts: RunOptions, out: Path, metrics_file: Path, seconds: float) ->
         if opts.aggregation == "async":
             what = f"async buffer {opts.async_buffer_size or max(1, opts.agents // 2)}"
         png = plot_accuracy(metrics_file, out / ("perplexity.png" if opts.mode == "split" else "accuracy.png"),
-                            f"{opts.agents} agents, {opts.partition}, {what}")
+                            f"{opts.agents} agents, {opts.partition}, {what}", agent_labels=agent_labels(opts))
         summary["plot"] = str(png)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
