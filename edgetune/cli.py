@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 import enum
+import os
 
 from aggregator.strategy_names import STRATEGY_NAMES
 from broker.messages import wire_about
@@ -69,6 +70,7 @@ def run(
 
     mode, aggregation, encoding, strategy = mode.value, aggregation.value, encoding.value, strategy.value
     _check_strategy(strategy, strategy_options, aggregation)
+    _check_model(split_model if mode == "split" else os.environ.get("EDGETUNE_MODEL", ""))
     if broker:
         _check_broker(broker)
     from edgetune import run_data
@@ -124,6 +126,21 @@ def _check_strategy(strategy: str, options: str, aggregation: str) -> None:
         make_strategy(strategy, **parsed)
     except (StrategyOptionsError, TypeError, ValueError) as e:
         fail(f"--strategy {strategy} --strategy-options {options}: {e} (nothing started)", EXIT_INPUT)
+
+
+def _check_model(name_or_path: str) -> None:
+    """A model given as a folder (EDGETUNE_MODEL, --split-model PATH) must be one, before anything
+    starts (torch-free: models.fingerprint). Names (the shipped ones, hub names) are left to the
+    aggregator."""
+    from common.cli import EXIT_INPUT, fail
+    from models.fingerprint import ModelNotFound, model_files
+
+    if not name_or_path or not (name_or_path.startswith((".", "/", "~")) or os.path.exists(name_or_path)):
+        return
+    try:
+        model_files(os.path.expanduser(name_or_path))
+    except ModelNotFound as e:
+        fail(f"{e} (nothing started)", EXIT_INPUT)
 
 
 def _check_broker(url: str, timeout_s: float = 2.0) -> None:

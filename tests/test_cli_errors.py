@@ -26,10 +26,10 @@ sys.exit(code)
 """
 
 
-def cli(module: str, *args: str) -> tuple[int, str, bool]:
+def cli(module: str, *args: str, **env: str) -> tuple[int, str, bool]:
     """(exit code, stdout + stderr, whether torch was imported) of `module`'s CLI with `args`."""
-    p = subprocess.run([sys.executable, "-c", PROBE, module, *args], cwd=ROOT, env=child_env(COLUMNS="200"), capture_output=True,
-                       text=True, timeout=120)
+    p = subprocess.run([sys.executable, "-c", PROBE, module, *args], cwd=ROOT, env=child_env(COLUMNS="200", **env),
+                       capture_output=True, text=True, timeout=120)
     out = p.stdout + p.stderr
     assert "TORCH-IMPORTED" in out or "TORCH-NOT-IMPORTED" in out, out
     return p.returncode, out, "TORCH-IMPORTED" in out
@@ -53,6 +53,16 @@ def test_edgetune_run_refuses_bad_options_before_starting_anything_or_importing_
     got, out, torch_imported = cli("edgetune.cli", "run", *args)
     assert got == code and says in out, out
     assert "Traceback" not in out and started_nothing(out) and not torch_imported, out
+
+
+def test_a_missing_model_folder_is_refused_before_starting_anything_or_importing_torch(tmp_path):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    for args, env, says in ((["--mode", "split", "--split-model", str(tmp_path / "gone")], {}, "no model at"),
+                            ([], {"EDGETUNE_MODEL": str(empty)}, "holds no config.json")):
+        got, out, torch_imported = cli("edgetune.cli", "run", *args, **env)
+        assert got == 2 and says in out and "nothing started" in out, out
+        assert "Traceback" not in out and started_nothing(out) and not torch_imported, out
 
 
 def test_an_unreachable_broker_is_refused_before_starting_anything():
