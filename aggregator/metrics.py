@@ -15,10 +15,25 @@ _FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5
 
 
 class AggregatorMetrics:
+    def info(self, fleet: str, mode: str) -> None:
+        """edgetune_aggregator_build_info{version, protocol, fleet, mode} 1."""
+        from broker.messages import PROTOCOL_VERSION
+        from common.metrics_http import build_info
+
+        if getattr(self, "_info", None) is not None:  # a registry shared by two processes' worth of objects
+            self.registry.unregister(self._info)
+        self._info = build_info(self.registry, "edgetune_aggregator_", PROTOCOL_VERSION, fleet=fleet, mode=mode)
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         p = "edgetune_aggregator_"
-        self.rounds_completed = Counter(p + "rounds_completed", "Federated rounds completed", registry=r)
+        self.rounds_completed = Counter(p + "rounds_completed", "Federated rounds completed (kept one release as an "
+                                        "alias: rounds_total{outcome} counts every round)", registry=r)
+        self.rounds = Counter(p + "rounds", "Rounds (sync) and buffer steps (async) by outcome: complete, deadline "
+                              "(quorum met at the deadline), failed (quorum missed), error (the strategy refused the "
+                              "updates), async steps", ["outcome"], registry=r)
+        for outcome in ("complete", "deadline", "failed", "error"):
+            self.rounds.labels(outcome=outcome)  # zeros on the dashboard, not "no data"
         self.round_duration = Histogram(
             p + "round_duration_seconds", "Wall time of a round, announce to publish", buckets=_ROUND_BUCKETS, registry=r
         )

@@ -49,6 +49,7 @@ class AggregatorService(EvaluationMixin):
         self.s = settings
         self.topics = Topics(settings.fleet)
         self.metrics = metrics or AggregatorMetrics()
+        self.metrics.info(fleet=settings.fleet, mode=settings.mode)
         self.out = Path(settings.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.online: dict[str, AgentStatus] = {}
@@ -305,6 +306,7 @@ class AggregatorService(EvaluationMixin):
             self._pump(time.monotonic() + 0.5)
         self.metrics.agents_dropped.inc(len(rec.dropped))
         if rec.new_state is None:
+            self.metrics.rounds.labels(outcome="error" if rec.error else "failed").inc()
             if rec.error:
                 log.error("round %d: %s could not aggregate %d updates: %s; the global adapter stays v%d", rec.round,
                           self.s.strategy, len(rec.answered), rec.error, rec.version)
@@ -328,6 +330,7 @@ class AggregatorService(EvaluationMixin):
         row["duration_s"] = time.time() - t0
         self._checkpoint(row)
         self.metrics.rounds_completed.inc()
+        self.metrics.rounds.labels(outcome=rec.outcome).inc()
         self.metrics.round_duration.observe(row["duration_s"])
         log.info("round %d: %s, global v%d, %s (%.1fs)", rec.round, rec.outcome, rec.version, fmt_row(row),
                  row["duration_s"])

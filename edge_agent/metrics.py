@@ -11,6 +11,15 @@ _FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5
 
 
 class AgentMetrics:
+    def info(self, fleet: str, agent: str, mode: str) -> None:
+        """edgetune_agent_build_info{version, protocol, fleet, agent, mode} 1."""
+        from broker.messages import PROTOCOL_VERSION
+        from common.metrics_http import build_info
+
+        if getattr(self, "_info", None) is not None:  # a registry shared by two processes' worth of objects
+            self.registry.unregister(self._info)
+        self._info = build_info(self.registry, "edgetune_agent_", PROTOCOL_VERSION, fleet=fleet, agent=agent, mode=mode)
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         p = "edgetune_agent_"

@@ -94,6 +94,7 @@ class AgentRunner(ProtocolDriver):
         self.s = settings
         self._init_protocol(settings.agent_id, settings.fleet)
         self.metrics = metrics or AgentMetrics()
+        self.metrics.info(fleet=settings.fleet, agent=settings.agent_id, mode=settings.mode)
         self.examples = examples
         self.held_out: list = []  # federated evaluation: the examples each global is evaluated on
         self.transport: MqttTransport | None = None

@@ -244,6 +244,13 @@ def test_dashboard_expressions_return_data_after_a_federated_run(mosquitto, tmp_
             check("edgetune_aggregator_broker_connected", agg, 1)
             check("edgetune_agent_broker_connected", agents, 1)
             check("edgetune_aggregator_rounds_completed_total", agg, ROUNDS)
+            check('edgetune_aggregator_rounds_total{outcome="complete"}', agg, ROUNDS)  # rounds_completed's successor
+            check('edgetune_aggregator_rounds_total{outcome="failed"}', agg, 0)
+            # which release and fleet each process is, for the dashboards' variables
+            check(f'edgetune_aggregator_build_info{{fleet="{FLEET}",mode="federated",protocol="2"}}', agg, 1)
+            check(f'edgetune_agent_build_info{{fleet="{FLEET}",mode="federated",protocol="2"}}', agents, 1)
+            assert {r["metric"]["agent"] for r in prom.query("edgetune_agent_build_info")} == {
+                f"agent-{i}" for i in range(AGENTS)}, prom.query("edgetune_agent_build_info")
             check("edgetune_agent_rounds_participated_total", agents, ROUNDS)
             check("edgetune_aggregator_current_round", agg, ROUNDS)
             check("edgetune_aggregator_global_adapter_version", agg, ROUNDS)
