@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import enum
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
-
-import enum
-import os
 
 from aggregator.strategy_names import STRATEGY_NAMES
 from broker.messages import wire_about
