@@ -59,7 +59,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/var/lib/edgetune \
     EDGETUNE_METRICS_PORT=9101 \
-    EDGETUNE_STATE_DIR=/var/lib/edgetune/state
+    EDGETUNE_STATE_DIR=/var/lib/edgetune/state \
+    EDGETUNE_AFTER_RUN=stay
 WORKDIR /var/lib/edgetune
 # numeric, so that Kubernetes runAsNonRoot can check it
 USER 10001:10001

@@ -13,6 +13,7 @@ import logging
 import math
 import signal
 import time
+import uuid
 from pathlib import Path
 
 from aggregator.async_buffer import AsyncBuffer
@@ -35,6 +36,8 @@ from common.settings import dump_settings
 from models.classifier import set_threads
 from models.settings import task_fields
 
+RUN_ID_FILE = "run_id"  # in the output dir: this run's id (see AggregatorService._run_id)
+
 log = logging.getLogger("edgetune.aggregator")
 
 
@@ -52,6 +55,7 @@ class AggregatorService(EvaluationMixin):
         self.metrics.info(fleet=settings.fleet, mode=settings.mode)
         self.out = Path(settings.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.run_id = self._run_id()
         self.online: dict[str, AgentStatus] = {}
         self.rows: list[dict] = self._rows_so_far()  # metrics.jsonl, this run's (a resumed run's too)
         self.refused: dict[str, str] = {}  # agents whose model does not fit the task -> their reason
@@ -230,10 +234,21 @@ class AggregatorService(EvaluationMixin):
                 return
         raise Stop
 
+    def _run_id(self) -> str:
+        """This run's id, stamped on every announcement and global so that agents that outlive a run
+        know the next one (and start its rounds afresh): made at the first start in an output dir,
+        kept when the run resumes there."""
+        path = self.out / RUN_ID_FILE
+        if path.exists():
+            return path.read_text().strip()
+        run_id = uuid.uuid4().hex[:16]
+        path.write_text(run_id + "\n")
+        return run_id
+
     # -- publishing -------------------------------------------------------------------------
     def _publish_global(self, accuracy: float | None, loss: float | None) -> None:
         msg = GlobalAdapter(version=self.coord.version, round=self.coord.round_number, accuracy=accuracy, loss=loss,
-                            task_hash=self.task_def.hash)
+                            task_hash=self.task_def.hash, run_id=self.run_id)
         payload = codec.encode(msg, self.task.global_state())
         self.transport.publish(self.topics.global_adapter, payload, retain=True, wait=True)
         self.metrics.global_bytes_published.inc(len(payload))
@@ -245,7 +260,8 @@ class AggregatorService(EvaluationMixin):
     def _announce(self, number: int, selected, deadline: float, final: bool = False) -> None:
         ann = RoundAnnouncement(round=max(number, 1), selected=list(selected), deadline=deadline,
                                 global_version=self.coord.version, local_epochs=self.s.local_epochs,
-                                max_local_steps=self.s.max_local_steps, final=final, task_hash=self.task_def.hash)
+                                max_local_steps=self.s.max_local_steps, final=final, task_hash=self.task_def.hash,
+                                run_id=self.run_id)
         self.transport.publish(self.topics.round, codec.encode(ann), retain=True, wait=True)
 
     def _announce_final(self) -> None:

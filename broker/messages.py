@@ -100,6 +100,7 @@ class RoundAnnouncement(Message):
     max_local_steps: int = Field(default=0, ge=0)  # 0: no cap
     final: bool = False  # the run is over: agents may disconnect
     task_hash: str = ""  # TaskDefinition.hash of the fleet's task ("": none published)
+    run_id: str = Field(default="", max_length=64)  # the aggregator's run: a new one starts the rounds afresh
 
 
 class ModelUpdate(Message):
@@ -125,6 +126,7 @@ class GlobalAdapter(Message):
     accuracy: float | None = None
     loss: float | None = None
     task_hash: str = ""
+    run_id: str = Field(default="", max_length=64)  # as RoundAnnouncement.run_id
 
 
 MAX_EVAL_LABELS = 256  # a confusion matrix of at most 256 x 256 counts

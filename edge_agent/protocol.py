@@ -28,6 +28,10 @@ The rules (each one a past fix; tests/test_agent_protocol.py drives them without
 - The final announcement ends the run once its global is held, or `final_grace_s` after it was
   first polled (the final global may never come). From then on no new round starts. A later
   non-final announcement clears it: a run (re)started after a retained final from an earlier run.
+- An agent can outlive a run (a device daemon): announcements and globals carry the aggregator's
+  run id, and one from another run than the machine's starts it afresh (no global held, no round
+  answered, not finished), so the next run's round 1 and global v0 are not taken for stale ones.
+  An empty run id (an aggregator that sends none) changes nothing.
 - Retained messages need nothing special: a global no newer than the held one is ignored, and an
   answered round is not trained again (a cleared retained message never reaches the machine).
 """
@@ -126,7 +130,17 @@ class AgentProtocol:
     done: set[int] = field(default_factory=set)  # rounds whose update the broker acknowledged
     finished: bool = False
     stopped: bool = False
+    run_id: str = ""  # the aggregator's run the machine's state belongs to ("": none seen yet)
     _final_deadline: float | None = None
+
+    def _run(self, run_id: str) -> None:
+        """A message of run `run_id`: from another run than ours, start afresh."""
+        if not run_id or run_id == self.run_id:
+            return
+        if self.run_id:
+            self.global_version, self.pending, self.final_version, self._final_deadline = -1, None, None, None
+            self.outbox, self.done, self.finished = {}, set(), False
+        self.run_id = run_id
 
     def answered(self, round_number: int) -> bool:
         """This round's update is trained, being trained or sent: never train it again."""
@@ -138,6 +152,7 @@ class AgentProtocol:
         return [PublishStatus(AgentState.online)]
 
     def on_announcement(self, ann: RoundAnnouncement) -> list[Action]:
+        self._run(ann.run_id)
         if ann.final:
             self.final_version = ann.global_version
             return []
@@ -148,6 +163,7 @@ class AgentProtocol:
         return []
 
     def on_global(self, header: GlobalAdapter, tensors: Any) -> list[Action]:
+        self._run(header.run_id)
         if header.version <= self.global_version:
             return []  # the retained one we hold, or an older one
         return [LoadGlobal(header, tensors)]

@@ -376,10 +376,18 @@ class AgentRunner(ProtocolDriver):
                 self.act(self.proto.restore(round_number, payload))
             log.info("agent %s online with %d local examples; it builds its model when the fleet's task comes",
                      self.s.agent_id, self._unbuilt)
-            while not self._stop and not self.proto.finished:
+            between_runs = False
+            while not self._stop and not (self.proto.finished and self.s.after_run == "exit"):
                 self.step(timeout=0.5)
-            if self.proto.finished:
-                log.info("the run is over (global v%d)", self.proto.global_version)
+                if self.proto.finished != between_runs:  # a run ended, or the next one began (after_run=stay)
+                    between_runs = self.proto.finished
+                    if between_runs:
+                        log.info("the run is over (global v%d)%s", self.proto.global_version,
+                                 "; staying up for the next run" if self.s.after_run == "stay" else "")
+                    else:
+                        log.info("a new run (%s): joining it", self.proto.run_id)
+                if between_runs:
+                    self.idle()  # serve, collect and learn locally until the next run
         finally:
             if self.transport is not None:
                 self.transport.close(final=(self.topics.status(self.s.agent_id), self.status_frame(AgentState.offline)))

@@ -23,6 +23,9 @@ class AgentSettings(EdgeTuneSettings, ConnectionSettings, ProcessSettings, OnDev
     mode: Literal["federated", "split"] = Field("federated", description="federated classifier or split decoder "
                                                 "(reads the data as labelled texts or as plain text)")
     agent_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0][:64], pattern=AGENT_ID_PATTERN)
+    after_run: Literal["exit", "stay"] = Field(
+        "exit", description="when a run ends: exit, or stay up (serving predictions, collecting feedback, learning "
+        "locally) and take part in the next run the aggregator starts: a device's daemon")
     model_dir: str | None = Field(None, description="where the task's model folders are, by their names (folders "
                                   "separated by ':'); the shipped MiniLM and SmolLM2 need none")
     # the agent's data (DataSettings: EDGETUNE_DATA, a file, folder or demo:NAME) plus its sample store; with

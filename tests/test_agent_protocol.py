@@ -335,3 +335,35 @@ def test_light_agent_loop_late_join_trains_on_the_retained_global_and_finishes()
     agent.transport.inbox.append(Incoming(t.round, codec.encode(ann(2, 1, selected=(), final=True)), True))
     agent.step(0)
     assert agent.proto.finished
+
+
+def test_an_agent_that_outlives_a_run_takes_part_in_the_next_from_its_round_1():
+    """A device daemon: run A ends (final announcement, final global held); run B starts with round 1
+    and global v0, which without the run id would be an answered round and an older global."""
+    p = AgentProtocol(ME)
+
+    def ann_of(run: str, *a, **kw) -> RoundAnnouncement:
+        return ann(*a, **kw).model_copy(update={"run_id": run})
+
+    def deliver_of(run: str, version: int) -> None:
+        for a in p.on_global(GlobalAdapter(version=version, round=version, run_id=run), {"w": version}):
+            p.global_loaded(a.version)
+
+    p.on_announcement(ann_of("run-a", 1, 0))
+    deliver_of("run-a", 0)
+    assert trains(p.poll(0.0)) == [(1, 0)]
+    answer(p, 1)
+    p.on_announcement(ann_of("run-a", 1, 1, selected=(), final=True))
+    deliver_of("run-a", 1)
+    assert [type(a) for a in p.poll(1.0)] == [Finish] and p.finished
+    # the same round and an older global of the same run: ignored, as before
+    p.on_announcement(ann_of("run-a", 1, 0))
+    assert p.on_global(GlobalAdapter(version=0, round=0, run_id="run-a"), {}) == [] and p.poll(2.0) == []
+    # run B: round 1 from global v0 trains again
+    p.on_announcement(ann_of("run-b", 1, 0))
+    assert not p.finished and p.global_version == -1 and p.done == set() and p.run_id == "run-b"
+    deliver_of("run-b", 0)
+    assert trains(p.poll(3.0)) == [(1, 0)]
+    # messages without a run id (an aggregator that sends none) leave the run as it is
+    p.on_announcement(ann(2, 0))
+    assert p.run_id == "run-b" and p.global_version == 0
