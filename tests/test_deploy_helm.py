@@ -225,12 +225,12 @@ def test_chart_renders_valid_manifests(chart, kv, scenario):
 def test_validator_refuses_a_bad_manifest(chart, kv):
     """The schema check is real: an unknown field in a container fails it, with the cached
     validator as with kubernetes_validate.validate itself."""
-    deployment = by_kind(manifests(render(chart, {})))["Deployment"][0]
-    kv.validate(deployment, "1.25.0", strict=True)
-    deployment["spec"]["template"]["spec"]["containers"][0]["imagePolicy"] = "Always"
+    job = by_kind(manifests(render(chart, {})))["Job"][0]
+    kv.validate(job, "1.25.0", strict=True)
+    job["spec"]["template"]["spec"]["containers"][0]["imagePolicy"] = "Always"
     with pytest.raises(kv.ValidationError):
-        kv.validate(deployment, "1.25.0", strict=True)
-    assert jsonschema_best_match(_kube_validator("Deployment", "apps/v1", "1.25.0"), deployment) is not None
+        kv.validate(job, "1.25.0", strict=True)
+    assert jsonschema_best_match(_kube_validator("Job", "batch/v1", "1.25.0"), job) is not None
 
 
 def _settings(kinds) -> dict[str, str]:
@@ -244,22 +244,23 @@ def _secret_data(secret) -> dict[str, str]:
 
 def test_defaults(chart):
     kinds = by_kind(manifests(render(chart, {})))
-    assert sorted(kinds) == ["ConfigMap", "Deployment", "PersistentVolumeClaim", "Secret", "Service", "StatefulSet"]
-    [deployment] = kinds["Deployment"]
-    pod = deployment["spec"]["template"]["spec"]
+    assert sorted(kinds) == ["ConfigMap", "Job", "PersistentVolumeClaim", "Secret", "Service", "StatefulSet"]
+    [job] = kinds["Job"]
+    pod = job["spec"]["template"]["spec"]
     [container] = pod["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
     [checkpoints] = [v for v in pod["volumes"] if v["name"] == "checkpoints"]
     assert checkpoints["persistentVolumeClaim"]["claimName"] == kinds["PersistentVolumeClaim"][0]["metadata"]["name"]
 
     settings = _settings(kinds)
     assert settings["EDGETUNE_BROKER_URL"] == f"mqtt://{RELEASE}-edgetune-mosquitto:1883"
     assert settings["EDGETUNE_METRICS_PORT"] == "9100"
-    assert settings["EDGETUNE_OUTPUT_DIR"] == "/var/lib/edgetune/checkpoints"
+    assert "EDGETUNE_OUTPUT_DIR" not in settings  # the Job's own, per run
     env = {e["name"]: e for e in container["env"]}
+    assert env["EDGETUNE_OUTPUT_DIR"]["value"] == "/var/lib/edgetune/checkpoints/run1"
+    assert {"name": "checkpoints", "mountPath": "/var/lib/edgetune/checkpoints"} in container["volumeMounts"]
     assert env["EDGETUNE_MQTT_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "mqtt-password"
 
     # the broker's password file holds the aggregator and every agent, with the passwords the
@@ -276,6 +277,40 @@ def test_defaults(chart):
     services = {s["metadata"]["name"]: s for s in kinds["Service"]}
     assert services[f"{RELEASE}-edgetune-aggregator"]["spec"]["ports"][0]["port"] == 9100
     assert services[f"{RELEASE}-edgetune-mosquitto"]["spec"]["ports"][0]["port"] == 1883
+
+
+def test_the_aggregator_is_a_job_per_run(chart, helm):
+    """The aggregator exits 0 after its last round: a Job (restarted only on failure), one per
+    run, each with its own output dir; the metrics Service still selects its pod."""
+    kinds = by_kind(manifests(render(chart, {})))
+    assert "Deployment" not in kinds
+    [job] = kinds["Job"]
+    assert job["apiVersion"] == "batch/v1"
+    assert job["metadata"]["name"] == f"{RELEASE}-edgetune-aggregator-run1"
+    assert job["spec"]["backoffLimit"] == 6 and "ttlSecondsAfterFinished" not in job["spec"]
+    template = job["spec"]["template"]
+    assert template["spec"]["restartPolicy"] == "OnFailure"
+    [service] = [s for s in kinds["Service"] if s["metadata"]["name"].endswith("-aggregator")]
+    assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+    # nothing in the (immutable) pod template changes with the chart's version
+    assert "helm.sh/chart" not in template["metadata"]["labels"]
+    assert "app.kubernetes.io/version" not in template["metadata"]["labels"]
+    assert "annotations" not in template["metadata"]
+
+    def output_dir(j):
+        [c] = j["spec"]["template"]["spec"]["containers"]
+        return {e["name"]: e.get("value") for e in c["env"]}["EDGETUNE_OUTPUT_DIR"]
+
+    [job2] = by_kind(manifests(render(chart, {"aggregator": {"run": "run2", "ttlSecondsAfterFinished": 3600}})))["Job"]
+    assert job2["metadata"]["name"] == f"{RELEASE}-edgetune-aggregator-run2"
+    assert output_dir(job) == "/var/lib/edgetune/checkpoints/run1"
+    assert output_dir(job2) == "/var/lib/edgetune/checkpoints/run2"
+    assert job2["spec"]["ttlSecondsAfterFinished"] == 3600
+    for bad in ("Run_2", "-run", "r" * 21, "../run1"):
+        with pytest.raises(helm.HelmError, match="is not a run name"):
+            render(chart, {"aggregator": {"run": bad}})
+    with pytest.raises(helm.HelmError, match="longer than 63"):
+        render(chart, {"fullnameOverride": "f" * 40, "aggregator": {"run": "r" * 20}})
 
 
 def test_mosquitto_config_matches_compose(chart):
@@ -335,7 +370,7 @@ def test_external_broker(chart, helm):
 def test_persistence_off(chart):
     kinds = by_kind(manifests(render(chart, SCENARIOS["persistence-off"])))
     assert "PersistentVolumeClaim" not in kinds
-    pod = kinds["Deployment"][0]["spec"]["template"]["spec"]
+    pod = kinds["Job"][0]["spec"]["template"]["spec"]
     [checkpoints] = [v for v in pod["volumes"] if v["name"] == "checkpoints"]
     assert checkpoints == {"name": "checkpoints", "emptyDir": {}}
     assert "volumeClaimTemplates" not in kinds["StatefulSet"][0]["spec"]
@@ -344,7 +379,7 @@ def test_persistence_off(chart):
 def test_existing_secret_and_claim(chart):
     kinds = by_kind(manifests(render(chart, SCENARIOS["existing-secret-and-claim"])))
     assert "Secret" not in kinds and "PersistentVolumeClaim" not in kinds
-    pod = kinds["Deployment"][0]["spec"]["template"]["spec"]
+    pod = kinds["Job"][0]["spec"]["template"]["spec"]
     assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "my-checkpoints"}} in pod["volumes"]
     refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in pod["containers"][0]["env"] if "valueFrom" in e}
     assert refs == {"my-broker-credentials"}

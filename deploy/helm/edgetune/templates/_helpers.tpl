@@ -111,9 +111,37 @@ EDGETUNE_MAX_PACKET_BYTES, so that the two cannot differ.
 {{- printf "%s:%s" .Values.mosquitto.image.repository (toString .Values.mosquitto.image.tag) }}
 {{- end }}
 
-{{/* Where the checkpoints go inside the aggregator container (EDGETUNE_OUTPUT_DIR). */}}
-{{- define "edgetune.outputDir" -}}
+{{/* Where the checkpoint volume is mounted in the aggregator container. */}}
+{{- define "edgetune.checkpointsMount" -}}
 /var/lib/edgetune/checkpoints
+{{- end }}
+
+{{/*
+The training run (aggregator.run), checked: it names the Job and the run's output dir.
+*/}}
+{{- define "edgetune.run" -}}
+{{- $run := toString .Values.aggregator.run }}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]{0,18}[a-z0-9])?$" $run) }}
+{{- fail (printf "aggregator.run: %q is not a run name: use 1-20 lower-case letters, digits and '-', starting and ending with a letter or digit (e.g. run1)" $run) }}
+{{- end }}
+{{- $run }}
+{{- end }}
+
+{{/* The aggregator Job of this run: <fullname>-aggregator-<run>. */}}
+{{- define "edgetune.aggregator.jobName" -}}
+{{- $name := printf "%s-%s" (include "edgetune.aggregator.fullname" .) (include "edgetune.run" .) }}
+{{- if gt (len $name) 63 }}
+{{- fail (printf "the aggregator Job name %q is longer than 63 characters: shorten aggregator.run or fullnameOverride" $name) }}
+{{- end }}
+{{- $name }}
+{{- end }}
+
+{{/*
+Where the run's checkpoints go (EDGETUNE_OUTPUT_DIR): a folder per run on the checkpoint
+volume, so that a new run starts afresh instead of resuming the last one's checkpoint.
+*/}}
+{{- define "edgetune.outputDir" -}}
+{{- printf "%s/%s" (include "edgetune.checkpointsMount" .) (include "edgetune.run" .) }}
 {{- end }}
 
 {{/*
