@@ -80,6 +80,24 @@ SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
     },
 }
 
+# The chart generates no passwords: every render here gives them (unless a test says base=False).
+PASSWORDS: dict[str, Any] = {
+    "broker": {"password": "aggregator-password-0123456789"},
+    "mosquitto": {"agents": [{"username": f"agent-{i}", "password": f"agent-{i}-password-0123456789"}
+                             for i in (1, 2, 3)]},
+}
+
+
+def with_passwords(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` over PASSWORDS (mappings merged, anything else replaced), a new dict."""
+    def merge(base, over):
+        if isinstance(base, dict) and isinstance(over, dict):
+            return {**copy.deepcopy(base), **{k: merge(base.get(k), v) for k, v in over.items()}}
+        return copy.deepcopy(over)
+
+    return merge(PASSWORDS, values)
+
+
 # name -> values overriding the defaults
 SCENARIOS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -127,8 +145,9 @@ def jsonschema_best_match(validator, doc):
     return jsonschema.exceptions.best_match(validator.iter_errors(doc))
 
 
-def render(chart, values: dict[str, Any]) -> dict[str, str]:
-    return chart.render(values=copy.deepcopy(values), name=RELEASE, namespace=NAMESPACE, is_install=True)
+def render(chart, values: dict[str, Any], base: bool = True) -> dict[str, str]:
+    values = with_passwords(values) if base else copy.deepcopy(values)
+    return chart.render(values=values, name=RELEASE, namespace=NAMESPACE, is_install=True)
 
 
 def manifests(rendered: dict[str, str]) -> list[dict[str, Any]]:
@@ -197,7 +216,7 @@ def validate(kv, doc: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_chart_lints(helm, scenario):
-    report = helm.lint(str(CHART), copy.deepcopy(SCENARIOS[scenario]), strict=True, namespace=NAMESPACE)
+    report = helm.lint(str(CHART), with_passwords(SCENARIOS[scenario]), strict=True, namespace=NAMESPACE)
     # severity 1 (info: "icon is recommended") is fine; warnings and errors are not
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert not problems and not report["errors"], f"helm lint ({scenario}): {problems} {report['errors']}"
@@ -353,6 +372,27 @@ def test_service_monitor(chart):
     assert selector.items() <= service["metadata"]["labels"].items(), "the ServiceMonitor does not select the Service"
     assert sm["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
     assert "ServiceMonitor" not in by_kind(manifests(render(chart, {})))
+
+
+def test_secrets_are_stable(chart, helm):
+    """The passwords come from values, so that two offline renders (a GitOps sync) give the
+    same Secret; without them and without an existing Secret the render fails, saying what to set."""
+    first, second = (by_kind(manifests(render(chart, {})))["Secret"] for _ in range(2))
+    assert first == second
+    [secret] = first
+    assert _secret_data(secret)["mqtt-password"] == PASSWORDS["broker"]["password"]
+    assert _secret_data(secret)["agent-agent-2-password"] == "agent-2-password-0123456789"
+    with pytest.raises(helm.HelmError, match=r"the aggregator has no password: set broker\.password .*existingSecret"):
+        render(chart, {}, base=False)
+    agents_without = with_passwords({})
+    agents_without["mosquitto"]["agents"][1]["password"] = ""
+    with pytest.raises(helm.HelmError, match=r'agent "agent-2" has no password: set mosquitto\.agents\[1\]\.password'):
+        render(chart, agents_without, base=False)
+    # an existing Secret needs no password in values
+    kinds = by_kind(manifests(render(chart, {"broker": {"existingSecret": "fleet-credentials"}}, base=False)))
+    assert "Secret" not in kinds
+    for template in (CHART / "templates").iterdir():
+        assert not re.search(r"\blookup\s|randAlpha|randAscii|genPrivateKey", template.read_text()), template.name
 
 
 def test_external_broker(chart, helm):

@@ -159,21 +159,20 @@ storageClassName: {{ .storageClass | quote }}
 {{- end }}
 
 {{/*
-Broker passwords: the value from values.yaml, else the one in the release's existing Secret
-(so that upgrades keep it), else a new random one. Call with (list $ "<secret key>" "<value>").
+A broker password from values, checked. The chart does not generate passwords (a random one,
+or a `lookup` of the live Secret, would differ on every offline render, so that a GitOps sync
+would rotate them all): set them, or name an existing Secret in broker.existingSecret.
+Call with (list "<what it is>" "<the value's path>" <value>).
 */}}
 {{- define "edgetune.password" -}}
-{{- $root := index . 0 }}
-{{- $key := index . 1 }}
-{{- $value := index . 2 }}
-{{- if $value }}
+{{- $what := index . 0 }}
+{{- $path := index . 1 }}
+{{- $value := index . 2 | default "" | toString }}
+{{- if not $value }}
+{{- fail (printf "%s has no password: set %s (e.g. --set-string %s=$(openssl rand -hex 16)) or give the broker credentials in an existing Secret (broker.existingSecret); the chart does not generate passwords, so that every render gives the same Secret" $what $path $path) }}
+{{- end }}
+{{- if regexMatch "[\\r\\n]" $value }}
+{{- fail (printf "%s: the password holds a line break" $path) }}
+{{- end }}
 {{- $value }}
-{{- else }}
-{{- $secret := lookup "v1" "Secret" $root.Release.Namespace (printf "%s-broker" (include "edgetune.fullname" $root)) }}
-{{- if and $secret $secret.data (hasKey $secret.data $key) }}
-{{- index $secret.data $key | b64dec }}
-{{- else }}
-{{- randAlphaNum 32 }}
-{{- end }}
-{{- end }}
 {{- end }}
