@@ -109,6 +109,27 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "broker": {"existingSecret": "my-broker-credentials"},
         "persistence": {"existingClaim": "my-checkpoints", "storageClass": "-"},
     },
+    "hardened": {
+        "networkPolicy": {
+            "enabled": True,
+            "mqttFrom": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
+            "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+            "aggregatorEgress": [{"to": [{"ipBlock": {"cidr": "203.0.113.7/32"}}], "ports": [{"port": 443}]}],
+        },
+        "mosquitto": {"podDisruptionBudget": {"enabled": True}},
+        "serviceAccount": {"name": "edgetune-trainer", "annotations": {"iam.gke.io/gcp-service-account": "t@p.iam"}},
+        "aggregator": {
+            "extraEnv": [{"name": "EDGETUNE_MODEL", "value": "/models/qwen"}],
+            "extraVolumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}],
+            "extraVolumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
+        },
+    },
+    "network-policy-external-broker": {
+        "networkPolicy": {"enabled": True, "aggregatorEgress": [{"ports": [{"port": 8883}]}]},
+        "mosquitto": {"enabled": False},
+        "externalBroker": {"url": "mqtts://mqtt.example.com:8883"},
+        "serviceAccount": {"create": False, "name": "existing-sa"},
+    },
     "everything": {
         "serviceMonitor": {"enabled": True},
         "grafanaDashboard": {"enabled": True, "namespace": "monitoring"},
@@ -263,7 +284,8 @@ def _secret_data(secret) -> dict[str, str]:
 
 def test_defaults(chart):
     kinds = by_kind(manifests(render(chart, {})))
-    assert sorted(kinds) == ["ConfigMap", "Job", "PersistentVolumeClaim", "Secret", "Service", "StatefulSet"]
+    assert sorted(kinds) == ["ConfigMap", "Job", "PersistentVolumeClaim", "Secret", "Service", "ServiceAccount",
+                             "StatefulSet"]
     [job] = kinds["Job"]
     pod = job["spec"]["template"]["spec"]
     [container] = pod["containers"]
@@ -330,6 +352,62 @@ def test_the_aggregator_is_a_job_per_run(chart, helm):
             render(chart, {"aggregator": {"run": bad}})
     with pytest.raises(helm.HelmError, match="longer than 63"):
         render(chart, {"fullnameOverride": "f" * 40, "aggregator": {"run": "r" * 20}})
+
+
+def test_hardened(chart, helm):
+    """NetworkPolicies, the broker's PodDisruptionBudget, the ServiceAccount and a model folder
+    mounted into the aggregator (extraVolumes/extraVolumeMounts/extraEnv)."""
+    kinds = by_kind(manifests(render(chart, SCENARIOS["hardened"])))
+    [job] = kinds["Job"]
+    pod = job["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert {"name": "EDGETUNE_MODEL", "value": "/models/qwen"} in container["env"]
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["volumes"]
+    [sa] = kinds["ServiceAccount"]
+    assert sa["metadata"]["name"] == pod["serviceAccountName"] == "edgetune-trainer"
+    assert sa["metadata"]["annotations"] == {"iam.gke.io/gcp-service-account": "t@p.iam"}
+    assert sa["automountServiceAccountToken"] is False and pod["automountServiceAccountToken"] is False
+
+    [pdb] = kinds["PodDisruptionBudget"]
+    [sts] = kinds["StatefulSet"]
+    assert pdb["spec"]["maxUnavailable"] == 0
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+
+    policies = {p["metadata"]["name"]: p["spec"] for p in kinds["NetworkPolicy"]}
+    broker = policies[f"{RELEASE}-edgetune-mosquitto"]
+    aggregator = policies[f"{RELEASE}-edgetune-aggregator"]
+    agg_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert broker["podSelector"]["matchLabels"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    assert aggregator["podSelector"]["matchLabels"].items() <= agg_labels.items()
+    # MQTT from the aggregator and the devices' network, nothing else
+    [mqtt] = broker["ingress"]
+    assert mqtt["ports"] == [{"port": "mqtt", "protocol": "TCP"}]
+    assert mqtt["from"][0]["podSelector"]["matchLabels"].items() <= agg_labels.items()
+    assert mqtt["from"][1:] == [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
+    # metrics from the monitoring namespace; out to DNS, the broker and the extra rule
+    [metrics] = aggregator["ingress"]
+    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert metrics["from"] == SCENARIOS["hardened"]["networkPolicy"]["metricsFrom"]
+    dns, to_broker, extra = aggregator["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    assert to_broker["to"][0]["podSelector"]["matchLabels"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    assert to_broker["ports"] == [{"port": 1883, "protocol": "TCP"}]
+    assert extra == SCENARIOS["hardened"]["networkPolicy"]["aggregatorEgress"][0]
+
+    # off by default; with no mqttFrom the broker takes MQTT from anyone (devices outside the cluster)
+    defaults = by_kind(manifests(render(chart, {})))
+    assert "NetworkPolicy" not in defaults and "PodDisruptionBudget" not in defaults
+    [open_policy] = [p for p in by_kind(manifests(render(chart, {"networkPolicy": {"enabled": True}})))["NetworkPolicy"]
+                     if p["metadata"]["name"].endswith("-mosquitto")]
+    assert "from" not in open_policy["spec"]["ingress"][0]
+    # an external broker: no broker policy, and the aggregator's way out must be given
+    ext = by_kind(manifests(render(chart, SCENARIOS["network-policy-external-broker"])))
+    assert [p["metadata"]["name"] for p in ext["NetworkPolicy"]] == [f"{RELEASE}-edgetune-aggregator"]
+    assert "ServiceAccount" not in ext
+    assert ext["Job"][0]["spec"]["template"]["spec"]["serviceAccountName"] == "existing-sa"
+    with pytest.raises(helm.HelmError, match="networkPolicy.aggregatorEgress"):
+        render(chart, {**SCENARIOS["external-broker"], "networkPolicy": {"enabled": True}})
 
 
 def test_mosquitto_config_matches_compose(chart):

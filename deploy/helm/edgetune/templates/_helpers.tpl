@@ -176,3 +176,13 @@ Call with (list "<what it is>" "<the value's path>" <value>).
 {{- end }}
 {{- $value }}
 {{- end }}
+
+{{/* The aggregator's ServiceAccount: serviceAccount.name, else <fullname>-aggregator when the
+chart creates it, else the namespace's default. */}}
+{{- define "edgetune.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "edgetune.aggregator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
