@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.deploy_support import CHART, DASHBOARD, MOSQUITTO_DIR, config_lines, load_yaml_all, need_module
+from tests.deploy_support import CHART, DASHBOARD, MOSQUITTO_DIR, config_lines, load_yaml, load_yaml_all, need_module
 
 HELM_HINT = "pip install helm-python-sdk==0.2.2 (linux x86_64 wheel; Python >= 3.10)"
 KV_HINT = "pip install kubernetes-validate==1.37.0"
@@ -347,8 +347,8 @@ def test_the_aggregator_is_a_job_per_run(chart, helm):
     assert output_dir(job) == "/var/lib/edgetune/checkpoints/run1"
     assert output_dir(job2) == "/var/lib/edgetune/checkpoints/run2"
     assert job2["spec"]["ttlSecondsAfterFinished"] == 3600
-    for bad in ("Run_2", "-run", "r" * 21, "../run1"):
-        with pytest.raises(helm.HelmError, match="is not a run name"):
+    for bad in ("Run_2", "-run", "r" * 21, "../run1", 2):
+        with pytest.raises(helm.HelmError, match="/aggregator/run"):  # values.schema.json
             render(chart, {"aggregator": {"run": bad}})
     with pytest.raises(helm.HelmError, match="longer than 63"):
         render(chart, {"fullnameOverride": "f" * 40, "aggregator": {"run": "r" * 20}})
@@ -513,6 +513,34 @@ def test_grafana_dashboard(chart):
     other = by_kind(manifests(render(chart, SCENARIOS["everything"])))
     [cm] = [c for c in other["ConfigMap"] if c["metadata"]["name"].endswith("-dashboard")]
     assert cm["metadata"]["namespace"] == "monitoring"
+
+
+@pytest.mark.parametrize(("values", "where", "why"), [
+    ({"aggregator": {"metricsPort": "9100"}}, "/aggregator/metricsPort", "want integer"),
+    ({"mosquitto": {"service": {"type": "Ingress"}}}, "/mosquitto/service/type", "must be one of"),
+    ({"aggregator": {"image": {"pullPolicy": "always"}}}, "/aggregator/image/pullPolicy", "must be one of"),
+    ({"serviceMonitor": {"enabeld": True}}, "/serviceMonitor", "'enabeld' not allowed"),
+    ({"persistence": {"enabled": "yes"}}, "/persistence/enabled", "want boolean"),
+    ({"fleet": "a/b"}, "/fleet", "does not match pattern"),
+    ({"aggregator": {"extraVolumeMounts": [{"name": "models"}]}}, "/aggregator/extraVolumeMounts/0", "mountPath"),
+])
+def test_values_schema_refuses_wrong_values(chart, helm, values, where, why):
+    """values.schema.json: Helm refuses a value of the wrong type, an unknown choice or a
+    misspelt key before rendering anything, saying where."""
+    with pytest.raises(helm.HelmError, match="don't meet the specifications of the schema") as e:
+        render(chart, values)
+    assert where in str(e.value) and why in str(e.value), str(e.value)
+
+
+def test_values_yaml_meets_its_schema():
+    import jsonschema
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    values = load_yaml((CHART / "values.yaml").read_text())
+    jsonschema.validate(values, schema)
+    # every key of values.yaml is in the schema (which refuses unknown keys)
+    assert schema["additionalProperties"] is False and set(values) <= set(schema["properties"])
 
 
 def test_bad_values_are_refused_with_a_reason(chart, helm):
