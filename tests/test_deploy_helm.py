@@ -98,6 +98,56 @@ def with_passwords(values: dict[str, Any]) -> dict[str, Any]:
     return merge(PASSWORDS, values)
 
 
+# PrometheusRule (Prometheus Operator CRD), likewise: the fields the chart sets. promtool checks
+# the rules themselves (tests/test_deploy_helm_rules.py).
+PROMETHEUS_RULE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": SERVICE_MONITOR_SCHEMA["properties"]["metadata"],
+        "spec": {
+            "type": "object",
+            "required": ["groups"],
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": {"type": "string"},
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["expr"],
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "alert": {"type": "string"},
+                                        "record": {"type": "string"},
+                                        "expr": {"type": ["string", "integer"]},
+                                        "for": {"type": "string", "pattern": "^(0|([0-9]+(ms|s|m|h|d|w|y))+)$"},
+                                        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                                        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+CRD_SCHEMAS = {"ServiceMonitor": SERVICE_MONITOR_SCHEMA, "PrometheusRule": PROMETHEUS_RULE_SCHEMA}
+
 # name -> values overriding the defaults
 SCENARIOS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -129,6 +179,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "mosquitto": {"enabled": False},
         "externalBroker": {"url": "mqtts://mqtt.example.com:8883"},
         "serviceAccount": {"create": False, "name": "existing-sa"},
+    },
+    "alerts": {
+        "serviceMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}, "dpEpsilonBudget": 8,
+                           "extraRules": [{"alert": "EdgeTuneCustom", "expr": "vector(1) > 2", "for": "5m",
+                                           "labels": {"severity": "info"}}]},
     },
     "everything": {
         "serviceMonitor": {"enabled": True},
@@ -220,11 +276,11 @@ def _kube_definitions(folder: str, version: str):
 
 def validate(kv, doc: dict[str, Any]) -> None:
     where = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
-    if doc.get("kind") == "ServiceMonitor":
+    if doc.get("kind") in CRD_SCHEMAS:
         import jsonschema
 
         try:
-            jsonschema.validate(doc, SERVICE_MONITOR_SCHEMA)
+            jsonschema.validate(doc, CRD_SCHEMAS[doc["kind"]])
         except jsonschema.ValidationError as e:
             pytest.fail(f"{where}: {e.message} at {'/'.join(map(str, e.absolute_path))}")
         return
@@ -391,7 +447,8 @@ def test_hardened(chart, helm):
     assert metrics["from"] == SCENARIOS["hardened"]["networkPolicy"]["metricsFrom"]
     dns, to_broker, extra = aggregator["egress"]
     assert {p["port"] for p in dns["ports"]} == {53}
-    assert to_broker["to"][0]["podSelector"]["matchLabels"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    broker_labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert to_broker["to"][0]["podSelector"]["matchLabels"].items() <= broker_labels.items()
     assert to_broker["ports"] == [{"port": 1883, "protocol": "TCP"}]
     assert extra == SCENARIOS["hardened"]["networkPolicy"]["aggregatorEgress"][0]
 
