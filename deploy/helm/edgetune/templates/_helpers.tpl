@@ -169,7 +169,7 @@ Call with (list "<what it is>" "<the value's path>" <value>).
 {{- $path := index . 1 }}
 {{- $value := index . 2 | default "" | toString }}
 {{- if not $value }}
-{{- fail (printf "%s has no password: set %s (e.g. --set-string %s=$(openssl rand -hex 16)) or give the broker credentials in an existing Secret (broker.existingSecret); the chart does not generate passwords, so that every render gives the same Secret" $what $path $path) }}
+{{- fail (printf "%s has no password: set %s (e.g. from `openssl rand -hex 16`; the agents' in a values file, as --set on a list index replaces the whole list) or give the broker credentials in an existing Secret (broker.existingSecret); the chart does not generate passwords, so that every render gives the same Secret" $what $path) }}
 {{- end }}
 {{- if regexMatch "[\\r\\n]" $value }}
 {{- fail (printf "%s: the password holds a line break" $path) }}
