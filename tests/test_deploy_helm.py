@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.deploy_support import CHART, DASHBOARD, MOSQUITTO_DIR, config_lines, load_yaml_all, need_module
+from tests.deploy_support import CHART, DASHBOARD, MOSQUITTO_DIR, config_lines, load_yaml, load_yaml_all, need_module
 
 HELM_HINT = "pip install helm-python-sdk==0.2.2 (linux x86_64 wheel; Python >= 3.10)"
 KV_HINT = "pip install kubernetes-validate==1.37.0"
@@ -80,6 +80,74 @@ SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
     },
 }
 
+# The chart generates no passwords: every render here gives them (unless a test says base=False).
+PASSWORDS: dict[str, Any] = {
+    "broker": {"password": "aggregator-password-0123456789"},
+    "mosquitto": {"agents": [{"username": f"agent-{i}", "password": f"agent-{i}-password-0123456789"}
+                             for i in (1, 2, 3)]},
+}
+
+
+def with_passwords(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` over PASSWORDS (mappings merged, anything else replaced), a new dict."""
+    def merge(base, over):
+        if isinstance(base, dict) and isinstance(over, dict):
+            return {**copy.deepcopy(base), **{k: merge(base.get(k), v) for k, v in over.items()}}
+        return copy.deepcopy(over)
+
+    return merge(PASSWORDS, values)
+
+
+# PrometheusRule (Prometheus Operator CRD), likewise: the fields the chart sets. promtool checks
+# the rules themselves (tests/test_deploy_helm_rules.py).
+PROMETHEUS_RULE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": SERVICE_MONITOR_SCHEMA["properties"]["metadata"],
+        "spec": {
+            "type": "object",
+            "required": ["groups"],
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": {"type": "string"},
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["expr"],
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "alert": {"type": "string"},
+                                        "record": {"type": "string"},
+                                        "expr": {"type": ["string", "integer"]},
+                                        "for": {"type": "string", "pattern": "^(0|([0-9]+(ms|s|m|h|d|w|y))+)$"},
+                                        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                                        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+CRD_SCHEMAS = {"ServiceMonitor": SERVICE_MONITOR_SCHEMA, "PrometheusRule": PROMETHEUS_RULE_SCHEMA}
+
 # name -> values overriding the defaults
 SCENARIOS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -90,6 +158,33 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "existing-secret-and-claim": {
         "broker": {"existingSecret": "my-broker-credentials"},
         "persistence": {"existingClaim": "my-checkpoints", "storageClass": "-"},
+    },
+    "hardened": {
+        "networkPolicy": {
+            "enabled": True,
+            "mqttFrom": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
+            "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+            "aggregatorEgress": [{"to": [{"ipBlock": {"cidr": "203.0.113.7/32"}}], "ports": [{"port": 443}]}],
+        },
+        "mosquitto": {"podDisruptionBudget": {"enabled": True}},
+        "serviceAccount": {"name": "edgetune-trainer", "annotations": {"iam.gke.io/gcp-service-account": "t@p.iam"}},
+        "aggregator": {
+            "extraEnv": [{"name": "EDGETUNE_MODEL", "value": "/models/qwen"}],
+            "extraVolumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}],
+            "extraVolumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
+        },
+    },
+    "network-policy-external-broker": {
+        "networkPolicy": {"enabled": True, "aggregatorEgress": [{"ports": [{"port": 8883}]}]},
+        "mosquitto": {"enabled": False},
+        "externalBroker": {"url": "mqtts://mqtt.example.com:8883"},
+        "serviceAccount": {"create": False, "name": "existing-sa"},
+    },
+    "alerts": {
+        "serviceMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}, "dpEpsilonBudget": 8,
+                           "extraRules": [{"alert": "EdgeTuneCustom", "expr": "vector(1) > 2", "for": "5m",
+                                           "labels": {"severity": "info"}}]},
     },
     "everything": {
         "serviceMonitor": {"enabled": True},
@@ -127,8 +222,9 @@ def jsonschema_best_match(validator, doc):
     return jsonschema.exceptions.best_match(validator.iter_errors(doc))
 
 
-def render(chart, values: dict[str, Any]) -> dict[str, str]:
-    return chart.render(values=copy.deepcopy(values), name=RELEASE, namespace=NAMESPACE, is_install=True)
+def render(chart, values: dict[str, Any], base: bool = True) -> dict[str, str]:
+    values = with_passwords(values) if base else copy.deepcopy(values)
+    return chart.render(values=values, name=RELEASE, namespace=NAMESPACE, is_install=True)
 
 
 def manifests(rendered: dict[str, str]) -> list[dict[str, Any]]:
@@ -180,11 +276,11 @@ def _kube_definitions(folder: str, version: str):
 
 def validate(kv, doc: dict[str, Any]) -> None:
     where = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
-    if doc.get("kind") == "ServiceMonitor":
+    if doc.get("kind") in CRD_SCHEMAS:
         import jsonschema
 
         try:
-            jsonschema.validate(doc, SERVICE_MONITOR_SCHEMA)
+            jsonschema.validate(doc, CRD_SCHEMAS[doc["kind"]])
         except jsonschema.ValidationError as e:
             pytest.fail(f"{where}: {e.message} at {'/'.join(map(str, e.absolute_path))}")
         return
@@ -197,7 +293,7 @@ def validate(kv, doc: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_chart_lints(helm, scenario):
-    report = helm.lint(str(CHART), copy.deepcopy(SCENARIOS[scenario]), strict=True, namespace=NAMESPACE)
+    report = helm.lint(str(CHART), with_passwords(SCENARIOS[scenario]), strict=True, namespace=NAMESPACE)
     # severity 1 (info: "icon is recommended") is fine; warnings and errors are not
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert not problems and not report["errors"], f"helm lint ({scenario}): {problems} {report['errors']}"
@@ -225,12 +321,12 @@ def test_chart_renders_valid_manifests(chart, kv, scenario):
 def test_validator_refuses_a_bad_manifest(chart, kv):
     """The schema check is real: an unknown field in a container fails it, with the cached
     validator as with kubernetes_validate.validate itself."""
-    deployment = by_kind(manifests(render(chart, {})))["Deployment"][0]
-    kv.validate(deployment, "1.25.0", strict=True)
-    deployment["spec"]["template"]["spec"]["containers"][0]["imagePolicy"] = "Always"
+    job = by_kind(manifests(render(chart, {})))["Job"][0]
+    kv.validate(job, "1.25.0", strict=True)
+    job["spec"]["template"]["spec"]["containers"][0]["imagePolicy"] = "Always"
     with pytest.raises(kv.ValidationError):
-        kv.validate(deployment, "1.25.0", strict=True)
-    assert jsonschema_best_match(_kube_validator("Deployment", "apps/v1", "1.25.0"), deployment) is not None
+        kv.validate(job, "1.25.0", strict=True)
+    assert jsonschema_best_match(_kube_validator("Job", "batch/v1", "1.25.0"), job) is not None
 
 
 def _settings(kinds) -> dict[str, str]:
@@ -244,22 +340,24 @@ def _secret_data(secret) -> dict[str, str]:
 
 def test_defaults(chart):
     kinds = by_kind(manifests(render(chart, {})))
-    assert sorted(kinds) == ["ConfigMap", "Deployment", "PersistentVolumeClaim", "Secret", "Service", "StatefulSet"]
-    [deployment] = kinds["Deployment"]
-    pod = deployment["spec"]["template"]["spec"]
+    assert sorted(kinds) == ["ConfigMap", "Job", "PersistentVolumeClaim", "Secret", "Service", "ServiceAccount",
+                             "StatefulSet"]
+    [job] = kinds["Job"]
+    pod = job["spec"]["template"]["spec"]
     [container] = pod["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
     [checkpoints] = [v for v in pod["volumes"] if v["name"] == "checkpoints"]
     assert checkpoints["persistentVolumeClaim"]["claimName"] == kinds["PersistentVolumeClaim"][0]["metadata"]["name"]
 
     settings = _settings(kinds)
     assert settings["EDGETUNE_BROKER_URL"] == f"mqtt://{RELEASE}-edgetune-mosquitto:1883"
     assert settings["EDGETUNE_METRICS_PORT"] == "9100"
-    assert settings["EDGETUNE_OUTPUT_DIR"] == "/var/lib/edgetune/checkpoints"
+    assert "EDGETUNE_OUTPUT_DIR" not in settings  # the Job's own, per run
     env = {e["name"]: e for e in container["env"]}
+    assert env["EDGETUNE_OUTPUT_DIR"]["value"] == "/var/lib/edgetune/checkpoints/run1"
+    assert {"name": "checkpoints", "mountPath": "/var/lib/edgetune/checkpoints"} in container["volumeMounts"]
     assert env["EDGETUNE_MQTT_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "mqtt-password"
 
     # the broker's password file holds the aggregator and every agent, with the passwords the
@@ -276,6 +374,97 @@ def test_defaults(chart):
     services = {s["metadata"]["name"]: s for s in kinds["Service"]}
     assert services[f"{RELEASE}-edgetune-aggregator"]["spec"]["ports"][0]["port"] == 9100
     assert services[f"{RELEASE}-edgetune-mosquitto"]["spec"]["ports"][0]["port"] == 1883
+
+
+def test_the_aggregator_is_a_job_per_run(chart, helm):
+    """The aggregator exits 0 after its last round: a Job (restarted only on failure), one per
+    run, each with its own output dir; the metrics Service still selects its pod."""
+    kinds = by_kind(manifests(render(chart, {})))
+    assert "Deployment" not in kinds
+    [job] = kinds["Job"]
+    assert job["apiVersion"] == "batch/v1"
+    assert job["metadata"]["name"] == f"{RELEASE}-edgetune-aggregator-run1"
+    assert job["spec"]["backoffLimit"] == 6 and "ttlSecondsAfterFinished" not in job["spec"]
+    template = job["spec"]["template"]
+    assert template["spec"]["restartPolicy"] == "OnFailure"
+    [service] = [s for s in kinds["Service"] if s["metadata"]["name"].endswith("-aggregator")]
+    assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+    # nothing in the (immutable) pod template changes with the chart's version
+    assert "helm.sh/chart" not in template["metadata"]["labels"]
+    assert "app.kubernetes.io/version" not in template["metadata"]["labels"]
+    assert "annotations" not in template["metadata"]
+
+    def output_dir(j):
+        [c] = j["spec"]["template"]["spec"]["containers"]
+        return {e["name"]: e.get("value") for e in c["env"]}["EDGETUNE_OUTPUT_DIR"]
+
+    [job2] = by_kind(manifests(render(chart, {"aggregator": {"run": "run2", "ttlSecondsAfterFinished": 3600}})))["Job"]
+    assert job2["metadata"]["name"] == f"{RELEASE}-edgetune-aggregator-run2"
+    assert output_dir(job) == "/var/lib/edgetune/checkpoints/run1"
+    assert output_dir(job2) == "/var/lib/edgetune/checkpoints/run2"
+    assert job2["spec"]["ttlSecondsAfterFinished"] == 3600
+    for bad in ("Run_2", "-run", "r" * 21, "../run1", 2):
+        with pytest.raises(helm.HelmError, match="/aggregator/run"):  # values.schema.json
+            render(chart, {"aggregator": {"run": bad}})
+    with pytest.raises(helm.HelmError, match="longer than 63"):
+        render(chart, {"fullnameOverride": "f" * 40, "aggregator": {"run": "r" * 20}})
+
+
+def test_hardened(chart, helm):
+    """NetworkPolicies, the broker's PodDisruptionBudget, the ServiceAccount and a model folder
+    mounted into the aggregator (extraVolumes/extraVolumeMounts/extraEnv)."""
+    kinds = by_kind(manifests(render(chart, SCENARIOS["hardened"])))
+    [job] = kinds["Job"]
+    pod = job["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert {"name": "EDGETUNE_MODEL", "value": "/models/qwen"} in container["env"]
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["volumes"]
+    [sa] = kinds["ServiceAccount"]
+    assert sa["metadata"]["name"] == pod["serviceAccountName"] == "edgetune-trainer"
+    assert sa["metadata"]["annotations"] == {"iam.gke.io/gcp-service-account": "t@p.iam"}
+    assert sa["automountServiceAccountToken"] is False and pod["automountServiceAccountToken"] is False
+
+    [pdb] = kinds["PodDisruptionBudget"]
+    [sts] = kinds["StatefulSet"]
+    assert pdb["spec"]["maxUnavailable"] == 0
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+
+    policies = {p["metadata"]["name"]: p["spec"] for p in kinds["NetworkPolicy"]}
+    broker = policies[f"{RELEASE}-edgetune-mosquitto"]
+    aggregator = policies[f"{RELEASE}-edgetune-aggregator"]
+    agg_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert broker["podSelector"]["matchLabels"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    assert aggregator["podSelector"]["matchLabels"].items() <= agg_labels.items()
+    # MQTT from the aggregator and the devices' network, nothing else
+    [mqtt] = broker["ingress"]
+    assert mqtt["ports"] == [{"port": "mqtt", "protocol": "TCP"}]
+    assert mqtt["from"][0]["podSelector"]["matchLabels"].items() <= agg_labels.items()
+    assert mqtt["from"][1:] == [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
+    # metrics from the monitoring namespace; out to DNS, the broker and the extra rule
+    [metrics] = aggregator["ingress"]
+    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert metrics["from"] == SCENARIOS["hardened"]["networkPolicy"]["metricsFrom"]
+    dns, to_broker, extra = aggregator["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    broker_labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert to_broker["to"][0]["podSelector"]["matchLabels"].items() <= broker_labels.items()
+    assert to_broker["ports"] == [{"port": 1883, "protocol": "TCP"}]
+    assert extra == SCENARIOS["hardened"]["networkPolicy"]["aggregatorEgress"][0]
+
+    # off by default; with no mqttFrom the broker takes MQTT from anyone (devices outside the cluster)
+    defaults = by_kind(manifests(render(chart, {})))
+    assert "NetworkPolicy" not in defaults and "PodDisruptionBudget" not in defaults
+    [open_policy] = [p for p in by_kind(manifests(render(chart, {"networkPolicy": {"enabled": True}})))["NetworkPolicy"]
+                     if p["metadata"]["name"].endswith("-mosquitto")]
+    assert "from" not in open_policy["spec"]["ingress"][0]
+    # an external broker: no broker policy, and the aggregator's way out must be given
+    ext = by_kind(manifests(render(chart, SCENARIOS["network-policy-external-broker"])))
+    assert [p["metadata"]["name"] for p in ext["NetworkPolicy"]] == [f"{RELEASE}-edgetune-aggregator"]
+    assert "ServiceAccount" not in ext
+    assert ext["Job"][0]["spec"]["template"]["spec"]["serviceAccountName"] == "existing-sa"
+    with pytest.raises(helm.HelmError, match="networkPolicy.aggregatorEgress"):
+        render(chart, {**SCENARIOS["external-broker"], "networkPolicy": {"enabled": True}})
 
 
 def test_mosquitto_config_matches_compose(chart):
@@ -320,6 +509,27 @@ def test_service_monitor(chart):
     assert "ServiceMonitor" not in by_kind(manifests(render(chart, {})))
 
 
+def test_secrets_are_stable(chart, helm):
+    """The passwords come from values, so that two offline renders (a GitOps sync) give the
+    same Secret; without them and without an existing Secret the render fails, saying what to set."""
+    first, second = (by_kind(manifests(render(chart, {})))["Secret"] for _ in range(2))
+    assert first == second
+    [secret] = first
+    assert _secret_data(secret)["mqtt-password"] == PASSWORDS["broker"]["password"]
+    assert _secret_data(secret)["agent-agent-2-password"] == "agent-2-password-0123456789"
+    with pytest.raises(helm.HelmError, match=r"the aggregator has no password: set broker\.password .*existingSecret"):
+        render(chart, {}, base=False)
+    agents_without = with_passwords({})
+    agents_without["mosquitto"]["agents"][1]["password"] = ""
+    with pytest.raises(helm.HelmError, match=r'agent "agent-2" has no password: set mosquitto\.agents\[1\]\.password'):
+        render(chart, agents_without, base=False)
+    # an existing Secret needs no password in values
+    kinds = by_kind(manifests(render(chart, {"broker": {"existingSecret": "fleet-credentials"}}, base=False)))
+    assert "Secret" not in kinds
+    for template in (CHART / "templates").iterdir():
+        assert not re.search(r"\blookup\s|randAlpha|randAscii|genPrivateKey", template.read_text()), template.name
+
+
 def test_external_broker(chart, helm):
     kinds = by_kind(manifests(render(chart, SCENARIOS["external-broker"])))
     assert "StatefulSet" not in kinds
@@ -335,7 +545,7 @@ def test_external_broker(chart, helm):
 def test_persistence_off(chart):
     kinds = by_kind(manifests(render(chart, SCENARIOS["persistence-off"])))
     assert "PersistentVolumeClaim" not in kinds
-    pod = kinds["Deployment"][0]["spec"]["template"]["spec"]
+    pod = kinds["Job"][0]["spec"]["template"]["spec"]
     [checkpoints] = [v for v in pod["volumes"] if v["name"] == "checkpoints"]
     assert checkpoints == {"name": "checkpoints", "emptyDir": {}}
     assert "volumeClaimTemplates" not in kinds["StatefulSet"][0]["spec"]
@@ -344,7 +554,7 @@ def test_persistence_off(chart):
 def test_existing_secret_and_claim(chart):
     kinds = by_kind(manifests(render(chart, SCENARIOS["existing-secret-and-claim"])))
     assert "Secret" not in kinds and "PersistentVolumeClaim" not in kinds
-    pod = kinds["Deployment"][0]["spec"]["template"]["spec"]
+    pod = kinds["Job"][0]["spec"]["template"]["spec"]
     assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "my-checkpoints"}} in pod["volumes"]
     refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in pod["containers"][0]["env"] if "valueFrom" in e}
     assert refs == {"my-broker-credentials"}
@@ -360,6 +570,34 @@ def test_grafana_dashboard(chart):
     other = by_kind(manifests(render(chart, SCENARIOS["everything"])))
     [cm] = [c for c in other["ConfigMap"] if c["metadata"]["name"].endswith("-dashboard")]
     assert cm["metadata"]["namespace"] == "monitoring"
+
+
+@pytest.mark.parametrize(("values", "where", "why"), [
+    ({"aggregator": {"metricsPort": "9100"}}, "/aggregator/metricsPort", "want integer"),
+    ({"mosquitto": {"service": {"type": "Ingress"}}}, "/mosquitto/service/type", "must be one of"),
+    ({"aggregator": {"image": {"pullPolicy": "always"}}}, "/aggregator/image/pullPolicy", "must be one of"),
+    ({"serviceMonitor": {"enabeld": True}}, "/serviceMonitor", "'enabeld' not allowed"),
+    ({"persistence": {"enabled": "yes"}}, "/persistence/enabled", "want boolean"),
+    ({"fleet": "a/b"}, "/fleet", "does not match pattern"),
+    ({"aggregator": {"extraVolumeMounts": [{"name": "models"}]}}, "/aggregator/extraVolumeMounts/0", "mountPath"),
+])
+def test_values_schema_refuses_wrong_values(chart, helm, values, where, why):
+    """values.schema.json: Helm refuses a value of the wrong type, an unknown choice or a
+    misspelt key before rendering anything, saying where."""
+    with pytest.raises(helm.HelmError, match="don't meet the specifications of the schema") as e:
+        render(chart, values)
+    assert where in str(e.value) and why in str(e.value), str(e.value)
+
+
+def test_values_yaml_meets_its_schema():
+    import jsonschema
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    values = load_yaml((CHART / "values.yaml").read_text())
+    jsonschema.validate(values, schema)
+    # every key of values.yaml is in the schema (which refuses unknown keys)
+    assert schema["additionalProperties"] is False and set(values) <= set(schema["properties"])
 
 
 def test_bad_values_are_refused_with_a_reason(chart, helm):

@@ -111,9 +111,37 @@ EDGETUNE_MAX_PACKET_BYTES, so that the two cannot differ.
 {{- printf "%s:%s" .Values.mosquitto.image.repository (toString .Values.mosquitto.image.tag) }}
 {{- end }}
 
-{{/* Where the checkpoints go inside the aggregator container (EDGETUNE_OUTPUT_DIR). */}}
-{{- define "edgetune.outputDir" -}}
+{{/* Where the checkpoint volume is mounted in the aggregator container. */}}
+{{- define "edgetune.checkpointsMount" -}}
 /var/lib/edgetune/checkpoints
+{{- end }}
+
+{{/*
+The training run (aggregator.run), checked: it names the Job and the run's output dir.
+*/}}
+{{- define "edgetune.run" -}}
+{{- $run := toString .Values.aggregator.run }}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]{0,18}[a-z0-9])?$" $run) }}
+{{- fail (printf "aggregator.run: %q is not a run name: use 1-20 lower-case letters, digits and '-', starting and ending with a letter or digit (e.g. run1)" $run) }}
+{{- end }}
+{{- $run }}
+{{- end }}
+
+{{/* The aggregator Job of this run: <fullname>-aggregator-<run>. */}}
+{{- define "edgetune.aggregator.jobName" -}}
+{{- $name := printf "%s-%s" (include "edgetune.aggregator.fullname" .) (include "edgetune.run" .) }}
+{{- if gt (len $name) 63 }}
+{{- fail (printf "the aggregator Job name %q is longer than 63 characters: shorten aggregator.run or fullnameOverride" $name) }}
+{{- end }}
+{{- $name }}
+{{- end }}
+
+{{/*
+Where the run's checkpoints go (EDGETUNE_OUTPUT_DIR): a folder per run on the checkpoint
+volume, so that a new run starts afresh instead of resuming the last one's checkpoint.
+*/}}
+{{- define "edgetune.outputDir" -}}
+{{- printf "%s/%s" (include "edgetune.checkpointsMount" .) (include "edgetune.run" .) }}
 {{- end }}
 
 {{/*
@@ -131,21 +159,30 @@ storageClassName: {{ .storageClass | quote }}
 {{- end }}
 
 {{/*
-Broker passwords: the value from values.yaml, else the one in the release's existing Secret
-(so that upgrades keep it), else a new random one. Call with (list $ "<secret key>" "<value>").
+A broker password from values, checked. The chart does not generate passwords (a random one,
+or a `lookup` of the live Secret, would differ on every offline render, so that a GitOps sync
+would rotate them all): set them, or name an existing Secret in broker.existingSecret.
+Call with (list "<what it is>" "<the value's path>" <value>).
 */}}
 {{- define "edgetune.password" -}}
-{{- $root := index . 0 }}
-{{- $key := index . 1 }}
-{{- $value := index . 2 }}
-{{- if $value }}
-{{- $value }}
-{{- else }}
-{{- $secret := lookup "v1" "Secret" $root.Release.Namespace (printf "%s-broker" (include "edgetune.fullname" $root)) }}
-{{- if and $secret $secret.data (hasKey $secret.data $key) }}
-{{- index $secret.data $key | b64dec }}
-{{- else }}
-{{- randAlphaNum 32 }}
+{{- $what := index . 0 }}
+{{- $path := index . 1 }}
+{{- $value := index . 2 | default "" | toString }}
+{{- if not $value }}
+{{- fail (printf "%s has no password: set %s (e.g. from `openssl rand -hex 16`; the agents' in a values file, as --set on a list index replaces the whole list) or give the broker credentials in an existing Secret (broker.existingSecret); the chart does not generate passwords, so that every render gives the same Secret" $what $path) }}
 {{- end }}
+{{- if regexMatch "[\\r\\n]" $value }}
+{{- fail (printf "%s: the password holds a line break" $path) }}
+{{- end }}
+{{- $value }}
+{{- end }}
+
+{{/* The aggregator's ServiceAccount: serviceAccount.name, else <fullname>-aggregator when the
+chart creates it, else the namespace's default. */}}
+{{- define "edgetune.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "edgetune.aggregator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
 {{- end }}
 {{- end }}
