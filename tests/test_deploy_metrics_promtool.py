@@ -40,6 +40,7 @@ def _serve_both():
 def _exercise(agg, agent) -> None:
     """A few values on every metric, as a short run would leave them."""
     agg.rounds_completed.inc()
+    agg.rounds.labels(outcome="complete").inc()
     agg.round_duration.observe(12.5)
     agg.current_round.set(2)
     agg.global_version.set(2)
