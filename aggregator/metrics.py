@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from common.metrics_http import serve  # noqa: F401  (re-exported: each side's serve)
+from common.metrics_http import BuildInfo, serve  # noqa: F401  (re-exported: each side's serve)
 
 _ROUND_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 _FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -18,15 +18,13 @@ class AggregatorMetrics:
     def info(self, fleet: str, mode: str) -> None:
         """edgetune_aggregator_build_info{version, protocol, fleet, mode} 1."""
         from broker.messages import PROTOCOL_VERSION
-        from common.metrics_http import build_info
 
-        if getattr(self, "_info", None) is not None:  # a registry shared by two processes' worth of objects
-            self.registry.unregister(self._info)
-        self._info = build_info(self.registry, "edgetune_aggregator_", PROTOCOL_VERSION, fleet=fleet, mode=mode)
+        self.build_info.set(PROTOCOL_VERSION, fleet=fleet, mode=mode)
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         p = "edgetune_aggregator_"
+        self.build_info = BuildInfo(r, p, ("fleet", "mode"))
         self.rounds_completed = Counter(p + "rounds_completed", "Federated rounds completed (kept one release as an "
                                         "alias: rounds_total{outcome} counts every round)", registry=r)
         self.rounds = Counter(p + "rounds", "Rounds (sync) and buffer steps (async) by outcome: complete, deadline "

@@ -14,13 +14,10 @@ EXIT_INPUT = 2  # a bad setting or input: nothing started, nothing stored
 
 
 def version_line(about: Callable[[], str] | None = None) -> str:
-    """'edgetune 0.1.0 (wire protocol 2)': the installed package's version, and what `about` adds."""
-    from importlib.metadata import PackageNotFoundError, version
+    """'edgetune 0.1.0 (wire protocol 2)': the installed release, and what `about` adds."""
+    from common.release import release
 
-    try:
-        v = version("edgetune")
-    except PackageNotFoundError:
-        v = "(not installed: run scripts/install)"
+    v = release() or "(not installed: run scripts/install)"
     return f"edgetune {v}" + (f" ({about()})" if about is not None else "")
 
 

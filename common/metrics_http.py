@@ -8,19 +8,23 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 
-def build_info(registry: CollectorRegistry, prefix: str, protocol: int, **labels: str) -> Gauge:
+class BuildInfo:
     """`<prefix>build_info{version, protocol, ...labels} 1`: which release a process runs and, through
-    `labels`, which fleet (and agent) it belongs to, for dashboards' variables and joins."""
-    from importlib.metadata import PackageNotFoundError, version
+    `labels`, which fleet (and agent) it belongs to, for dashboards' variables and joins. The series
+    appears with the first `set`; a later one replaces it."""
 
-    try:
-        v = version("edgetune")
-    except PackageNotFoundError:
-        v = "unknown"
-    g = Gauge(prefix + "build_info", "The release this process runs, its wire protocol, and its fleet",
-              ["version", "protocol", *labels], registry=registry)
-    g.labels(version=v, protocol=str(protocol), **labels).set(1)
-    return g
+    def __init__(self, registry: CollectorRegistry, prefix: str, labels: tuple[str, ...]) -> None:
+        self.registry, self.name, self.labels = registry, prefix + "build_info", labels
+        self.gauge: Gauge | None = None
+
+    def set(self, protocol: int, **labels: str) -> None:
+        from common.release import release
+
+        if self.gauge is None:
+            self.gauge = Gauge(self.name, "The release this process runs, its wire protocol, and its fleet",
+                               ["version", "protocol", *self.labels], registry=self.registry)
+        self.gauge.clear()
+        self.gauge.labels(version=release() or "unknown", protocol=str(protocol), **labels).set(1)
 
 
 def serve(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from common.metrics_http import serve  # noqa: F401  (re-exported: each side's serve)
+from common.metrics_http import BuildInfo, serve  # noqa: F401  (re-exported: each side's serve)
 
 _TRAIN_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 _FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -14,15 +14,13 @@ class AgentMetrics:
     def info(self, fleet: str, agent: str, mode: str) -> None:
         """edgetune_agent_build_info{version, protocol, fleet, agent, mode} 1."""
         from broker.messages import PROTOCOL_VERSION
-        from common.metrics_http import build_info
 
-        if getattr(self, "_info", None) is not None:  # a registry shared by two processes' worth of objects
-            self.registry.unregister(self._info)
-        self._info = build_info(self.registry, "edgetune_agent_", PROTOCOL_VERSION, fleet=fleet, agent=agent, mode=mode)
+        self.build_info.set(PROTOCOL_VERSION, fleet=fleet, agent=agent, mode=mode)
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         p = "edgetune_agent_"
+        self.build_info = BuildInfo(r, p, ("fleet", "agent", "mode"))
         self.rounds_participated = Counter(p + "rounds_participated", "Rounds this agent sent an update for", registry=r)
         self.update_bytes_sent = Counter(p + "update_bytes_sent", "Bytes of adapter updates published", registry=r)
         self.global_bytes_received = Counter(p + "global_bytes_received", "Bytes of global adapters received", registry=r)

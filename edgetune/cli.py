@@ -68,7 +68,7 @@ def run(
     from common.cli import EXIT_INPUT, fail
 
     mode, aggregation, encoding, strategy = mode.value, aggregation.value, encoding.value, strategy.value
-    _check_strategy(strategy, strategy_options, aggregation)
+    _check_strategy(strategy, strategy_options, aggregation, mode)
     _check_model(split_model if mode == "split" else os.environ.get("EDGETUNE_MODEL", ""))
     if broker:
         _check_broker(broker)
@@ -100,9 +100,10 @@ def run(
     _print_summary(summary, "perplexity" if mode == "split" else "accuracy")
 
 
-def _check_strategy(strategy: str, options: str, aggregation: str) -> None:
-    """Bad --strategy-options fail here, before anything starts: not JSON (without importing torch),
-    then what the aggregator would refuse at its start (building the strategy: this imports torch)."""
+def _check_strategy(strategy: str, options: str, aggregation: str, mode: str) -> None:
+    """Bad --strategy-options fail here, before anything starts: not a JSON object (without importing
+    torch), then whatever the aggregator's own settings would refuse at its start (they build the
+    strategy, which imports torch)."""
     import json
 
     from common.cli import EXIT_INPUT, fail
@@ -117,14 +118,13 @@ def _check_strategy(strategy: str, options: str, aggregation: str) -> None:
     if not isinstance(parsed, dict):
         fail(f"--strategy-options must be a JSON object of option names to values, not {options!r} (nothing started)",
              EXIT_INPUT)
-    if aggregation == "async":
-        return  # the aggregator's settings refuse strategy options with async aggregation, with the reason
-    from aggregator.strategies import StrategyOptionsError, make_strategy
+    from aggregator.settings import AggregatorSettings  # imports torch (the strategies)
+    from common.settings import SettingsError, load_settings
 
     try:
-        make_strategy(strategy, **parsed)
-    except (StrategyOptionsError, TypeError, ValueError) as e:
-        fail(f"--strategy {strategy} --strategy-options {options}: {e} (nothing started)", EXIT_INPUT)
+        load_settings(AggregatorSettings, strategy=strategy, strategy_options=parsed, aggregation=aggregation, mode=mode)
+    except SettingsError as e:
+        fail(f"{e}\n(nothing started)", EXIT_INPUT)
 
 
 def _check_model(name_or_path: str) -> None:
@@ -132,9 +132,9 @@ def _check_model(name_or_path: str) -> None:
     starts (torch-free: models.fingerprint). Names (the shipped ones, hub names) are left to the
     aggregator."""
     from common.cli import EXIT_INPUT, fail
-    from models.fingerprint import ModelNotFound, model_files
+    from models.fingerprint import ModelNotFound, is_local, model_files
 
-    if not name_or_path or not (name_or_path.startswith((".", "/", "~")) or os.path.exists(name_or_path)):
+    if not name_or_path or not is_local(name_or_path):
         return
     try:
         model_files(os.path.expanduser(name_or_path))
@@ -146,18 +146,18 @@ def _check_broker(url: str, timeout_s: float = 2.0) -> None:
     """--broker must be reachable over TCP within `timeout_s`: say so at once rather than after starting
     the aggregator and the agents."""
     import socket
-    from urllib.parse import urlparse
 
-    from common.cli import fail
+    from broker.transport import BrokerAddress
+    from common.cli import EXIT_INPUT, fail
 
-    u = urlparse(url)
-    if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-        fail(f"--broker {url!r}: give mqtt://HOST:PORT or mqtts://HOST:PORT (nothing started)", 2)
-    port = u.port or (8883 if u.scheme == "mqtts" else 1883)
     try:
-        socket.create_connection((u.hostname, port), timeout=timeout_s).close()
+        addr = BrokerAddress.parse(url)
+    except ValueError as e:
+        fail(f"--broker: {e} (nothing started)", EXIT_INPUT)
+    try:
+        socket.create_connection((addr.host, addr.port), timeout=timeout_s).close()
     except OSError as e:
-        fail(f"no broker at {u.hostname}:{port} ({e.strerror or e}): is it running and reachable? (nothing "
+        fail(f"no broker at {addr.host}:{addr.port} ({e.strerror or e}): is it running and reachable? (nothing "
              "started)", 3)
 
 

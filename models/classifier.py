@@ -20,7 +20,7 @@ from torch import nn
 
 # UnsupportedModel: raised here (by the family lookups) for a model type of no family
 from models.families import EncoderFamily, UnsupportedModel, encoder_family, model_type_of  # noqa: F401
-from models.fingerprint import ModelNotFound  # noqa: F401  (raised here; defined in the pure module)
+from models.fingerprint import ModelNotFound, is_local  # noqa: F401  (ModelNotFound: raised here; defined in the pure module)
 
 from models.adapters import AdapterMismatch, check_adapter_state  # noqa: F401  (also importable from here)
 
@@ -50,7 +50,7 @@ def resolve_model(name_or_path: str | None) -> str:
         if not (p / "config.json").exists():
             raise ModelNotFound(f"model folder {p} has no config.json: is it a transformers model folder?")
         return str(p)
-    if name_or_path.startswith((".", "/", "~")):
+    if is_local(name_or_path):
         raise ModelNotFound(f"model folder {name_or_path} does not exist")
     return name_or_path  # a hub name: transformers resolves it (needs the hub or its cache)
 
@@ -61,7 +61,7 @@ def model_name(name_or_path: str | None) -> str:
     if not name_or_path or name_or_path == "default":
         return DEFAULT_MODEL_NAME
     p = Path(name_or_path).expanduser()
-    if p.exists() or name_or_path.startswith((".", "/", "~")):
+    if is_local(name_or_path):
         return p.resolve().name
     return name_or_path
 

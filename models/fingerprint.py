@@ -28,6 +28,12 @@ class ModelNotFound(FileNotFoundError):
     """The model files a task or a setting names are not on this machine (the message says where it looked)."""
 
 
+def is_local(name_or_path: str) -> bool:
+    """A model setting that names a local path (it exists here, or is written as one: ./, /, ~), not a
+    hub name or a shipped model's name."""
+    return name_or_path.startswith((".", "/", "~")) or Path(name_or_path).expanduser().exists()
+
+
 def file_sha256(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)

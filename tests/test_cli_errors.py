@@ -37,7 +37,7 @@ def cli(module: str, *args: str, **env: str) -> tuple[int, str, bool]:
 
 def started_nothing(out: str) -> bool:
     """The runner prints these lines when it starts a broker or processes."""
-    return "broker:" not in out and "started the aggregator" not in out
+    return not any(line.startswith(("broker:", "started the aggregator")) for line in out.splitlines())
 
 
 @pytest.mark.parametrize("args,code,says", [
@@ -47,7 +47,7 @@ def started_nothing(out: str) -> bool:
     (["--mode", "splitt"], 2, "'splitt' is not one of 'federated', 'split'"),
     (["--aggregation", "later"], 2, "'later' is not one of 'sync', 'async'"),
     (["--encoding", "int4"], 2, "'int4' is not one of 'fp32', 'fp16', 'int8'"),
-    (["--broker", "http://somewhere"], 2, "give mqtt://HOST:PORT"),
+    (["--broker", "http://somewhere"], 2, "scheme must be mqtt:// or mqtts://"),
 ])
 def test_edgetune_run_refuses_bad_options_before_starting_anything_or_importing_torch(args, code, says):
     got, out, torch_imported = cli("edgetune.cli", "run", *args)
@@ -72,11 +72,14 @@ def test_an_unreachable_broker_is_refused_before_starting_anything():
     assert "Traceback" not in out and started_nothing(out) and not torch_imported, out
 
 
-def test_strategy_options_the_strategy_refuses_fail_before_anything_starts():
-    """Checking the options means building the strategy, which imports torch; still nothing starts."""
-    got, out, _ = cli("edgetune.cli", "run", "--strategy", "krum", "--strategy-options", '{"f": -1}')
-    assert got == 2 and "invalid options for strategy 'krum'" in out and "nothing started" in out, out
-    assert "Traceback" not in out and started_nothing(out), out
+def test_strategy_options_the_aggregator_would_refuse_fail_before_anything_starts():
+    """The aggregator's own settings check them (building the strategy imports torch); still nothing starts."""
+    for args, says in ((["--strategy", "krum", "--strategy-options", '{"f": -1}'], "invalid options for strategy 'krum'"),
+                       (["--aggregation", "async", "--strategy-options", '{"bound": 1}'],
+                        "leave strategy at fedavg and strategy_options empty")):
+        got, out, _ = cli("edgetune.cli", "run", *args)
+        assert got == 2 and says in out and "nothing started" in out, out
+        assert "Traceback" not in out and started_nothing(out), out
 
 
 @pytest.mark.parametrize("module", ["edgetune.cli", "edge_agent.cli", "aggregator.cli"])
