@@ -44,13 +44,15 @@ def run(
     )
     setup_logging(s.log_level, "aggregator")
     from aggregator.service import AggregatorService
+    from broker.signing import KeyFileError
     from broker.transport import BrokerError
     from data.records import DataError
     from models.families import UnsupportedModel
     from models.fingerprint import ModelNotFound
     from models.split import QuantizationUnavailable
 
-    with exit_codes({BrokerError: 3, QuantizationUnavailable: 2, ModelNotFound: 2, UnsupportedModel: 2, DataError: 2}):
+    with exit_codes({BrokerError: 3, QuantizationUnavailable: 2, ModelNotFound: 2, UnsupportedModel: 2, DataError: 2,
+                     KeyFileError: 2}):
         AggregatorService(s).run()
 
 

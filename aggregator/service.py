@@ -29,6 +29,7 @@ from broker import activations, codec
 from broker.errors import WireError
 from broker.messages import (AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement,
                              SplitGradient, TaskDefinition, parse)
+from broker.signing import Signer
 from broker.topics import Topics, TopicKind
 from broker.transport import Incoming, MqttTransport
 from common.metrics_http import linger
@@ -60,6 +61,8 @@ class AggregatorService(EvaluationMixin):
         self.rows: list[dict] = self._rows_so_far()  # metrics.jsonl, this run's (a resumed run's too)
         self.refused: dict[str, str] = {}  # agents whose model does not fit the task -> their reason
         self.task_def: TaskDefinition | None = None  # built with the task (_build)
+        # the fleet's signing key: the task, announcements and globals go out signed (broker.signing)
+        self.signer = Signer.from_file(settings.signing_key) if settings.signing_key else None
         self._stop = False
         self.transport: MqttTransport | None = None
 
@@ -246,10 +249,14 @@ class AggregatorService(EvaluationMixin):
         return run_id
 
     # -- publishing -------------------------------------------------------------------------
+    def _frame(self, topic: str, msg, tensors=None) -> bytes:
+        """A frame for the fleet's retained topics: signed for `topic` when there is a signing key."""
+        return codec.encode(msg, tensors, signer=self.signer, context=topic)
+
     def _publish_global(self, accuracy: float | None, loss: float | None) -> None:
         msg = GlobalAdapter(version=self.coord.version, round=self.coord.round_number, accuracy=accuracy, loss=loss,
                             task_hash=self.task_def.hash, run_id=self.run_id)
-        payload = codec.encode(msg, self.task.global_state())
+        payload = self._frame(self.topics.global_adapter, msg, self.task.global_state())
         self.transport.publish(self.topics.global_adapter, payload, retain=True, wait=True)
         self.metrics.global_bytes_published.inc(len(payload))
         self.metrics.global_version.set(self.coord.version)
@@ -262,7 +269,7 @@ class AggregatorService(EvaluationMixin):
                                 global_version=self.coord.version, local_epochs=self.s.local_epochs,
                                 max_local_steps=self.s.max_local_steps, final=final, task_hash=self.task_def.hash,
                                 run_id=self.run_id)
-        self.transport.publish(self.topics.round, codec.encode(ann), retain=True, wait=True)
+        self.transport.publish(self.topics.round, self._frame(self.topics.round, ann), retain=True, wait=True)
 
     def _announce_final(self) -> None:
         self._announce(self.coord.round_number, (), time.time(), final=True)
@@ -412,7 +419,8 @@ class AggregatorService(EvaluationMixin):
             if self.s.metrics_port is not None:
                 self.metrics_server, _ = serve(self.metrics.registry, self.s.metrics_port, self.s.metrics_addr)
             self._connect()
-            self.transport.publish(self.topics.task, codec.encode(self.task_def), retain=True, wait=True)
+            self.transport.publish(self.topics.task, self._frame(self.topics.task, self.task_def), retain=True,
+                                   wait=True)
             log.info("task %s: %s %s (model %s), labels %s", self.task_def.hash[:12], self.task_def.mode,
                      self.task_def.model, self.task_def.model_hash[:12], ",".join(self.task_def.labels) or "-")
             if self.coord.round_number == 0:

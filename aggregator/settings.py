@@ -49,6 +49,9 @@ class AggregatorSettings(EdgeTuneSettings, ConnectionSettings, ProcessSettings, 
                                "evaluations of the final global")
     eval_limit: int = Field(0, ge=0, description="evaluate on a fixed random N of the central evaluation data (0: all)")
     eval_batch_size: int = Field(64, ge=1)
+    signing_key: str | None = Field(
+        None, description="the fleet's Ed25519 signing key (PEM; `edgetune provision init` makes fleet/signing.key): "
+        "the task, every announcement and every global are signed with it, for agents that check (EDGETUNE_FLEET_KEYS)")
     max_update_bytes: int = Field(16 * 1024 * 1024, gt=0, description="refuse larger update frames")
     seed: int = 0
     # split mode

@@ -11,6 +11,12 @@ Layout (all integers big-endian)::
     50      H     JSON header (a pydantic message, see broker.messages)
     50+H    P     safetensors payload (may be empty: P = 0)
 
+A signed frame (format version 2, broker.signing) has the same layout followed by an 80-byte
+trailer: the signing key's id (8 bytes), the signing time in milliseconds since the epoch
+(8 bytes) and an Ed25519 signature (64 bytes) over the frame's digest, the key id, the time and
+the topic it was published on. `decode` reads the trailer into `Frame.signature`; whether it is
+valid, and from a trusted key, is for `broker.signing.Verifier` to say.
+
 Nothing here unpickles: tensors are read with safetensors only. The decoder checks every
 length against the bytes it was given and against `max_size` before it allocates anything.
 """
@@ -38,14 +44,27 @@ from broker.errors import (
 
 MAGIC = b"ETF\x00"
 FRAME_VERSION = 1
+SIGNED_FRAME_VERSION = 2  # FRAME_VERSION + a signature trailer
 _PREFIX = struct.Struct(">4sHIQ")  # magic, version, header length, payload length
 PREFIX_SIZE = _PREFIX.size  # 18
 DIGEST_SIZE = 32
 FIXED_SIZE = PREFIX_SIZE + DIGEST_SIZE  # 50
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+_TRAILER = struct.Struct(">8sQ64s")  # key id, signed at (ms), Ed25519 signature
+TRAILER_SIZE = _TRAILER.size  # 80
 
 # dtypes a frame may carry, by safetensors name
 SUPPORTED_DTYPES = ("F32", "F16", "BF16", "I8", "I64", "I32", "U8", "BOOL")
+
+
+@dataclass(frozen=True)
+class FrameSignature:
+    """A signed frame's trailer, as read: unverified until broker.signing.Verifier checks it."""
+
+    key_id: bytes  # 8 bytes: broker.signing.key_id of the public key
+    signed_at_ms: int
+    signature: bytes  # 64 bytes
+    digest: bytes  # the frame's sha256 digest (from its fixed header, checked against its contents)
 
 
 @dataclass
@@ -54,6 +73,14 @@ class Frame:
 
     header: dict[str, Any]
     tensors: dict[str, Any] = field(default_factory=dict)  # torch.Tensor or np.ndarray
+    signature: FrameSignature | None = None  # a signed frame's trailer (None: unsigned)
+
+
+def signed_bytes(digest: bytes, key_id: bytes, signed_at_ms: int, context: str) -> bytes:
+    """What a frame's Ed25519 signature covers: a domain tag, the topic (`context`), the frame's
+    digest (which covers its header and tensors), the key id and the signing time."""
+    return b"".join((b"edgetune-frame-signature/1\0", context.encode(), b"\0", digest,
+                     key_id, signed_at_ms.to_bytes(8, "big")))
 
 
 def _is_torch(t: Any) -> bool:
@@ -70,18 +97,26 @@ def _tensors_to_bytes(tensors: dict[str, Any]) -> bytes:
     return st_save_np({k: np.ascontiguousarray(v) for k, v in tensors.items()})
 
 
-def encode(header: dict[str, Any] | Any, tensors: dict[str, Any] | None = None) -> bytes:
-    """Encode a header (dict or pydantic model) and named tensors into one frame."""
+def encode(header: dict[str, Any] | Any, tensors: dict[str, Any] | None = None, *, signer: Any = None,
+           context: str = "") -> bytes:
+    """Encode a header (dict or pydantic model) and named tensors into one frame. With a `signer`
+    (broker.signing.Signer) the frame is signed for the topic `context` it will be published on."""
     if hasattr(header, "model_dump"):
         header = header.model_dump(mode="json")
     hbytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     payload = _tensors_to_bytes(tensors or {})
-    prefix = _PREFIX.pack(MAGIC, FRAME_VERSION, len(hbytes), len(payload))
+    version = FRAME_VERSION if signer is None else SIGNED_FRAME_VERSION
+    prefix = _PREFIX.pack(MAGIC, version, len(hbytes), len(payload))
     digest = hashlib.sha256()
     digest.update(prefix)
     digest.update(hbytes)
     digest.update(payload)
-    return b"".join((prefix, digest.digest(), hbytes, payload))
+    parts = [prefix, digest.digest(), hbytes, payload]
+    if signer is not None:
+        signed_at = signer.now_ms()
+        sig = signer.sign(signed_bytes(parts[1], signer.key_id, signed_at, context))
+        parts.append(_TRAILER.pack(signer.key_id, signed_at, sig))
+    return b"".join(parts)
 
 
 def _check_payload_header(payload: bytes) -> None:
@@ -131,12 +166,13 @@ def decode(
     magic, version, hlen, plen = _PREFIX.unpack_from(data, 0)
     if magic != MAGIC:
         raise BadMagic("not an EdgeTune frame (bad magic)")
-    if version != FRAME_VERSION:
+    if version not in (FRAME_VERSION, SIGNED_FRAME_VERSION):
         raise UnsupportedVersion(
-            f"frame format version {version}; this build reads version {FRAME_VERSION}: "
-            "upgrade the older side"
+            f"frame format version {version}; this build reads versions {FRAME_VERSION} and "
+            f"{SIGNED_FRAME_VERSION} (signed): upgrade the older side"
         )
-    total = FIXED_SIZE + hlen + plen
+    body = FIXED_SIZE + hlen + plen
+    total = body + (TRAILER_SIZE if version == SIGNED_FRAME_VERSION else 0)
     if total > max_size:
         raise OversizedFrame(f"frame declares {total} bytes, over the limit of {max_size}")
     if len(data) < total:
@@ -145,16 +181,20 @@ def decode(
         raise MalformedFrame(f"{len(data) - total} trailing bytes after the frame")
     digest = hashlib.sha256()
     digest.update(data[:PREFIX_SIZE])
-    digest.update(data[FIXED_SIZE:total])
+    digest.update(data[FIXED_SIZE:body])
     if digest.digest() != data[PREFIX_SIZE:FIXED_SIZE]:
         raise ChecksumMismatch("frame checksum does not match its contents")
+    signature = None
+    if version == SIGNED_FRAME_VERSION:
+        key_id, signed_at, sig = _TRAILER.unpack_from(data, body)
+        signature = FrameSignature(key_id, signed_at, sig, data[PREFIX_SIZE:FIXED_SIZE])
     try:
         header = json.loads(data[FIXED_SIZE : FIXED_SIZE + hlen])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MalformedFrame(f"frame header is not JSON: {e}") from None
     if not isinstance(header, dict):
         raise MalformedFrame("frame header is not a JSON object")
-    payload = data[FIXED_SIZE + hlen : total]
+    payload = data[FIXED_SIZE + hlen : body]
     tensors: dict[str, Any] = {}
     if payload:
         _check_payload_header(payload)
@@ -167,4 +207,4 @@ def decode(
                 tensors = st_load_np(payload)
         except Exception as e:  # safetensors raises its own SafetensorError
             raise MalformedFrame(f"tensor payload unreadable: {e}") from None
-    return Frame(header=header, tensors=tensors)
+    return Frame(header=header, tensors=tensors, signature=signature)

@@ -34,6 +34,8 @@ class TlsFiles:
     certfile: str
     keyfile: str
     version: str = "tlsv1.2"  # the minimum (TLS 1.3 is taken where both sides have it)
+    require_certificate: bool = False  # mutual TLS: clients present a certificate signed by cafile
+    crlfile: str | None = None  # revoked client certificates (read at start; see edgetune.provision)
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,14 @@ def _listener(listener: Listener) -> list[str]:
         t = listener.tls
         lines += [f"cafile {t.cafile}", f"certfile {t.certfile}", f"keyfile {t.keyfile}",
                   "# the minimum TLS version (TLS 1.3 is taken where both sides have it)", f"tls_version {t.version}"]
+        if t.require_certificate:
+            lines += ["# mutual TLS: a client without a certificate signed by the CA above is refused at the handshake;",
+                      "# it still logs in with its username and password (the password file is what revocation",
+                      "# takes away, and Mosquitto re-reads it on SIGHUP: connected clients are checked again)",
+                      "require_certificate true", "use_identity_as_username false"]
+        if t.crlfile:
+            lines += ["# certificates revoked by `edgetune provision revoke` (re-read on SIGHUP)",
+                      f"crlfile {t.crlfile}"]
     return lines
 
 

@@ -158,6 +158,8 @@ class MqttTransport:
         username: str | None = None,
         password: str | None = None,
         ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
         will: Will | None = None,
         persistent_session: bool = False,
         session_expiry_s: int = 3600,
@@ -196,7 +198,8 @@ class MqttTransport:
         if username:
             c.username_pw_set(username, password)
         if self.address.tls or ca_file:
-            c.tls_set(ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED)
+            # with cert_file/key_file: a client certificate, for a broker that requires one (mutual TLS)
+            c.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file, cert_reqs=ssl.CERT_REQUIRED)
         if will is not None:
             c.will_set(will.topic, will.payload, qos=1, retain=will.retain)
         c.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -282,9 +285,12 @@ class MqttTransport:
                 self.close()
                 raise BrokerError(self._refusal_advice(self._refused))
         self.close()
+        tls = (" Over TLS, the handshake fails without a word when the broker's certificate is not signed by "
+               "EDGETUNE_CA_FILE's CA, or when the broker requires a client certificate (EDGETUNE_CERT_FILE, "
+               "EDGETUNE_KEY_FILE) and this one has none, another CA's, or a revoked one.") if self.address.tls else ""
         raise BrokerError(
             f"no connection to the broker at {self.address} within {timeout:.0f}s: is it running "
-            "and reachable? check EDGETUNE_BROKER_URL"
+            f"and reachable? check EDGETUNE_BROKER_URL.{tls}"
         )
 
     def _refusal_advice(self, reason: str) -> str:

@@ -12,14 +12,26 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from broker import codec
 from broker.errors import WireError
 from broker.messages import AgentState, AgentStatus, GlobalAdapter, RoundAnnouncement, TaskDefinition, parse
+from broker.signing import Keyring, Verifier
 from broker.topics import TopicKind, Topics
 from edge_agent.protocol import (Action, AgentProtocol, Finish, Idle, LoadGlobal, PublishStatus, SendUpdate, Skip,
                                  Train)
+
+
+TRUST_FILE = "trust.json"  # in the agent's state dir: the newest signed frames it accepted (broker.signing)
+
+
+def fleet_verifier(fleet_keys: str | None, state_dir: str | None) -> Verifier | None:
+    """The Verifier of an agent given the fleet's public keys (None: it takes unsigned frames)."""
+    if not fleet_keys:
+        return None
+    return Verifier(Keyring.from_file(fleet_keys), Path(state_dir).expanduser() / TRUST_FILE if state_dir else None)
 
 
 class ProtocolDriver:
@@ -31,10 +43,12 @@ class ProtocolDriver:
     refusal: str | None = None  # why this agent does not train for the fleet's task (None: it does)
     _refused_task: str | None = None  # the task hash that refusal is about
 
-    def _init_protocol(self, agent_id: str, fleet: str) -> None:
+    def _init_protocol(self, agent_id: str, fleet: str, verifier: Verifier | None = None) -> None:
         self.proto = AgentProtocol(agent_id)
         self.topics = Topics(fleet)
         self._reconnected = threading.Event()
+        # with the fleet's keys: the task, announcements and globals must be signed (broker.signing)
+        self.verifier = verifier
 
     # -- what a subclass supplies ---------------------------------------------------------------
     def num_examples(self) -> int:
@@ -141,18 +155,25 @@ class ProtocolDriver:
             frame = codec.decode(payload, as_torch=self.as_torch)
             if kind is TopicKind.task:
                 task = parse(frame.header, TaskDefinition)
+                self._verify(topic, "task", frame, task)
                 self.check_task(task.hash, task)
             elif kind is TopicKind.global_adapter:
                 header = parse(frame.header, GlobalAdapter)
+                self._verify(topic, "global", frame, header)
                 self.received_global(header, len(payload))
                 if self.ready() and self.check_task(header.task_hash):
                     self.act(self.proto.on_global(header, frame.tensors))
             else:
                 ann = parse(frame.header, RoundAnnouncement)
+                self._verify(topic, "round", frame, ann)
                 if ann.final or (self.ready() and self.check_task(ann.task_hash)):
                     self.act(self.proto.on_announcement(ann))
         except WireError as e:
             self.rejected(e.reason, f"{topic}: {e}")
+
+    def _verify(self, topic: str, kind: str, frame: codec.Frame, header: Any) -> None:
+        if self.verifier is not None:
+            self.verifier.check(topic, kind, frame, header)
 
     def trained(self, round_number: int, update: Any) -> bool:
         """Hand a trained round's update to the machine (it sends it unless the agent is stopping);

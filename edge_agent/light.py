@@ -23,7 +23,7 @@ import numpy as np
 from broker import codec
 from broker.messages import AgentState, ModelUpdate
 from broker.transport import MqttTransport, Will
-from edge_agent.driver import ProtocolDriver
+from edge_agent.driver import ProtocolDriver, fleet_verifier
 from edge_agent.protocol import LoadGlobal, SendUpdate, Train
 
 
@@ -44,9 +44,12 @@ class LightAgent(ProtocolDriver):
 
     def __init__(self, agent_id: str, broker_url: str, fleet: str = "default", *, train_seconds: float = 0.0,
                  num_examples: int = 100, protocol: int = 5, username: str | None = None,
-                 password: str | None = None, persistent: bool = True) -> None:
+                 password: str | None = None, persistent: bool = True, ca_file: str | None = None,
+                 cert_file: str | None = None, key_file: str | None = None, fleet_keys: str | None = None,
+                 state_dir: str | None = None) -> None:
         self.id = agent_id
-        self._init_protocol(agent_id, fleet)
+        self._init_protocol(agent_id, fleet, fleet_verifier(fleet_keys, state_dir))
+        self.rejections: list[tuple[str, str]] = []  # (reason, message) of every frame refused
         self.train_seconds = train_seconds
         self.example_count = num_examples
         self.global_tensors: dict[str, np.ndarray] = {}
@@ -56,6 +59,7 @@ class LightAgent(ProtocolDriver):
         self.stop = threading.Event()
         self.transport = self.t = MqttTransport(
             f"edgetune-agent-{agent_id}", broker_url, protocol=protocol, username=username, password=password,
+            ca_file=ca_file, cert_file=cert_file, key_file=key_file,
             persistent_session=persistent, on_state=self._on_state,
             will=Will(self.topics.status(agent_id), self.status_frame(AgentState.offline)))
         self.transport.subscribe(self.topics.task)
@@ -86,6 +90,10 @@ class LightAgent(ProtocolDriver):
         if self.trained(a.round, codec.encode(upd, synthetic_update(self.global_tensors, self.id, a.round))):
             self.sent += 1
             self.sent_updates.append((a.round, a.base_version))
+
+    def rejected(self, reason: str, msg: str) -> None:
+        self.rejections.append((reason, msg))
+        super().rejected(reason, msg)
 
     def send_update(self, a: SendUpdate) -> None:
         self.transport.publish(self.topics.update(self.id), a.update, wait=True)

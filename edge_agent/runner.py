@@ -24,7 +24,7 @@ from data.records import DataError
 from data.sources import holdout_split, in_test, is_demo, load_source
 from edge_agent.device import Device
 from edge_agent.local_settings import save_task
-from edge_agent.driver import ProtocolDriver
+from edge_agent.driver import ProtocolDriver, fleet_verifier
 from edge_agent.metrics import AgentMetrics, serve
 from edge_agent.outbox import Outbox
 from edge_agent.protocol import Finish, LoadGlobal, SendUpdate, Train
@@ -92,7 +92,7 @@ def held_out_blocks(n: int, fraction: float, cap: int) -> tuple[list[int], list[
 class AgentRunner(ProtocolDriver):
     def __init__(self, settings: AgentSettings, metrics: AgentMetrics | None = None, examples: list | None = None) -> None:
         self.s = settings
-        self._init_protocol(settings.agent_id, settings.fleet)
+        self._init_protocol(settings.agent_id, settings.fleet, fleet_verifier(settings.fleet_keys, settings.state_dir))
         self.metrics = metrics or AgentMetrics()
         self.metrics.info(fleet=settings.fleet, agent=settings.agent_id, mode=settings.mode)
         self.examples = examples

@@ -26,6 +26,10 @@ class AgentSettings(EdgeTuneSettings, ConnectionSettings, ProcessSettings, OnDev
     after_run: Literal["exit", "stay"] = Field(
         "exit", description="when a run ends: exit, or stay up (serving predictions, collecting feedback, learning "
         "locally) and take part in the next run the aggregator starts: a device's daemon")
+    fleet_keys: str | None = Field(
+        None, description="the fleet's public signing keys (PEM; fleet-keys.pem in the device's bundle): with them "
+        "the agent takes only a task, announcements and globals signed by the fleet, and refuses replays "
+        "(its state dir's trust.json remembers the newest)")
     model_dir: str | None = Field(None, description="where the task's model folders are, by their names (folders "
                                   "separated by ':'); the shipped MiniLM and SmolLM2 need none")
     # the agent's data (DataSettings: EDGETUNE_DATA, a file, folder or demo:NAME) plus its sample store; with

@@ -195,6 +195,10 @@ from edgetune.export_cli import export_cmd, predict_cmd  # noqa: E402  (take the
 app.command("export")(export_cmd)
 app.command("predict")(predict_cmd)
 
+from edgetune.provision_cli import provision_app  # noqa: E402  (a fleet's CA, keys and device bundles)
+
+app.add_typer(provision_app, name="provision")
+
 
 if __name__ == "__main__":
     app()

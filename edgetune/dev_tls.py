@@ -64,6 +64,75 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     os.chmod(path, mode)
 
 
+def _validity(days: int):
+    now = dt.datetime.now(dt.timezone.utc)
+    return now - dt.timedelta(hours=1), now + dt.timedelta(days=days)  # an hour back: clock skew
+
+
+def _usage(x509, *, ca: bool):
+    return x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                         data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
+                         encipher_only=False, decipher_only=False)
+
+
+def new_ca(name: str, days: int):
+    """A CA: an EC P-256 key and its self-signed certificate (may sign certificates and CRLs)."""
+    x509, hashes, _, ec, _, NameOID = _crypto()
+    start, end = _validity(days)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "EdgeTune"),
+                         x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start).not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_usage(x509, ca=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def issue(ca_cert, ca_key, common_name: str, *, days: int, hosts: tuple[str, ...] | list[str] = (), key=None):
+    """A certificate signed by the CA for `common_name` (and a new EC P-256 key unless `key` is
+    given): with `hosts`, a server's (each host a subject alternative name), else a client's."""
+    x509, hashes, _, ec, EKU, NameOID = _crypto()
+    start, end = _validity(days)
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "EdgeTune"),
+                                 x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start).not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_usage(x509, ca=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([EKU.SERVER_AUTH if hosts else EKU.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+    )
+    if hosts:
+        b = b.add_extension(x509.SubjectAlternativeName([_san(h, x509) for h in hosts]), critical=False)
+    return key, b.sign(ca_key, hashes.SHA256())
+
+
+def pem_key(key) -> bytes:
+    _, _, serialization, _, _, _ = _crypto()
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def pem_cert(cert) -> bytes:
+    _, _, serialization, _, _, _ = _crypto()
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
 def make_test_certs(directory: str | Path, hosts: tuple[str, ...] | list[str] = DEFAULT_HOSTS, *,
                     days: int = 30, ca_name: str = "EdgeTune test CA",
                     server_name: str | None = None) -> CertFiles:
@@ -72,58 +141,18 @@ def make_test_certs(directory: str | Path, hosts: tuple[str, ...] | list[str] = 
     The server certificate carries every host of `hosts` as a subject alternative name and is
     valid for `days` (from one hour ago, to allow for clock skew). Keys are written 0600.
     """
-    x509, hashes, serialization, ec, EKU, NameOID = _crypto()
     if not hosts:
         raise ValueError("make_test_certs needs at least one host name or IP address for the server")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    start, end = now - dt.timedelta(hours=1), now + dt.timedelta(days=days)
+    ca_key, ca_cert = new_ca(ca_name, days)
+    key, cert = issue(ca_cert, ca_key, server_name or hosts[0], days=days, hosts=hosts)
 
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "EdgeTune"),
-                            x509.NameAttribute(NameOID.COMMON_NAME, ca_name)])
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_subject).issuer_name(ca_subject)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(ca_ski, critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "EdgeTune"),
-                                 x509.NameAttribute(NameOID.COMMON_NAME, server_name or hosts[0])]))
-        .issuer_name(ca_subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName([_san(h, x509) for h in hosts]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([EKU.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    pem = serialization.Encoding.PEM
     files = CertFiles(d / "ca.crt", d / "ca.key", d / "server.crt", d / "server.key")
-    _write(files.ca_cert, ca_cert.public_bytes(pem), 0o644)
-    _write(files.server_cert, cert.public_bytes(pem), 0o644)
+    _write(files.ca_cert, pem_cert(ca_cert), 0o644)
+    _write(files.server_cert, pem_cert(cert), 0o644)
     for path, k in ((files.ca_key, ca_key), (files.server_key, key)):
-        _write(path, k.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
+        _write(path, pem_key(k), 0o600)
     return files
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker.mosquitto_conf import TlsFiles, local_options, render_acl, render_mosquitto_conf, secure_options
-from broker.transport import DEFAULT_MAX_PACKET_BYTES
+from broker.transport import DEFAULT_MAX_PACKET_BYTES, BrokerAddress
 
 
 class BrokerUnavailable(RuntimeError):
@@ -224,6 +224,23 @@ def write_password_file(path: Path, users: dict[str, str]) -> Path:
             raise BrokerUnavailable(f"mosquitto_passwd failed for user {user!r}: {(r.stderr or r.stdout).strip()}")
     path.chmod(0o600)
     return path
+
+
+def start_fleet_broker(fleet_root: Path, timeout: float = 10) -> SecureBroker:
+    """Mosquitto with a provisioned fleet's broker files (edgetune.provision: made with
+    broker_files = FLEET/broker, so the config points at them in place), run as this user."""
+    from edgetune.provision import Fleet
+
+    f = Fleet.open(fleet_root)
+    broker = Path(fleet_root) / "broker"
+    conf = (broker / "mosquitto.conf").read_text()
+    workdir = broker / "run"  # this run's config (with a `user` line) and log
+    workdir.mkdir(exist_ok=True)
+    tls_port = BrokerAddress.parse(f.data["broker_url"]).port
+    proc, conf_path, log = _launch(_need_mosquitto(), workdir, f"user {_me()}\n" + conf,
+                                   [f.data["plain_port"], tls_port], timeout)
+    return SecureBroker(f.data["plain_port"], proc, "mosquitto", workdir, conf_path, log, False, tls_port=tls_port,
+                        ca_file=broker / "certs" / "ca.crt")
 
 
 def start_secure_mosquitto(workdir: Path, users: dict[str, str], acl_text: str | None = None, tls: bool = True, *,

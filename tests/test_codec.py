@@ -65,7 +65,7 @@ def test_wrong_checksum_refused():
 
 def test_wrong_frame_version_refused():
     data = bytearray(_frame())
-    struct.pack_into(">H", data, 4, codec.FRAME_VERSION + 1)
+    struct.pack_into(">H", data, 4, codec.SIGNED_FRAME_VERSION + 1)
     digest = hashlib.sha256(bytes(data[:18]) + bytes(data[50:])).digest()
     data[18:50] = digest  # a well-formed frame of another version
     with pytest.raises(UnsupportedVersion):

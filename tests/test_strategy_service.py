@@ -4,7 +4,8 @@
 rounds: every round's row in metrics.jsonl reports the clipped agents, the noise std
 (z * C / n) and the epsilon spent so far, which equals a fresh accountant's (and opacus's) for
 the run's noise multiplier, sampling rate (3 of a population of 10) and rounds; the same epsilon
-is scraped from /metrics. A bad option stops the aggregator at start-up with a message that
+is scraped from /metrics. The run is signed (EDGETUNE_SIGNING_KEY): the light agents, given the
+fleet's public key, take only signed frames, and reject none. A bad option stops the aggregator at start-up with a message that
 names it, before it touches the broker.
 """
 
@@ -20,6 +21,7 @@ import urllib.request
 import pytest
 
 from aggregator.strategies import PrivacyAccountant
+from broker.signing import Signer
 from edgetune.local_broker import free_port
 from edge_agent.light import LightAgent
 from tests.conftest import ROOT, child_env, spawn, wait_all
@@ -32,11 +34,16 @@ def test_dp_fedavg_over_mqtt_reports_the_accountants_epsilon(mosquitto, tmp_path
     out, port = tmp_path / "agg", free_port()
     options = {"clip_norm": C, "noise_multiplier": Z, "num_agents": POPULATION, "delta": DELTA, "seed": 0}
     log = tmp_path / "agg.log"
+    signer = Signer.generate()  # the run is signed; agents with the public key refuse anything else
+    (tmp_path / "signing.key").write_bytes(signer.private_pem())
+    (tmp_path / "fleet-keys.pem").write_bytes(signer.public_pem())
     agg = spawn("aggregator.cli", ["run", "--eval-limit", "20", "--output-dir", str(out), "--rounds", str(ROUNDS),
                                    "--expected-agents", "3", "--min-agents", "3", "--metrics-port", str(port)],
                 log, EDGETUNE_BROKER_URL=mosquitto.url, EDGETUNE_FLEET=FLEET, EDGETUNE_STRATEGY="dp_fedavg",
-                EDGETUNE_STRATEGY_OPTIONS=json.dumps(options), EDGETUNE_METRICS_LINGER_S="60")
-    agents = [LightAgent(f"dp-{i}", mosquitto.url, FLEET, train_seconds=0.1) for i in range(3)]
+                EDGETUNE_STRATEGY_OPTIONS=json.dumps(options), EDGETUNE_METRICS_LINGER_S="60",
+                EDGETUNE_SIGNING_KEY=str(tmp_path / "signing.key"))
+    agents = [LightAgent(f"dp-{i}", mosquitto.url, FLEET, train_seconds=0.1, fleet_keys=str(tmp_path / "fleet-keys.pem"))
+              for i in range(3)]
     threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
     for th in threads:
         th.start()
@@ -56,6 +63,8 @@ def test_dp_fedavg_over_mqtt_reports_the_accountants_epsilon(mosquitto, tmp_path
         agg.terminate()
         wait_all([agg], timeout=60, logs=[log])
 
+    assert [a.rejections for a in agents] == [[], [], []]
+    assert all(a.verifier.accepted.keys() == {"task", "round", "global"} for a in agents)
     acct = PrivacyAccountant()
     for r in rows[1:]:
         assert r["outcome"] == "complete" and len(r["answered"]) == 3

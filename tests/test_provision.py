@@ -1,0 +1,174 @@
+"""A provisioned fleet on a real Mosquitto: `edgetune provision` issues bundles for 3 devices;
+over mutual TLS a bundled device works, one without a certificate is refused, one revoked while
+connected gets nothing more after the broker's reload and cannot log in again (no restart), and
+agents reject (and count) globals that are unsigned, signed by another key, or replayed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from broker import codec
+from broker.messages import GlobalAdapter, RoundAnnouncement, TaskDefinition
+from broker.signing import Signer
+from broker.topics import Topics
+from broker.transport import BrokerError, MqttTransport
+from edge_agent.light import LightAgent
+from edgetune.local_broker import free_port, start_fleet_broker
+
+FLEET = "prov"
+T = Topics(FLEET)
+DEVICES = ("dev-1", "dev-2", "dev-3")
+
+
+def read_env(path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """`edgetune provision init` + `device` through the CLI, and the broker it made, running."""
+    root = tmp_path_factory.mktemp("fleet") / "fleet"
+    tls_port, plain_port = free_port(), free_port()
+    cli = [sys.executable, "-m", "edgetune.cli", "provision"]
+    r = subprocess.run([*cli, "init", str(root), "--fleet", FLEET, "--broker-url", f"mqtts://127.0.0.1:{tls_port}",
+                        "--host", "localhost", "--broker-files", str(root / "broker"), "--plain-port",
+                        str(plain_port)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*cli, "device", str(root), *DEVICES], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    broker = start_fleet_broker(root)
+    yield root, broker
+    broker.close()
+
+
+def member(root, name: str) -> dict:
+    """A bundle's connection settings, with the bundle's folder in place of the install dir."""
+    folder = root / ("aggregator" if name == "aggregator" else f"devices/{name}")
+    env = read_env(folder / ("aggregator.env" if name == "aggregator" else "agent.env"))
+    return {k: v.replace("/etc/edgetune", str(folder)) for k, v in env.items()}
+
+
+def transport(env: dict, client_id: str, *, cert: bool = True) -> MqttTransport:
+    return MqttTransport(client_id, env["EDGETUNE_BROKER_URL"], username=env["EDGETUNE_MQTT_USERNAME"],
+                         password=env["EDGETUNE_MQTT_PASSWORD"], ca_file=env["EDGETUNE_CA_FILE"],
+                         cert_file=env["EDGETUNE_CERT_FILE"] if cert else None,
+                         key_file=env["EDGETUNE_KEY_FILE"] if cert else None)
+
+
+def _task() -> TaskDefinition:
+    return TaskDefinition(mode="federated", model="m", model_hash="0" * 64, labels=["a", "b"], max_length=8,
+                          lora_r=2, lora_alpha=4)
+
+
+def wait(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def test_bundles_mutual_tls_revocation_and_signed_globals(fleet, tmp_path):
+    root, broker = fleet
+    # what the bundles hold
+    for name in DEVICES:
+        folder = root / "devices" / name
+        assert {p.name for p in folder.iterdir()} >= {"ca.crt", "client.crt", "client.key", "fleet-keys.pem",
+                                                       "agent.env"}
+        assert (folder / "client.key").stat().st_mode & 0o077 == 0
+        env = read_env(folder / "agent.env")
+        assert env["EDGETUNE_AGENT_ID"] == name and env["EDGETUNE_BROKER_URL"].startswith("mqtts://")
+    conf = (root / "broker" / "mosquitto.conf").read_text()
+    assert "require_certificate true" in conf and "crlfile" in conf
+
+    agg_env = member(root, "aggregator")
+    signer = Signer.from_file(agg_env["EDGETUNE_SIGNING_KEY"])
+    agg = transport(agg_env, "agg")
+    agg.connect(timeout=10)
+    task = _task()
+    tensors = {"w": np.zeros(4, np.float32)}
+
+    def publish_global(version: int, signer_=signer, tensors_=tensors) -> bytes:
+        g = GlobalAdapter(version=version, round=version, task_hash=task.hash, run_id="run-a")
+        frame = codec.encode(g, tensors_, signer=signer_, context=T.global_adapter)
+        agg.publish(T.global_adapter, frame, retain=True, wait=True)
+        return frame
+
+    agg.publish(T.task, codec.encode(task, signer=signer, context=T.task), retain=True, wait=True)
+    first = publish_global(1)
+
+    # a bundled device works: it takes the signed task and global
+    env1 = member(root, "dev-1")
+    a1 = LightAgent("dev-1", env1["EDGETUNE_BROKER_URL"], FLEET, username="dev-1",
+                    password=env1["EDGETUNE_MQTT_PASSWORD"], ca_file=env1["EDGETUNE_CA_FILE"],
+                    cert_file=env1["EDGETUNE_CERT_FILE"], key_file=env1["EDGETUNE_KEY_FILE"],
+                    fleet_keys=env1["EDGETUNE_FLEET_KEYS"], state_dir=str(tmp_path))
+    runner = threading.Thread(target=a1.run, daemon=True)
+    runner.start()
+    assert wait(lambda: a1.global_version == 1), a1.rejections
+    assert a1.rejections == []
+
+    # a device without a certificate is refused at the TLS handshake, though its password is right
+    env3 = member(root, "dev-3")
+    with pytest.raises(BrokerError, match="EDGETUNE_CERT_FILE"):
+        transport(env3, "dev-3-nocert", cert=False).connect(timeout=3)
+    assert "peer did not return a certificate" in broker.log.read_text()
+
+    # dev-2, connected, is revoked: after the reload it gets nothing more and cannot log in again
+    env2 = member(root, "dev-2")
+    d2 = transport(env2, "dev-2")
+    d2.subscribe(T.global_adapter)
+    d2.connect(timeout=10)
+    assert wait(lambda: d2.get(timeout=0.2) is not None)  # the retained global
+    seen = len(broker.log.read_text())
+    r = subprocess.run([sys.executable, "-m", "edgetune.cli", "provision", "revoke", str(root), "dev-2",
+                        "--reload", str(broker.proc.pid)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert wait(lambda: not d2.connected, 10), "the broker kept the revoked device connected after the reload"
+    publish_global(2)
+    assert wait(lambda: a1.global_version == 2)
+    assert d2.get(timeout=1.0) is None
+    with pytest.raises(BrokerError):  # its certificate is in the reloaded CRL, its password gone
+        transport(env2, f"dev-2-again-{uuid.uuid4().hex[:4]}").connect(timeout=3)
+    assert "certificate verify failed" in broker.log.read_text()[seen:]  # the CRL, re-read on SIGHUP
+    assert broker.proc.poll() is None  # the same broker all along
+
+    # forged, unsigned and replayed globals: rejected by the agent and counted, the global kept
+    forged = codec.encode(GlobalAdapter(version=3, round=3, task_hash=task.hash, run_id="run-a"),
+                          {"w": np.ones(4, np.float32)}, signer=Signer.generate(), context=T.global_adapter)
+    agg.publish(T.global_adapter, forged, retain=True, wait=True)
+    agg.publish(T.global_adapter, codec.encode(GlobalAdapter(version=3, round=3, task_hash=task.hash),
+                                                 {"w": np.ones(4, np.float32)}), retain=True, wait=True)
+    agg.publish(T.global_adapter, first, retain=True, wait=True)  # a genuine frame, sent again
+    # signed for the round topic, published on the global one
+    wrong_topic = codec.encode(GlobalAdapter(version=3, round=3, task_hash=task.hash, run_id="run-a"), tensors,
+                               signer=signer, context=T.round)
+    agg.publish(T.global_adapter, wrong_topic, retain=True, wait=True)
+    assert wait(lambda: len(a1.rejections) >= 4), a1.rejections
+    assert [r for r, _ in a1.rejections] == ["unknown_key", "unsigned", "replayed", "bad_signature"]
+    assert a1.global_version == 2 and float(np.asarray(a1.global_tensors["w"]).sum()) == 0.0
+
+    # the agent's replay window outlives it: a new agent on the same state dir refuses the old frame
+    a1.stop.set()
+    runner.join(10)
+    assert (tmp_path / "trust.json").exists()
+    a1b = LightAgent("dev-1", env1["EDGETUNE_BROKER_URL"], FLEET, fleet_keys=env1["EDGETUNE_FLEET_KEYS"],
+                     state_dir=str(tmp_path))
+    with pytest.raises(Exception, match="replay"):
+        a1b.verifier.check(T.global_adapter, "global", codec.decode(first, as_torch=False),
+                           GlobalAdapter(version=1, round=1, task_hash=task.hash, run_id="run-a"))
+    # a signed announcement of a new run is taken
+    ann = RoundAnnouncement(round=1, selected=["dev-1"], deadline=time.time() + 5, global_version=2,
+                            task_hash=task.hash, run_id="run-b")
+    a1b.verifier.check(T.round, "round", codec.decode(codec.encode(ann, signer=signer, context=T.round),
+                                                       as_torch=False), ann)
+    agg.close()
+    d2.close()
