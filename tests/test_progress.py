@@ -1,9 +1,18 @@
-"""`edgetune run`'s live progress: the pure model (plain lines on changes only, the compact live view)."""
+"""`edgetune run`'s live progress: the pure model (plain lines on changes only, the compact live view),
+the display's in-place redraw, and the monitor reading a real Mosquitto's retained messages."""
 
 from __future__ import annotations
 
+import re
+import time
+
+from broker import codec
 from broker.messages import AgentState, AgentStatus, EvalReport, GlobalAdapter, RoundAnnouncement
+from broker.settings import ConnectionSettings
+from broker.topics import Topics
+from edgetune.local_broker import free_port
 from edgetune.progress import MAX_NAMES, RunProgress
+from edgetune.progress_monitor import ProgressDisplay, erase, open_progress, resolve_mode
 
 NOW = 1_700_000_000.0
 
@@ -106,3 +115,69 @@ def test_the_live_view_shows_the_round_deadline_each_agents_state_and_step_and_t
     assert more[-1] == "  and 2 more: 1 idle, 1 refused" and len(more) == 4
     p.feed(announcement(5, [], 5, final=True))
     assert p.view(NOW)[0] == "run over after round 5/5"
+
+
+def test_the_tty_display_redraws_its_view_in_place_below_the_permanent_lines():
+    out: list[str] = []
+    now = [NOW]
+    model = RunProgress(rounds=2)
+    d = ProgressDisplay("tty", lambda line: out.append(line + "\n"), model, write=out.append,
+                        size=lambda: (80, 24), clock=lambda: now[0])
+    model.feed(announcement(1, ["agent-1"], 0, deadline=NOW + 60))
+    model.feed(status("agent-1", "training", version=0))
+    d.tick()
+    view = model.view(NOW, width=79)
+    assert out == ["".join(x + "\n" for x in view)]
+    d.tick()  # nothing changed (and too soon): no redraw
+    now[0] += 1
+    d.tick()  # a second later the countdown changed: up over the old view, clear, the new one
+    assert out[-1] == erase(len(view)) + "".join(x + "\n" for x in model.view(now[0], width=79))
+    out.clear()
+    d.echo("round  1: accuracy 0.5")  # a permanent line: the view comes off, the line, the view again
+    assert out[0] == erase(len(view)) and out[1] == "round  1: accuracy 0.5\n" and out[2].startswith("round 1/2")
+    d.close()
+    assert out[-1] == erase(len(view))
+    assert erase(0) == "" and erase(3) == "\x1b[3F\x1b[J"
+    assert resolve_mode("auto", type("NotATerminal", (), {"isatty": lambda self: False})()) == "plain"
+
+
+def test_the_monitor_reads_the_fleets_retained_messages_on_a_real_broker_as_plain_lines(mosquitto):
+    conn = ConnectionSettings(broker_url=mosquitto.url, fleet="progress")
+    topics = Topics("progress")
+    pub = conn.transport("test-publisher", persistent_session=False)
+    pub.connect(10)
+    try:
+        for a, state in (("agent-1", "training"), ("agent-2", "training"), ("agent-3", "idle")):
+            pub.publish(topics.status(a), codec.encode(status(a, state, version=0)), retain=True, wait=True)
+        pub.publish(topics.round, codec.encode(announcement(1, ["agent-1", "agent-2"], 0, deadline=time.time() + 590)),
+                    retain=True, wait=True)
+        pub.publish(topics.status("agent-9"), codec.encode(status("agent-1", "idle")), retain=True, wait=True)  # lies
+        said: list[str] = []
+        display = open_progress("plain", conn, 3, said.append, timeout=5)
+        try:
+            assert display.mode == "plain"
+            deadline = time.monotonic() + 5
+            while len(said) < 3 and time.monotonic() < deadline:
+                display.tick()
+                time.sleep(0.05)
+            started = r"round 1/3 started: 2 agents selected, from global v0, deadline in 9:[45]\d"
+            assert re.fullmatch(started, said[0]), said
+            assert said[1:] == ["2 agents training: agent-1, agent-2", "agent-3 idle (global v0)"], said
+            pub.publish(topics.status("agent-3"), codec.encode(status("agent-3", "offline")), retain=True, wait=True)
+            deadline = time.monotonic() + 5
+            while len(said) < 4 and time.monotonic() < deadline:
+                display.tick()
+                time.sleep(0.05)
+            assert said[3:] == ["agent-3 offline"], said
+        finally:
+            display.close()
+    finally:
+        pub.close()
+    # no broker there: one warning, and the round lines only
+    said = []
+    display = open_progress("plain", ConnectionSettings(broker_url=f"mqtt://127.0.0.1:{free_port()}"), 3, said.append,
+                            timeout=0.5)
+    assert display.mode == "off" and len(said) == 1 and said[0].startswith("warning: no live progress"), said
+    display.tick()
+    display.echo("round  1: ...")
+    assert said[1:] == ["round  1: ..."]
