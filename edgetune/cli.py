@@ -18,6 +18,7 @@ Mode = enum.Enum("Mode", {m: m for m in ("federated", "split")}, type=str)
 Aggregation = enum.Enum("Aggregation", {m: m for m in ("sync", "async")}, type=str)
 Encoding = enum.Enum("Encoding", {m: m for m in ("fp32", "fp16", "int8")}, type=str)
 Strategy = enum.Enum("Strategy", {m: m for m in STRATEGY_NAMES}, type=str)
+Progress = enum.Enum("Progress", {m: m for m in ("auto", "tty", "plain", "off")}, type=str)
 
 app = new_app("EdgeTune: federated LoRA fine-tuning across edge devices over MQTT.", about=wire_about)
 
@@ -63,6 +64,8 @@ def run(
     labels: str = typer.Option("", help="the label names, in order, comma-separated (unset: read from the data)"),
     text_column: str = typer.Option("text", help="the column (or JSON field) that holds the text"),
     label_column: str = typer.Option("label", help="the column (or JSON field) that holds the label name"),
+    progress: Progress = typer.Option("auto", help="live progress between the round lines: tty (a view redrawn in "
+                                      "place), plain (a line per change), off; auto: tty on a terminal, else plain"),
 ) -> None:
     """A local run: embedded broker, the aggregator and N agents on this machine."""
     from common.cli import EXIT_INPUT, fail
@@ -85,7 +88,7 @@ def run(
                       broker_url=broker, output=output,
                       eval_limit=eval_limit, seed=seed, mode=mode, split_encoding=encoding, split_model=split_model,
                       split_n_layer=split_layers, split_n_embd=split_embd, split_n_head=max(1, split_embd // 64),
-                      split_cut=cut, seq_len=seq_len, data=data, eval_data=eval_data)
+                      split_cut=cut, seq_len=seq_len, data=data, eval_data=eval_data, progress=progress.value)
     columns = {"text_column": text_column, "label_column": label_column}
     try:
         run_data.resolve(opts, agent_data=agent_data, labels=labels, partition=partition, columns=columns)

@@ -61,6 +61,9 @@ class RunOptions:
     labels: list = field(default_factory=list)  # the task's label names ([]: read from the data; the demo's)
     domain_column: str = ""  # partition "by:COLUMN": the column the by-domain partition splits by
     extra_env: dict = field(default_factory=dict)
+    # the live progress between round lines (edgetune.progress_monitor): auto (tty on a terminal, else plain),
+    # tty, plain or off; `edgetune run --progress` defaults to auto, a runner driven from Python to off
+    progress: str = "off"
 
 
 def _env(opts: RunOptions, broker_url: str, protocol: int) -> dict:
@@ -227,7 +230,10 @@ def run_local(opts: RunOptions, echo=print) -> dict:
 
     old = signal.signal(signal.SIGINT, lambda signum, frame: stopping.append(signum))
     t0 = time.time()
+    display = None
     try:
+        display = _progress_display(opts, env, echo)
+        echo = display.echo  # permanent lines go above the live view
         procs.append(("aggregator", _start(_aggregator_cmd(opts), _aggregator_env(opts, env, agg_dir),
                                            logs / "aggregator.log")))
         for i in range(opts.agents):
@@ -236,7 +242,7 @@ def run_local(opts: RunOptions, echo=print) -> dict:
                                       logs / f"{aid}.log")))
         how = "a file each" if opts.agent_data else f"{opts.partition} partition"
         echo(f"started the aggregator and {opts.agents} agents ({how}); logs in {logs}")
-        _follow(procs, metrics_file, opts.agents, logs, lambda: bool(stopping), echo)
+        _follow(procs, metrics_file, opts.agents, logs, lambda: bool(stopping), echo, display)
         agg = procs[0][1]
         if agg.returncode not in (0, None) and not stopping:  # no final round will come: the agents would wait
             _stop_agents(procs[1:], echo, f"the aggregator exited with status {agg.returncode}")
@@ -246,6 +252,8 @@ def run_local(opts: RunOptions, echo=print) -> dict:
             raise RuntimeError(f"the aggregator failed (exit {agg.returncode}):\n{tail}")
     finally:
         signal.signal(signal.SIGINT, old)
+        if display is not None:
+            display.close()
         for _, p in procs:
             if p.poll() is None:
                 p.kill()
@@ -335,9 +343,30 @@ def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _progress_display(opts: RunOptions, env: dict, echo):
+    """The live progress for opts.progress, its monitor on the run's broker with the processes' connection
+    settings (edgetune.progress_monitor); a warning and the round lines only where it cannot have one."""
+    from broker.settings import ConnectionSettings
+    from edgetune.progress_monitor import ProgressDisplay, open_progress
+
+    if opts.progress == "off":
+        return ProgressDisplay("off", echo)
+    try:
+        conn = ConnectionSettings(
+            broker_url=env["EDGETUNE_BROKER_URL"], fleet=env["EDGETUNE_FLEET"],
+            mqtt_protocol=int(env["EDGETUNE_MQTT_PROTOCOL"]), max_packet_bytes=int(env["EDGETUNE_MAX_PACKET_BYTES"]),
+            mqtt_username=env.get("EDGETUNE_MQTT_USERNAME"), mqtt_password=env.get("EDGETUNE_MQTT_PASSWORD"),
+            ca_file=env.get("EDGETUNE_CA_FILE"))
+    except ValueError as e:
+        echo(f"warning: no live progress ({e}); the round lines follow")
+        return ProgressDisplay("off", echo)
+    return open_progress(opts.progress, conn, opts.rounds, echo)
+
+
 def _follow(procs: list[tuple[str, subprocess.Popen]], metrics_file: Path, agents: int, logs: Path,
-            stopping, echo) -> None:
-    """Echo the aggregator's rounds as they come, until it exits or Ctrl-C (then SIGINT to every process)."""
+            stopping, echo, display=None) -> None:
+    """Echo the aggregator's rounds as they come, and tick the live progress `display`, until the aggregator
+    exits or Ctrl-C (then SIGINT to every process)."""
     seen = 0
     agg = procs[0][1]
     warned = False
@@ -346,7 +375,11 @@ def _follow(procs: list[tuple[str, subprocess.Popen]], metrics_file: Path, agent
             rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
             for row in rows[seen:]:
                 echo(_progress(row))
+                if display is not None:
+                    display.row(row)
             seen = len(rows)
+        if display is not None:
+            display.tick()
         if agg.poll() is not None:
             break
         dead = [n for n, p in procs[1:] if p.poll() not in (None, 0)]
@@ -367,7 +400,7 @@ def _follow(procs: list[tuple[str, subprocess.Popen]], metrics_file: Path, agent
                 if p.poll() is None:
                     p.send_signal(signal.SIGINT)
             break
-        time.sleep(0.5)
+        time.sleep(0.25 if display is not None and display.mode == "tty" else 0.5)
 
 
 def _last_error(log: Path) -> str:

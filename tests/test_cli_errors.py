@@ -47,6 +47,7 @@ def started_nothing(out: str) -> bool:
     (["--mode", "splitt"], 2, "'splitt' is not one of 'federated', 'split'"),
     (["--aggregation", "later"], 2, "'later' is not one of 'sync', 'async'"),
     (["--encoding", "int4"], 2, "'int4' is not one of 'fp32', 'fp16', 'int8'"),
+    (["--progress", "sometimes"], 2, "'sometimes' is not one of 'auto', 'tty', 'plain', 'off'"),
     (["--broker", "http://somewhere"], 2, "scheme must be mqtt:// or mqtts://"),
 ])
 def test_edgetune_run_refuses_bad_options_before_starting_anything_or_importing_torch(args, code, says):
