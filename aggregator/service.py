@@ -25,10 +25,10 @@ from aggregator.settings import AggregatorSettings
 from aggregator.split_server import SplitBatcher, decode_split_request
 from aggregator.strategies import make_strategy
 from aggregator.tasks import make_task
-from broker import activations, codec
+from broker import activations, artifacts, codec
 from broker.errors import WireError
-from broker.messages import (AgentState, AgentStatus, GlobalAdapter, ModelUpdate, RoundAnnouncement,
-                             SplitGradient, TaskDefinition, parse)
+from broker.messages import (AgentState, AgentStatus, GlobalAdapter, ModelArtifact, ModelUpdate,
+                             RoundAnnouncement, SplitGradient, TaskDefinition, parse)
 from broker.signing import Signer
 from broker.topics import Topics, TopicKind
 from broker.transport import Incoming, MqttTransport
@@ -263,6 +263,29 @@ class AggregatorService(EvaluationMixin):
         # every agent online with a held-out slice evaluates this global when it loads it
         expected = [a for a, st in self.online.items() if st.eval_examples > 0]
         self._record_eval(self.fed_eval.published(self.coord.version, self.coord.round_number, expected))
+        if self.s.publish_model == "every":
+            self._publish_model()
+
+    def _publish_model(self) -> None:
+        """The global as a signed int8 ONNX folder on the model topic, for devices that only serve
+        (edge_agent.serving). QoS 1, not retained (it is larger than a packet: chunks cannot be
+        retained): agents with a persistent session get it when they come back."""
+        import tempfile
+
+        from models.onnx_export import export_int8
+
+        t0 = time.time()
+        with tempfile.TemporaryDirectory(prefix="edgetune-model-") as tmp:
+            folder = export_int8(self.task.model, self.task.tokenizer, Path(tmp) / "model",
+                                 max_length=self.task_def.max_length, adapter_version=self.coord.version,
+                                 labels=self.task_def.labels)
+            files, tensors = artifacts.pack(folder, sorted(p.name for p in folder.iterdir()))
+        msg = ModelArtifact(version=self.coord.version, round=self.coord.round_number, files=files,
+                            task_hash=self.task_def.hash, run_id=self.run_id)
+        payload = self._frame(self.topics.model, msg, tensors)
+        self.transport.publish(self.topics.model, payload, wait=True)
+        log.info("model v%d published for serving devices: %.1f MB int8 ONNX in %.1fs", self.coord.version,
+                 len(payload) / 1e6, time.time() - t0)
 
     def _announce(self, number: int, selected, deadline: float, final: bool = False) -> None:
         ann = RoundAnnouncement(round=max(number, 1), selected=list(selected), deadline=deadline,
@@ -434,6 +457,8 @@ class AggregatorService(EvaluationMixin):
             is_async = isinstance(self.coord, AsyncCoordinator)
             while self.coord.round_number < self.s.rounds:
                 self._record(self._run_async_step() if is_async else self._run_round())
+            if self.s.publish_model == "final":
+                self._publish_model()
             self._announce_final()
             if is_async:
                 rows = self._drain_async()

@@ -52,6 +52,10 @@ class AggregatorSettings(EdgeTuneSettings, ConnectionSettings, ProcessSettings, 
     signing_key: str | None = Field(
         None, description="the fleet's Ed25519 signing key (PEM; `edgetune provision init` makes fleet/signing.key): "
         "the task, every announcement and every global are signed with it, for agents that check (EDGETUNE_FLEET_KEYS)")
+    publish_model: Literal["off", "final", "every"] = Field(
+        "off", description="federated mode: also publish the global as a signed int8 ONNX model (the model topic) "
+        "for devices that only serve (edgetune-agent serve): after the last round, after every round, or never; "
+        "each costs an ONNX export and quantization (seconds to a minute on CPU)")
     max_update_bytes: int = Field(16 * 1024 * 1024, gt=0, description="refuse larger update frames")
     seed: int = 0
     # split mode
@@ -68,6 +72,13 @@ class AggregatorSettings(EdgeTuneSettings, ConnectionSettings, ProcessSettings, 
         "none", description="4bit: the server tail's base weights in 4-bit NF4 under its LoRA (bitsandbytes, QLoRA; "
                             "needs a CUDA device and the gpu extra)")
     max_activation_bytes: int = Field(256 * 1024 * 1024, gt=0, description="refuse larger split frames")
+
+    @model_validator(mode="after")
+    def _model_publishing(self):
+        if self.publish_model != "off" and self.mode != "federated":
+            raise ValueError("publish_model: only federated mode makes a model a device serves without the "
+                             "aggregator; set EDGETUNE_PUBLISH_MODEL=off in split mode")
+        return self
 
     @model_validator(mode="after")
     def _quorum(self):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import re
 import time
 from typing import Literal, TypeVar
 
@@ -127,6 +128,30 @@ class GlobalAdapter(Message):
     loss: float | None = None
     task_hash: str = ""
     run_id: str = Field(default="", max_length=64)  # as RoundAnnouncement.run_id
+
+
+class ModelArtifact(Message):
+    """The global as a model a device serves without torch: an exported ONNX folder (int8 graph,
+    tokenizer, model_meta.json), signed by the aggregator (broker.signing). Tensors: each file's
+    bytes as a uint8 tensor named by its file name; `files` holds each file's sha256."""
+
+    kind: Literal["model"] = "model"
+    version: int = Field(ge=0)  # the global it was made from
+    round: int = Field(ge=0)
+    files: dict[str, str]  # file name -> sha256 hex
+    task_hash: str = ""
+    run_id: str = Field(default="", max_length=64)
+
+    @model_validator(mode="after")
+    def _names(self):
+        for name, digest in self.files.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name):
+                raise ValueError(f"file name {name!r}: a plain file name (letters, digits, '_', '.', '-')")
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"file {name}: sha256 must be 64 hex digits")
+        if not self.files:
+            raise ValueError("a model artifact holds at least one file")
+        return self
 
 
 MAX_EVAL_LABELS = 256  # a confusion matrix of at most 256 x 256 counts

@@ -37,7 +37,7 @@ from broker.codec import Frame, signed_bytes
 from broker.errors import WireError
 
 KEY_ID_SIZE = 8
-SIGNED_KINDS = ("task", "round", "global")  # what the aggregator signs and agents check
+SIGNED_KINDS = ("task", "round", "global", "model")  # what the aggregator signs and agents check
 
 
 class SignatureError(WireError):
@@ -220,7 +220,7 @@ class Verifier:
             raise BadSignature(f"a {kind} frame whose signature does not verify with fleet key {sig.key_id.hex()}: "
                                "forged, altered, or signed for another topic") from None
         run_id = getattr(header, "run_id", "") or ""
-        number = getattr(header, "version", None) if kind == "global" else getattr(header, "round", 0)
+        number = getattr(header, "version", None) if kind in ("global", "model") else getattr(header, "round", 0)
         last = self.accepted.get(kind)
         if last is not None and sig.signed_at_ms < last.signed_at_ms:
             raise Replayed(f"a {kind} frame (run {run_id or '-'}, {number}) signed at {sig.signed_at_ms} ms, before "
@@ -235,6 +235,7 @@ class Verifier:
         if self.state_path is None:
             return
         body = {"accepted": {k: vars(v) for k, v in self.accepted.items()}}
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(body, indent=1))
         os.replace(tmp, self.state_path)

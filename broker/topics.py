@@ -3,6 +3,8 @@
     edgetune/v1/<fleet>/task                     retained task definition (aggregator)
     edgetune/v1/<fleet>/round                    retained round announcement (aggregator)
     edgetune/v1/<fleet>/global                   retained global adapter (aggregator)
+    edgetune/v1/<fleet>/model                    the global as a signed int8 ONNX model, for devices that only
+                                                 serve (aggregator; QoS 1 to persistent sessions, not retained)
     edgetune/v1/<fleet>/agents/<agent>/status    retained agent status, last will "offline"
     edgetune/v1/<fleet>/agents/<agent>/update    an agent's update for a round
     edgetune/v1/<fleet>/agents/<agent>/eval      an agent's evaluation of a global on its held-out slice
@@ -40,6 +42,7 @@ class TopicKind(str, Enum):
     task = "task"
     round = "round"
     global_adapter = "global_adapter"
+    model = "model"
     status = "status"
     update = "update"
     eval = "eval"
@@ -48,7 +51,8 @@ class TopicKind(str, Enum):
 
 
 # the topic below the fleet's base, or below agents/<agent>/, of each kind
-_FLEET_SUFFIX = {"task": TopicKind.task, "round": TopicKind.round, "global": TopicKind.global_adapter}
+_FLEET_SUFFIX = {"task": TopicKind.task, "round": TopicKind.round, "global": TopicKind.global_adapter,
+                 "model": TopicKind.model}
 _AGENT_SUFFIX = {"status": TopicKind.status, "update": TopicKind.update, "eval": TopicKind.eval,
                  "split/fwd": TopicKind.split_forward, "split/grad": TopicKind.split_gradient}
 
@@ -81,6 +85,10 @@ class Topics:
     @property
     def global_adapter(self) -> str:
         return f"{self.base}/global"
+
+    @property
+    def model(self) -> str:
+        return f"{self.base}/model"
 
     def agent(self, agent_id: str) -> str:
         return f"{self.base}/agents/{_check_segment(agent_id, 'agent id')}"
@@ -133,5 +141,5 @@ class Topics:
                 raise TopicError(f"topic {topic!r} has no valid agent segment")
             if suffix in _AGENT_SUFFIX:
                 return ParsedTopic(_AGENT_SUFFIX[suffix], agent)
-        raise TopicError(f"nothing is expected on topic {topic!r}: expected {self.base}/task, /round, /global or "
+        raise TopicError(f"nothing is expected on topic {topic!r}: expected {self.base}/task, /round, /global, /model or "
                          f"/agents/<agent>/{{{','.join(_AGENT_SUFFIX)}}}")

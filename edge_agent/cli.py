@@ -223,5 +223,10 @@ def import_(
     typer.echo(f"imported {len(loaded)} labelled samples from {file} into {path}{skipped}")
 
 
+from edge_agent.serving import serve_cmd  # noqa: E402  (a device that only serves: no torch)
+
+app.command("serve")(serve_cmd)
+
+
 if __name__ == "__main__":
     app()

@@ -267,6 +267,9 @@ class _Handler(BaseHTTPRequestHandler):
         if label is None or isinstance(label, bool) or not isinstance(label, (str, int)):
             raise _Refused(HTTPStatus.BAD_REQUEST, "bad_type", "label must be a class name (string) or index (integer)")
         store = self.server.store
+        if store is None:
+            raise _Refused(HTTPStatus.SERVICE_UNAVAILABLE, "no_store", "this device only serves predictions "
+                           "(edgetune-agent serve): it keeps no feedback")
         try:
             sample_id = store.add(text, label, source="feedback")
         except InvalidSample as e:

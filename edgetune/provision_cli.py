@@ -44,13 +44,16 @@ def init(
     broker_files: str = typer.Option("/etc/mosquitto/edgetune", help="where broker/ goes on the broker host"),
     plain_port: int = typer.Option(1883, help="the broker's loopback-only plain listener"),
     install_dir: str = typer.Option("/etc/edgetune", help="where a bundle goes on a device (and the aggregator)"),
+    persistence: str = typer.Option("/var/lib/mosquitto/", help="the broker's persistence folder (retained "
+                                    "messages, sessions)"),
 ) -> None:
     """Make a fleet folder: CA, signing key, the broker's certificate and files, the aggregator's bundle."""
     from edgetune.provision import init_fleet
 
     with _errors():
         f = init_fleet(fleet_dir, fleet, broker_url, list(host or []), days=days, broker_files=broker_files,
-                       plain_port=plain_port, install_dir=install_dir)
+                       plain_port=plain_port, install_dir=install_dir,
+                       persistence=persistence.rstrip("/") + "/")
     typer.echo(f"fleet {f.name} in {fleet_dir}: CA, signing key, broker/ (copy to {broker_files} on the broker host "
                f"and start mosquitto -c {broker_files}/mosquitto.conf), aggregator/ (its bundle: copy to {install_dir})")
 

@@ -39,7 +39,8 @@ def fleet(tmp_path_factory):
     cli = [sys.executable, "-m", "edgetune.cli", "provision"]
     r = subprocess.run([*cli, "init", str(root), "--fleet", FLEET, "--broker-url", f"mqtts://127.0.0.1:{tls_port}",
                         "--host", "localhost", "--broker-files", str(root / "broker"), "--plain-port",
-                        str(plain_port)], capture_output=True, text=True, timeout=60)
+                        str(plain_port), "--persistence", str(root.parent / "mosquitto-data")],
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     r = subprocess.run([*cli, "device", str(root), *DEVICES], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -170,5 +171,94 @@ def test_bundles_mutual_tls_revocation_and_signed_globals(fleet, tmp_path):
                             task_hash=task.hash, run_id="run-b")
     a1b.verifier.check(T.round, "round", codec.decode(codec.encode(ann, signer=signer, context=T.round),
                                                        as_torch=False), ann)
+    for topic in (T.task, T.global_adapter):  # clear the retained frames for the next test
+        agg.publish(topic, b"", retain=True, wait=True)
     agg.close()
     d2.close()
+
+
+SERVE = ("import sys; sys.modules.update(dict.fromkeys(('torch', 'transformers', 'peft'))); "
+         "from edge_agent.cli import app; app()")  # the serving device: torch, transformers, peft cannot import
+
+
+def get_json(url: str) -> dict:
+    import json
+    import urllib.request
+
+    return json.loads(urllib.request.urlopen(url, timeout=5).read())
+
+
+def test_a_torch_less_serving_device_takes_the_signed_model_and_keeps_it_on_a_bad_one(fleet, tmp_path):
+    """A device provisioned while the broker runs (a reload lets it in) serves predictions without
+    torch: it receives the aggregator's final model (signed int8 ONNX, over mutual TLS), verifies
+    and swaps it in; a forged model and a signed but broken one are refused and the model stays."""
+    import json
+    import urllib.request
+
+    from tests.conftest import ROOT, child_env, kill_all, spawn
+
+    root, broker = fleet
+    r = subprocess.run([sys.executable, "-m", "edgetune.cli", "provision", "device", str(root), "kiosk-9", "dev-4"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    broker.proc.send_signal(__import__("signal").SIGHUP)  # the new devices' passwords
+    time.sleep(0.5)
+    serve_env, http = member(root, "kiosk-9"), free_port()
+    serve_log = tmp_path / "serve.log"
+    server = subprocess.Popen([sys.executable, "-c", SERVE, "serve", "--http-port", str(http)], cwd=ROOT,
+                              env=child_env(**serve_env, EDGETUNE_STATE_DIR=str(tmp_path / "kiosk")),
+                              stdout=open(serve_log, "w"), stderr=subprocess.STDOUT)
+    agg_env = member(root, "aggregator")
+    agg_log = tmp_path / "agg.log"
+    agg = spawn("aggregator.cli", ["run", "--rounds", "1", "--min-agents", "1", "--eval-limit", "16",
+                                   "--output-dir", str(tmp_path / "agg")], agg_log,
+                **agg_env, EDGETUNE_NUM_LAYERS="1", EDGETUNE_PUBLISH_MODEL="final", EDGETUNE_EVAL_WAIT_S="0")
+    env4 = member(root, "dev-4")
+    learner = LightAgent("dev-4", env4["EDGETUNE_BROKER_URL"], FLEET, username="dev-4",
+                         password=env4["EDGETUNE_MQTT_PASSWORD"], ca_file=env4["EDGETUNE_CA_FILE"],
+                         cert_file=env4["EDGETUNE_CERT_FILE"], key_file=env4["EDGETUNE_KEY_FILE"],
+                         fleet_keys=env4["EDGETUNE_FLEET_KEYS"], state_dir=str(tmp_path / "dev-4"))
+    threading.Thread(target=learner.run, daemon=True).start()
+    try:
+        assert wait(lambda: "in service" in serve_log.read_text() or agg.poll() is not None
+                    or server.poll() is not None, 240), agg_log.read_text()[-3000:]
+        assert "in service" in serve_log.read_text(), serve_log.read_text()[-3000:] + agg_log.read_text()[-3000:]
+        assert learner.rejections == [] and learner.sent == 1
+        health = get_json(f"http://127.0.0.1:{http}/healthz")
+        assert health["model_version"] == 1 and health["labels"] == ["negative", "positive"], health
+        req = urllib.request.Request(f"http://127.0.0.1:{http}/predict", json.dumps({"text": "great, thanks"}).encode(),
+                                     {"Content-Type": "application/json"})
+        assert json.loads(urllib.request.urlopen(req, timeout=5).read())["label"] in ("negative", "positive")
+        current = (tmp_path / "kiosk" / "models" / "current").resolve()
+
+        # a model signed by another key, then one signed by the fleet whose graph is garbage: both refused
+        pub = transport(agg_env, "agg-test")
+        pub.connect(timeout=10)
+        signer = Signer.from_file(agg_env["EDGETUNE_SIGNING_KEY"])
+        from broker.artifacts import pack
+        from broker.messages import ModelArtifact
+
+        files, tensors = pack(current, sorted(p.name for p in current.iterdir()))
+        tensors = {**tensors, "model.int8.onnx": np.frombuffer(b"not an onnx graph" * 10, np.uint8)}
+        import hashlib
+        files = {**files, "model.int8.onnx": hashlib.sha256(tensors["model.int8.onnx"].tobytes()).hexdigest()}
+        for key in (Signer.generate(), signer):
+            msg = ModelArtifact(version=2, round=2, files=files, run_id="x")
+            pub.publish(T.model, codec.encode(msg, tensors, signer=key, context=T.model), wait=True)
+        assert wait(lambda: serve_log.read_text().count("rejected (") >= 2, 30), serve_log.read_text()[-3000:]
+        text = serve_log.read_text()
+        assert "rejected (unknown_key)" in text and "rejected (bad_model)" in text, text[-3000:]
+        assert (tmp_path / "kiosk" / "models" / "current").resolve() == current
+        assert get_json(f"http://127.0.0.1:{http}/healthz")["model_version"] == 1
+        assert [p.name for p in (tmp_path / "kiosk" / "models").iterdir() if p.name.endswith(".incoming")] == []
+        pub.close()
+    finally:
+        learner.stop.set()
+        server.terminate()
+        agg.terminate()
+        for p in (server, agg):
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        kill_all([server, agg])
