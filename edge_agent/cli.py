@@ -3,8 +3,14 @@
 `run` trains on the agent's data (`--data`: a file, a folder or `demo:NAME`) plus its sample
 store. `predict`, `feedback` and `import` work against the agent's state dir
 (EDGETUNE_STATE_DIR or --state-dir): `predict` loads the exported int8 model with ONNX Runtime
-(no torch import on that path), `feedback` writes a labelled sample to the store and `import` a
-whole file of them, which the running agent picks up. Bad data exits 2 with the file and line.
+(or, with `--model DIR`, an exported ONNX folder: `edgetune export --onnx` writes one),
+`feedback` writes a labelled sample to the store and `import` a whole file of them, which the
+running agent picks up. Bad data exits 2 with the file and line.
+
+Those three never import torch, transformers or peft: they work in an install of the `serve`
+extra alone (`pip install 'edgetune[serve]'`, tests/test_serve_install.py), where `run`, which
+trains, exits 2 and says to install the `agent` extra. Keep module-level imports here free of
+the model code.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ def run(
                                                   "federated evaluation, never trained on (default 0.2; 0: none)"),
 ) -> None:
     """Join the fleet and train in every round this agent is selected for."""
+    _require_training_stack()
     from edge_agent.settings import AgentSettings
 
     s = cli_settings(
@@ -70,6 +77,17 @@ EXIT_INPUT = 2  # a bad setting or input: nothing stored
 EXIT_STATE = 4  # no state dir, or no exported model in it yet
 
 
+def _require_training_stack() -> None:
+    """`run` in an install of the serve extra only (no torch): say what to install instead of a traceback.
+    Only torch is checked: a split agent with the lean head runs without transformers and peft."""
+    from importlib.util import find_spec
+
+    if find_spec("torch") is None:
+        fail("`edgetune-agent run` trains, which needs torch: this install has the serve extra only "
+             "(predictions: `edgetune-agent predict`); install the agent extra, e.g. pip install "
+             "'edgetune[agent]' (CPU torch first: see deploy/systemd/edgetune-agent.service)", EXIT_INPUT)
+
+
 def _local_settings(config: Optional[Path], state_dir: Optional[Path]):
     from edge_agent.local_settings import LocalCommandSettings
 
@@ -86,8 +104,11 @@ def predict(
     state_dir: Optional[Path] = _STATE_DIR,
     config: Optional[Path] = _CONFIG,
     as_json: bool = typer.Option(False, "--json", help="one JSON object per text"),
+    model: Optional[Path] = typer.Option(None, "--model", help="an exported ONNX model folder (model_meta.json; "
+                                         "`edgetune export --onnx` writes OUT/onnx) instead of the one the agent "
+                                         "serves from its state dir"),
 ) -> None:
-    """Classify texts with the model the agent serves (its exported int8 ONNX model)."""
+    """Classify texts with the model the agent serves (its exported int8 ONNX model), or with --model's."""
     import json
 
     from edge_agent.inference import ModelLoadError, OnnxPredictor
@@ -99,11 +120,12 @@ def predict(
         typer.echo(f"error: text {bad[0] + 1} is empty: give the texts to classify as arguments", err=True)
         raise typer.Exit(EXIT_INPUT)
     try:
-        model_dir = s.current_model_dir()
+        model_dir = model if model is not None else s.current_model_dir()
         p = OnnxPredictor(model_dir, threads=s.onnx_threads or None)
     except (StateDirError, ModelLoadError) as e:
+        # a folder given with --model is the user's input; the state dir's is the agent's
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(EXIT_STATE)
+        raise typer.Exit(EXIT_INPUT if model is not None else EXIT_STATE)
     ids, probs = p.predict(texts)
     for text, i, row in zip(texts, ids, probs):
         if as_json:

@@ -15,6 +15,7 @@ from edge_agent.cli import EXIT_INPUT, EXIT_STATE, app
 from edge_agent.local_settings import CURRENT_FILE, MODELS_DIR, STORE_FILE
 from edge_agent.store import SampleStore
 from tests.conftest import ROOT, child_env, join_demo_task
+from tests.onnx_support import export_served_model
 
 runner = CliRunner()
 
@@ -87,31 +88,36 @@ def test_a_broken_model_folder_is_a_state_error(tmp_path):
     assert r.exit_code == EXIT_STATE and "re-export" in r.output
 
 
-def test_predict_uses_onnx_runtime_without_torch(tmp_path):
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A state dir with a real exported (int8) model in service; returns its model folder."""
+    return export_served_model(tmp_path_factory.mktemp("state"))
+
+
+def test_predict_model_option_takes_an_exported_folder(tmp_path, served):
+    """--model DIR: an exported ONNX folder given by the user, no state dir needed; one that is not
+    a model folder is bad input (exit 2), not a state error."""
+    r = invoke("predict", "hello", "--model", str(tmp_path))
+    assert r.exit_code == EXIT_INPUT, r.output
+    assert "model_meta.json is missing" in r.output
+    d = served
+    r = invoke("predict", "what a wonderful day", "--json", "--model", str(d))
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    assert got["model"] == d.name and got["label"] in ("negative", "positive") and len(got["probabilities"]) == 2
+
+
+def test_predict_uses_onnx_runtime_without_torch(served):
     """A real exported (int8) model in the state dir; `predict` in a fresh process never imports torch."""
-    import torch
-
     from edge_agent.inference import OnnxPredictor
-    from models.classifier import ClassifierSpec, build_classifier, load_tokenizer
-    from models.onnx_export import export_onnx
-    from models.onnx_int8 import quantize_int8
 
-    spec = ClassifierSpec(max_length=32)
-    model, tok = build_classifier(spec), load_tokenizer(spec)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # a head that does not answer one class for everything
-        for name, p in model.named_parameters():
-            if "classifier" in name and p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g))
-    d = tmp_path / MODELS_DIR / "g00003-l0000-1"
-    quantize_int8(export_onnx(model, tok, d, max_length=32, adapter_version=3, labels=("negative", "positive")))
-    (tmp_path / MODELS_DIR / CURRENT_FILE).write_text(d.name + "\n")
+    d, state = served, served.parent.parent
     texts = ["what a wonderful day", "this is terrible", "meh"]
     code = textwrap.dedent(f"""
         import sys
         from edge_agent.cli import app
         try:
-            app({["predict", *texts, "--json", "--state-dir", str(tmp_path)]!r})
+            app({["predict", *texts, "--json", "--state-dir", str(state)]!r})
         except SystemExit as e:
             assert not e.code, e.code
         heavy = sorted({{m.split(".")[0] for m in sys.modules}} & {{"torch", "transformers", "peft"}})

@@ -1,4 +1,4 @@
-"""The images and the compose demo: the Dockerfile passes hadolint and has the two targets the
+"""The images and the compose demo: the Dockerfile passes hadolint and has the targets the
 deployment needs; deploy/compose.yaml validates against the Compose Specification's JSON schema
 and only references files that exist; the Mosquitto config and ACL it mounts work as intended
 in a real Mosquitto.
@@ -104,6 +104,30 @@ def test_dockerfile_targets(target, base_arg, script, port):
         assert args["CUDA_IMAGE"].startswith("nvidia/cuda:12.") and "runtime" in args["CUDA_IMAGE"]
 
 
+def test_dockerfile_serve_target_has_no_torch():
+    """agent-serve: the serve extra only (no torch, no CUDA index), the agent's base and user, and the
+    edgetune-agent entrypoint; every build stage installs its dependencies with constraints.txt
+    before the source is copied, with pip's/uv's cache in a BuildKit cache mount, not the image."""
+    stages = _stages()
+    assert {"agent-serve", "agent-serve-build"} <= set(stages), sorted(stages)
+    build, final = " ".join(stages["agent-serve-build"]), stages["agent-serve"]
+    assert final[0] == "FROM ${PYTHON_IMAGE}" and stages["agent-serve-build"][0] == "FROM ${PYTHON_IMAGE}"
+    assert '"/stub[serve]"' in build and "torch" not in build.lower() and "[agent" not in build
+    assert "COPY --from=agent-serve-build /opt/venv /opt/venv" in final
+    user = _last(final, "USER")
+    assert user and re.fullmatch(r"USER [1-9][0-9]*(:[0-9]+)?", user)
+    assert _last(final, "ENTRYPOINT") == 'ENTRYPOINT ["edgetune-agent"]'
+    assert "PIP_NO_CACHE_DIR" not in DOCKERFILE.read_text() and "UV_NO_CACHE" not in DOCKERFILE.read_text()
+    for name in ("agent-build", "agent-serve-build", "aggregator-build"):
+        st = stages[name]
+        copy_src = st.index("COPY . .")
+        deps = [i for i, x in enumerate(st) if x.startswith("RUN") and "-c constraints.txt" in x and "/stub[" in x]
+        assert deps and deps[0] < copy_src, f"{name}: the dependencies are installed after the source is copied"
+        assert "--no-deps" in st[copy_src + 1], f"{name}: the project itself goes in with --no-deps"
+        for i in (deps[0], copy_src + 1):
+            assert "--mount=type=cache,target=/root/.cache/" in st[i], f"{name}: {st[i]} has no cache mount"
+
+
 def test_dockerignore_keeps_the_context_small():
     lines = [x.strip() for x in (REPO / ".dockerignore").read_text().splitlines()]
     assert "*" in lines, ".dockerignore should allow-list what the image needs"
@@ -114,7 +138,7 @@ def test_dockerignore_keeps_the_context_small():
     include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     packages = [pattern.rstrip("*") for pattern in include]
     assert {"common", "broker", "models", "data", "edge_agent", "aggregator", "edgetune"} <= set(packages), packages
-    for needed in ("pyproject.toml", *(f"{pkg}/" for pkg in packages)):
+    for needed in ("pyproject.toml", "constraints.txt", *(f"{pkg}/" for pkg in packages)):
         assert f"!{needed}" in lines, f"{needed} is not in the build context"
     for pkg in packages:
         assert (REPO / pkg).is_dir(), pkg
