@@ -34,8 +34,10 @@ class TlsFiles:
     certfile: str
     keyfile: str
     version: str = "tlsv1.2"  # the minimum (TLS 1.3 is taken where both sides have it)
-    require_certificate: bool = False  # mutual TLS: clients present a certificate signed by cafile
-    crlfile: str | None = None  # revoked client certificates (read at start; see edgetune.provision)
+    # mutual TLS: every client presents a certificate signed by cafile (the password login still
+    # applies). None: not written (Mosquitto's default, false); a str holds a template expression
+    require_certificate: bool | str | None = None
+    crlfile: str | None = None  # revoked client certificates (edgetune.provision; re-read on SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class Listener:
     bind: str | None = None  # None: every interface
     tls: TlsFiles | None = None
     comment: str = ""
+    # a template condition (the Helm chart): the listener's block is rendered only where it holds
+    condition: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,14 +92,16 @@ def _listener(listener: Listener) -> list[str]:
         t = listener.tls
         lines += [f"cafile {t.cafile}", f"certfile {t.certfile}", f"keyfile {t.keyfile}",
                   "# the minimum TLS version (TLS 1.3 is taken where both sides have it)", f"tls_version {t.version}"]
-        if t.require_certificate:
-            lines += ["# mutual TLS: a client without a certificate signed by the CA above is refused at the handshake;",
-                      "# it still logs in with its username and password (the password file is what revocation",
-                      "# takes away, and Mosquitto re-reads it on SIGHUP: connected clients are checked again)",
-                      "require_certificate true", "use_identity_as_username false"]
+        if t.require_certificate is not None:
+            value = t.require_certificate if isinstance(t.require_certificate, str) else str(t.require_certificate).lower()
+            lines += ["# true: mutual TLS, every client presents a certificate signed by cafile (and still logs in)",
+                      f"require_certificate {value}"]
         if t.crlfile:
-            lines += ["# certificates revoked by `edgetune provision revoke` (re-read on SIGHUP)",
+            lines += ["# certificates revoked by `edgetune provision revoke` (re-read on SIGHUP, like the password",
+                      "# file: a revoked device is disconnected and refused at its next handshake)",
                       f"crlfile {t.crlfile}"]
+    if listener.condition:
+        lines = [f"{{{{- if {listener.condition} }}}}", *lines, "{{- end }}"]
     return lines
 
 
@@ -211,9 +217,18 @@ def compose_options(max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES) -> Mosquit
 
 
 def helm_options() -> MosquittoOptions:
-    """The chart's (deploy/helm/edgetune): its values fill the {{ }} expressions."""
+    """The chart's (deploy/helm/edgetune): its values fill the {{ }} expressions, and its helpers
+    decide which listeners there are (broker.tls.*; templates/_helpers.tpl)."""
+    plain = Listener("{{ .Values.mosquitto.port }}", condition='include "edgetune.mosquitto.plainListener" .', comment=(
+        "plain MQTT, all interfaces: the broker's Service; with broker.tls.enabled only with\n"
+        "broker.tls.keepPlainListener, and then only on the cluster-internal Service <fullname>-mosquitto-internal"))
+    tls = Listener("{{ int .Values.broker.tls.port }}", condition=".Values.broker.tls.enabled", tls=TlsFiles(
+        "/mosquitto/tls/ca.crt", "/mosquitto/tls/tls.crt", "/mosquitto/tls/tls.key",
+        require_certificate="{{ .Values.broker.tls.requireClientCertificate }}"), comment=(
+        "MQTT over TLS (broker.tls.enabled): the broker's Service; the certificate Secret (cert-manager's or\n"
+        "broker.tls.existingSecret) is mounted at /mosquitto/tls. Options below a listener belong to it: keep it last."))
     return MosquittoOptions(
-        (Listener("{{ .Values.mosquitto.port }}", comment="all interfaces: the broker's Service"),),
+        (plain, tls),
         password_file="/mosquitto/auth/passwd", acl_file="/mosquitto/auth/acl",
         persistence_location="/mosquitto/data/", max_packet_size='{{ include "edgetune.maxPacketBytes" . }}',
         max_queued_messages="{{ int .Values.mosquitto.maxQueuedMessages }}", log_stdout=True,

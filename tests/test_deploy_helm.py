@@ -146,7 +146,52 @@ PROMETHEUS_RULE_SCHEMA: dict[str, Any] = {
     },
 }
 
-CRD_SCHEMAS = {"ServiceMonitor": SERVICE_MONITOR_SCHEMA, "PrometheusRule": PROMETHEUS_RULE_SCHEMA}
+# cert-manager's Certificate (a CRD too), likewise: the fields the chart sets.
+_STRINGS = {"type": "array", "items": {"type": "string", "minLength": 1}}
+CERTIFICATE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "cert-manager.io/v1"},
+        "kind": {"const": "Certificate"},
+        "metadata": SERVICE_MONITOR_SCHEMA["properties"]["metadata"],
+        "spec": {
+            "type": "object",
+            "required": ["secretName", "issuerRef"],
+            "additionalProperties": False,
+            "properties": {
+                "secretName": SERVICE_MONITOR_SCHEMA["properties"]["metadata"]["properties"]["name"],
+                "issuerRef": {
+                    "type": "object",
+                    "required": ["name"],
+                    "additionalProperties": False,
+                    "properties": {"name": {"type": "string", "minLength": 1}, "kind": {"type": "string"},
+                                   "group": {"type": "string"}},
+                },
+                "commonName": {"type": "string", "maxLength": 64},
+                "dnsNames": {**_STRINGS, "minItems": 1},
+                "ipAddresses": _STRINGS,
+                "duration": {"type": "string", "pattern": "^([0-9]+(\\.[0-9]+)?(h|m|s))+$"},
+                "renewBefore": {"type": "string", "pattern": "^([0-9]+(\\.[0-9]+)?(h|m|s))+$"},
+                "usages": {"type": "array", "items": {"enum": [
+                    "signing", "digital signature", "content commitment", "key encipherment", "key agreement",
+                    "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any",
+                    "server auth", "client auth", "code signing", "email protection", "s/mime", "ipsec end system",
+                    "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc"]}},
+                "privateKey": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]}, "size": {"type": "integer"},
+                                   "encoding": {"enum": ["PKCS1", "PKCS8"]},
+                                   "rotationPolicy": {"enum": ["Never", "Always"]}},
+                },
+            },
+        },
+    },
+}
+
+CRD_SCHEMAS = {"ServiceMonitor": SERVICE_MONITOR_SCHEMA, "PrometheusRule": PROMETHEUS_RULE_SCHEMA,
+               "Certificate": CERTIFICATE_SCHEMA}
 
 # name -> values overriding the defaults
 SCENARIOS: dict[str, dict[str, Any]] = {
@@ -185,6 +230,23 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}, "dpEpsilonBudget": 8,
                            "extraRules": [{"alert": "EdgeTuneCustom", "expr": "vector(1) > 2", "for": "5m",
                                            "labels": {"severity": "info"}}]},
+    },
+    # the broker's certificate from cert-manager, devices outside the cluster: TLS only, the
+    # aggregator too (mqtts:// with the CA)
+    "tls-cert-manager": {
+        "broker": {"tls": {"enabled": True, "certManager": {
+            "issuerRef": {"name": "fleet-ca", "kind": "ClusterIssuer"}, "dnsNames": ["mqtt.example.com"],
+            "ipAddresses": ["203.0.113.9"], "duration": "2160h", "renewBefore": "360h"}}},
+        "mosquitto": {"service": {"type": "LoadBalancer"}},
+        "networkPolicy": {"enabled": True},
+    },
+    "tls-existing-secret": {"broker": {"tls": {"enabled": True, "existingSecret": "fleet-broker-tls"}}},
+    # mutual TLS: the aggregator (no client certificate) on the plain listener's internal Service
+    "tls-mutual": {
+        "broker": {"tls": {"enabled": True, "existingSecret": "fleet-broker-tls", "requireClientCertificate": True,
+                           "keepPlainListener": True}},
+        "mosquitto": {"service": {"type": "NodePort"}},
+        "networkPolicy": {"enabled": True, "mqttFrom": [{"ipBlock": {"cidr": "10.20.0.0/16"}}]},
     },
     "everything": {
         "serviceMonitor": {"enabled": True},
@@ -480,6 +542,123 @@ def test_mosquitto_config_matches_compose(chart):
     assert config_lines(cm["data"]["acl"]) == config_lines((MOSQUITTO_DIR / "acl").read_text())
 
 
+NOTES = "edgetune/templates/NOTES.txt"
+
+
+def _mosquitto_conf(kinds) -> list[str]:
+    [cm] = [c for c in kinds["ConfigMap"] if c["metadata"]["name"].endswith("-mosquitto")]
+    return config_lines(cm["data"]["mosquitto.conf"])
+
+
+@pytest.mark.parametrize(("scenario", "secret", "mutual"), [
+    ("tls-cert-manager", f"{RELEASE}-edgetune-mosquitto-tls", False),
+    ("tls-existing-secret", "fleet-broker-tls", False),
+    ("tls-mutual", "fleet-broker-tls", True),
+])
+def test_tls(chart, scenario, secret, mutual):
+    """broker.tls: Mosquitto's TLS listener with the certificate Secret mounted (and
+    require_certificate for mutual TLS), the broker's Service carrying mqtts only, and the
+    aggregator on mqtts:// with the CA, or, with keepPlainListener, on the plain listener of a
+    cluster-internal Service; devices are told to use mqtts://."""
+    rendered = render(chart, SCENARIOS[scenario])
+    kinds = by_kind(manifests(rendered))
+    plain = SCENARIOS[scenario]["broker"]["tls"].get("keepPlainListener", False)
+    broker = f"{RELEASE}-edgetune-mosquitto"
+
+    conf = _mosquitto_conf(kinds)
+    tls_listener = ["listener 8883", "protocol mqtt", "cafile /mosquitto/tls/ca.crt", "certfile /mosquitto/tls/tls.crt",
+                    "keyfile /mosquitto/tls/tls.key", "tls_version tlsv1.2", f"require_certificate {str(mutual).lower()}"]
+    plain_listener = ["listener 1883", "protocol mqtt"] if plain else []
+    assert conf[conf.index(next(x for x in conf if x.startswith("listener "))):] == plain_listener + tls_listener
+
+    [sts] = kinds["StatefulSet"]
+    pod = sts["spec"]["template"]["spec"]
+    [mosquitto] = pod["containers"]
+    assert [p["name"] for p in mosquitto["ports"]] == (["mqtt"] if plain else []) + ["mqtts"]
+    assert mosquitto["readinessProbe"]["tcpSocket"]["port"] == ("mqtt" if plain else "mqtts")
+    assert {"name": "tls", "mountPath": "/mosquitto/tls", "readOnly": True} in mosquitto["volumeMounts"]
+    [tls_volume] = [v for v in pod["volumes"] if v["name"] == "tls"]
+    assert tls_volume["secret"]["secretName"] == secret
+    assert {i["key"] for i in tls_volume["secret"]["items"]} == {"tls.crt", "tls.key", "ca.crt"}
+
+    services = {s["metadata"]["name"]: s["spec"] for s in kinds["Service"]}
+    assert services[broker]["ports"] == [{"name": "mqtts", "port": 8883, "targetPort": "mqtts", "protocol": "TCP"}]
+    if plain:  # plain MQTT on a ClusterIP only, whatever mosquitto.service.type
+        assert services[broker]["type"] == "NodePort"
+        internal = services[f"{broker}-internal"]
+        assert internal["type"] == "ClusterIP" and internal["selector"] == services[broker]["selector"]
+        assert internal["ports"] == [{"name": "mqtt", "port": 1883, "targetPort": "mqtt", "protocol": "TCP"}]
+    else:
+        assert f"{broker}-internal" not in services
+
+    [job] = kinds["Job"]
+    job_pod = job["spec"]["template"]["spec"]
+    settings = _settings(kinds)
+    if plain:
+        assert settings["EDGETUNE_BROKER_URL"] == f"mqtt://{broker}-internal:1883"
+        assert "EDGETUNE_CA_FILE" not in settings
+        assert not [v for v in job_pod["volumes"] if v["name"] == "broker-ca"]
+    else:
+        assert settings["EDGETUNE_BROKER_URL"] == f"mqtts://{broker}:8883"
+        [ca] = [v for v in job_pod["volumes"] if v["name"] == "broker-ca"]
+        assert ca["secret"]["secretName"] == secret
+        [mount] = [m for m in job_pod["containers"][0]["volumeMounts"] if m["name"] == "broker-ca"]
+        assert settings["EDGETUNE_CA_FILE"] == f"{mount['mountPath']}/{ca['secret']['items'][0]['path']}"
+        assert ca["secret"]["items"][0]["key"] == "ca.crt"
+
+    if "NetworkPolicy" in kinds:
+        policies = {p["metadata"]["name"]: p["spec"] for p in kinds["NetworkPolicy"]}
+        ingress = policies[broker]["ingress"]
+        assert ingress[0]["ports"] == [{"port": "mqtts", "protocol": "TCP"}]
+        if plain:  # the plain listener takes the aggregator only
+            assert ingress[1]["ports"] == [{"port": "mqtt", "protocol": "TCP"}]
+            assert [f["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for f in ingress[1]["from"]] == [
+                "aggregator"]
+        _, to_broker = policies[f"{RELEASE}-edgetune-aggregator"]["egress"]
+        assert to_broker["ports"] == [{"port": 1883 if plain else 8883, "protocol": "TCP"}]
+
+    if scenario == "tls-cert-manager":
+        [cert] = kinds["Certificate"]
+        spec = cert["spec"]
+        assert spec["secretName"] == secret
+        assert spec["issuerRef"] == {"name": "fleet-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+        assert spec["dnsNames"] == [broker, f"{broker}.{NAMESPACE}", f"{broker}.{NAMESPACE}.svc",
+                                    f"{broker}.{NAMESPACE}.svc.cluster.local", "mqtt.example.com"]
+        assert spec["ipAddresses"] == ["203.0.113.9"] and "server auth" in spec["usages"]
+    else:
+        assert "Certificate" not in kinds
+
+    notes = rendered[NOTES]
+    assert "EDGETUNE_BROKER_URL=mqtts://<broker address>:8883  EDGETUNE_CA_FILE=" in notes
+    assert f"get secret {secret} -o jsonpath='{{.data.ca\\.crt}}'" in notes
+    assert "WARNING" not in notes and "mqtt://<broker address>" not in notes
+    assert ("Mutual TLS" in notes) is mutual
+
+
+def test_tls_refuses_what_cannot_work(chart, helm):
+    tls = {"enabled": True, "existingSecret": "fleet-broker-tls"}
+    for values, why in (
+        ({"enabled": True}, "needs the broker's certificate: set broker.tls.certManager.issuerRef"),
+        ({**tls, "certManager": {"issuerRef": {"name": "fleet-ca"}}}, "either as broker.tls.existingSecret or"),
+        ({**tls, "requireClientCertificate": True}, "the aggregator presents no client certificate"),
+        ({"requireClientCertificate": True}, "requireClientCertificate needs broker.tls.enabled"),
+        ({**tls, "keepPlainListener": True, "port": 1883}, "the same port"),
+    ):
+        with pytest.raises(helm.HelmError, match=re.escape(why)):
+            render(chart, {"broker": {"tls": values}})
+    with pytest.raises(helm.HelmError, match="with an external broker give externalBroker.url as mqtts://"):
+        render(chart, {**SCENARIOS["external-broker"], "broker": {"tls": tls}})
+
+
+def test_notes_warn_of_plain_mqtt_outside_the_cluster(chart):
+    """A LoadBalancer or NodePort without broker.tls hands the devices' passwords to the network:
+    NOTES says so, and how to turn TLS on."""
+    for service, warned in (("LoadBalancer", True), ("NodePort", True), ("ClusterIP", False)):
+        notes = render(chart, {"mosquitto": {"service": {"type": service}}})[NOTES]
+        assert ("WARNING: the %s exposes plain MQTT" % service in notes) is warned, notes
+        assert "EDGETUNE_BROKER_URL=mqtt://<broker address>:1883" in notes
+
+
 def test_the_packet_limit_is_one_value(chart, helm):
     """maxPacketBytes is Mosquitto's max_packet_size and the aggregator's EDGETUNE_MAX_PACKET_BYTES
     (the transport chunks above it); its default is the wire's."""
@@ -580,6 +759,9 @@ def test_grafana_dashboard(chart):
     ({"persistence": {"enabled": "yes"}}, "/persistence/enabled", "want boolean"),
     ({"fleet": "a/b"}, "/fleet", "does not match pattern"),
     ({"aggregator": {"extraVolumeMounts": [{"name": "models"}]}}, "/aggregator/extraVolumeMounts/0", "mountPath"),
+    ({"broker": {"tls": {"enabled": "yes"}}}, "/broker/tls/enabled", "want boolean"),
+    ({"broker": {"tls": {"certManager": {"issuerRef": {"nmae": "ca"}}}}}, "/broker/tls/certManager/issuerRef",
+     "'nmae' not allowed"),
 ])
 def test_values_schema_refuses_wrong_values(chart, helm, values, where, why):
     """values.schema.json: Helm refuses a value of the wrong type, an unknown choice or a

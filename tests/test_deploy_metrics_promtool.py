@@ -24,6 +24,13 @@ PROMETHEUS_HINT = "apt-get install prometheus (Debian's package ships /usr/bin/p
 # prometheus_client suffixes: what the exposition adds to a metric's name
 _SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created")
 
+# the build_info labels of the processes the tests serve: the dashboard's variables choose them
+FLEET, AGENT = "fleet-a", "agent-1"
+# Grafana's own variables, as it would fill them in
+_BUILTINS = {"__range": "1h", "__rate_interval": "1m", "__interval": "1m"}
+# functions that show a counter (or a histogram's cumulative series) as what it counted
+_RATES = ("rate", "irate", "increase")
+
 
 def _serve_both():
     from aggregator.metrics import AggregatorMetrics
@@ -66,6 +73,7 @@ def _exercise(agg, agent) -> None:
                       "eval_examples": 160, "eval_agents": 3,
                       "per_class": {"negative": {"f1": 0.75}, "positive": {"f1": 0.81}}})
     agg.eval_reports.inc(3)
+    agg.info(FLEET, "federated")
 
     agent.rounds_participated.inc()
     agent.update_bytes_sent.inc(150_000)
@@ -87,6 +95,7 @@ def _exercise(agg, agent) -> None:
     agent.gradient_bytes.inc(786_432)
     agent.split_round_trip.observe(0.05)
     agent.split_resends.inc(0)
+    agent.info(FLEET, AGENT, "federated")
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +138,18 @@ def test_prometheus_config_is_valid():
     assert r.returncode == 0, f"promtool check config:\n{r.stdout}{r.stderr}"
 
 
-def _dashboard_exprs() -> list[tuple[str, str]]:
-    dashboard = json.loads(DASHBOARD.read_text())
+def _dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def _substitute(expr: str, fleet: str = ".*", agent: str = ".*") -> str:
+    """`expr` with the dashboard's variables filled in as Grafana does (".*": "All", the default)."""
+    values = {**_BUILTINS, "fleet": fleet, "agent": agent}
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: values[m.group(1)], expr)
+
+
+def _raw_targets() -> list[tuple[str, str]]:
+    """(panel title, expression as written, with its $variables) of every panel target."""
     out = []
 
     def walk(panels: list[dict[str, Any]]) -> None:
@@ -139,8 +158,34 @@ def _dashboard_exprs() -> list[tuple[str, str]]:
                 out.append((p["title"], t["expr"]))
             walk(p.get("panels", []))
 
-    walk(dashboard["panels"])
+    walk(_dashboard()["panels"])
     return out
+
+
+def _dashboard_exprs(fleet: str = ".*", agent: str = ".*") -> list[tuple[str, str]]:
+    """(panel title, expression) of every panel target, the variables filled in (default: every
+    fleet and agent)."""
+    return [(title, _substitute(expr, fleet, agent)) for title, expr in _raw_targets()]
+
+
+def _raw_annotations() -> list[dict[str, Any]]:
+    """The dashboard's Prometheus annotations (Grafana's built-in one has no expression)."""
+    return [a for a in _dashboard()["annotations"]["list"] if "expr" in a]
+
+
+def _annotation_exprs(fleet: str = ".*") -> list[tuple[str, str]]:
+    return [(f"annotation {a['name']}", _substitute(a["expr"], fleet)) for a in _raw_annotations()]
+
+
+def _variables() -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in _dashboard()["templating"]["list"]}
+
+
+def _label_values(query: str) -> tuple[str, str]:
+    """Grafana's label_values(selector, label) as (selector, label)."""
+    m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", query)
+    assert m, f"not a label_values() query: {query}"
+    return m.group(1), m.group(2)
 
 
 def _base_name(series: str) -> str:
@@ -172,14 +217,99 @@ def test_dashboard_uses_only_exposed_metrics(metrics_servers):
     assert not defined - used, f"metrics without a dashboard panel: {sorted(defined - used)}"
 
 
-def test_dashboard_expressions_return_data(metrics_servers, tmp_path):
-    """A real Prometheus scrapes both sides every second; each dashboard expression must then
-    return at least one series."""
-    prometheus = need_executable("prometheus", PROMETHEUS_HINT)
+def test_dashboard_variables_and_annotation():
+    """The variables fleet (from the aggregator's build_info) and agent (the agent's build_info,
+    within the chosen fleets), every panel filtered by fleet and every agent panel by agent too,
+    and ended rounds as annotations. (That the filters work: test_dashboard_expressions_return_data.)"""
+    variables = _variables()
+    assert _label_values(variables["fleet"]["definition"]) == ("edgetune_aggregator_build_info", "fleet")
+    assert _label_values(variables["agent"]["definition"]) == ('edgetune_agent_build_info{fleet=~"$fleet"}', "agent")
+    for name in ("fleet", "agent"):
+        v = variables[name]
+        assert v["type"] == "query" and v["datasource"]["uid"] == "${datasource}"
+        assert v["query"]["query"] == v["definition"]
+        assert v["multi"] and v["includeAll"] and v["allValue"] == ".*", "All must match every fleet and agent"
+    assert list(variables).index("fleet") < list(variables).index("agent"), "agent's query needs fleet first"
+    [rounds] = [a for a in _raw_annotations() if "edgetune_aggregator_rounds_total" in a["expr"]]
+    assert rounds["enable"] and rounds["datasource"]["uid"] == "${datasource}"
+    assert "{{outcome}}" in rounds["titleFormat"] and rounds["step"]
+    for title, expr in _raw_targets() + [(a["name"], a["expr"]) for a in _raw_annotations()]:
+        used = set(re.findall(r"\$\{?(\w+)\}?", expr))
+        assert used <= set(variables) | set(_BUILTINS), f"{title}: unknown variables {used}: {expr}"
+        assert 'edgetune_aggregator_build_info{fleet=~"$fleet"}' in expr or 'edgetune_agent_build_info{fleet=~"$fleet"' in expr, (
+            f"{title}: not joined with a build_info of the chosen fleets: {expr}")
+        assert ("edgetune_agent_" in expr) == ('agent=~"$agent"' in expr), f"{title}: the agent filter: {expr}"
+
+
+def test_dashboard_expressions_parse(tmp_path):
+    """promtool parses every expression of the dashboard (the panels', the annotation's and the
+    variables' selectors, with the variables filled in), as recording rules."""
+    promtool = need_executable("promtool", PROMETHEUS_HINT)
+    exprs = _dashboard_exprs() + _annotation_exprs() + [
+        (f"variable {name}", _substitute(_label_values(v["definition"])[0]))
+        for name, v in _variables().items() if v["type"] == "query"]
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:expr_{i}", "expr": expr} for i, (_, expr) in enumerate(exprs)]}]}
+    path = tmp_path / "dashboard.rules.yaml"
+    path.write_text(json.dumps(rules))  # JSON is YAML
+    r = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and f"SUCCESS: {len(exprs)} rules found" in r.stdout, r.stdout + r.stderr
+
+
+def _enclosing_call(expr: str, pos: int) -> str:
+    """The name of the function call whose parentheses enclose expr[pos] ("" for none)."""
+    depth = 0
+    for i in range(pos - 1, -1, -1):
+        if expr[i] == ")":
+            depth += 1
+        elif expr[i] == "(":
+            if depth == 0:
+                m = re.search(r"(\w+)\s*$", expr[:i])
+                return m.group(1) if m else ""
+            depth -= 1
+    return ""
+
+
+def test_dashboard_shows_counters_as_rates(metrics_servers):
+    """No counter on the dashboard as its raw total (which only says how long a process has
+    run): every counter, and every histogram's cumulative series, goes through rate(), irate()
+    or increase()."""
     _, _, agg_server, agent_server = metrics_servers
+    cumulative = set()
+    for server in (agg_server, agent_server):
+        for name, kind in re.findall(r"^# TYPE (\S+) (counter|histogram)$", _scrape(server).decode(), re.M):
+            if kind == "counter":  # TYPE names a counter with or without _total, by exposition format
+                cumulative.add(name if name.endswith("_total") else f"{name}_total")
+            else:
+                cumulative |= {f"{name}_{s}" for s in ("bucket", "count", "sum")}
+    assert "edgetune_aggregator_rounds_total" in cumulative and "edgetune_agent_predict_seconds_bucket" in cumulative
+    raw = []
+    for title, expr in _raw_targets() + [(a["name"], a["expr"]) for a in _raw_annotations()]:
+        for m in re.finditer(r"\bedgetune_\w+", expr):
+            if m.group() in cumulative and _enclosing_call(expr, m.start()) not in _RATES:
+                raw.append(f"{title}: {m.group()} in {expr}")
+    assert not raw, "counters shown raw:\n" + "\n".join(raw)
+    # the check is real
+    assert _enclosing_call("sum by (reason) (edgetune_x_total)", 17) not in _RATES
+    assert _enclosing_call("sum(rate(y[1m])) * edgetune_x_total", 19) not in _RATES
+    assert _enclosing_call('rate(edgetune_x_total{a=~"$b"}[5m]) * on(instance) y', 5) == "rate"
+
+
+def test_dashboard_expressions_return_data(metrics_servers, tmp_path):
+    """A real Prometheus scrapes both sides every second; each dashboard expression (and the
+    rounds annotation, once a round ends) must then return at least one series for the served
+    fleet and agent, and none for another fleet or agent; the variables list the served ones."""
+    prometheus = need_executable("prometheus", PROMETHEUS_HINT)
+    agg, _, agg_server, agent_server = metrics_servers
     jobs = {"edgetune-aggregator": [agg_server.server_port], "edgetune-agent": [agent_server.server_port]}
     with run_prometheus(prometheus, jobs, tmp_path) as prom:
-        pending = dict.fromkeys(_dashboard_exprs())
+        # a round ends between two scrapes: the annotation marks it
+        deadline = time.monotonic() + 30
+        while len(prom.query("up == 1") or []) < 2:
+            assert time.monotonic() < deadline, f"no scrape of both sides within 30s:\n{prom.log_tail()}"
+            time.sleep(0.2)
+        agg.rounds.labels(outcome="complete").inc()
+        pending = dict.fromkeys(_dashboard_exprs(FLEET, AGENT) + _annotation_exprs(FLEET))
         deadline = time.monotonic() + 30
         while pending and time.monotonic() < deadline:
             for key in list(pending):
@@ -190,3 +320,10 @@ def test_dashboard_expressions_return_data(metrics_servers, tmp_path):
         assert not pending, "dashboard expressions that return no data:\n" + "\n".join(
             f"  {title}: {expr}" for title, expr in pending
         )
+        for name, served in (("fleet", FLEET), ("agent", AGENT)):
+            selector, label = _label_values(_variables()[name]["definition"])
+            assert {r["metric"][label] for r in prom.query(_substitute(selector, FLEET))} == {served}
+        other_fleet = _dashboard_exprs("no-such-fleet", AGENT) + _annotation_exprs("no-such-fleet")
+        other_agent = [(t, e) for t, e in _dashboard_exprs(FLEET, "no-such-agent") if "edgetune_agent_" in e]
+        leaks = [f"  {title}: {expr}" for title, expr in other_fleet + other_agent if prom.query(expr)]
+        assert not leaks, "expressions that ignore the fleet or agent chosen:\n" + "\n".join(leaks)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from broker.mosquitto_conf import (CHECKED_IN, TARGETS, Listener, MosquittoOptions, local_options, main, render_acl,
-                                   render_mosquitto_conf, render_target, secure_options)
+from broker.mosquitto_conf import (CHECKED_IN, TARGETS, Listener, MosquittoOptions, TlsFiles, local_options, main,
+                                   render_acl, render_mosquitto_conf, render_target, secure_options)
 from broker.transport import DEFAULT_MAX_PACKET_BYTES
 from tests.deploy_support import REPO, config_lines
 
@@ -38,10 +38,11 @@ def test_every_target_keeps_the_shared_settings(target):
     packet = [x for x in lines if x.startswith("max_packet_size ")]
     expected = '{{ include "edgetune.maxPacketBytes" . }}' if target == "helm" else str(DEFAULT_MAX_PACKET_BYTES)
     assert packet == [f"max_packet_size {expected}"]
-    # listeners come last: an option below a listener (cafile, protocol) belongs to it
-    first = next(i for i, x in enumerate(lines) if x.startswith("listener "))
-    assert all(x.split()[0] in ("listener", "protocol", "cafile", "certfile", "keyfile", "tls_version")
-               for x in lines[first:]), lines[first:]
+    # listeners come last: an option below a listener (cafile, protocol) belongs to it; the chart's
+    # are in template conditions ({{- if ... }} ... {{- end }})
+    first = next(i for i, x in enumerate(lines) if x.startswith(("listener ", "{{- if")))
+    assert all(x.split()[0] in ("listener", "protocol", "cafile", "certfile", "keyfile", "tls_version",
+                                "require_certificate", "{{-") for x in lines[first:]), lines[first:]
 
 
 def test_the_deliberate_differences():
@@ -66,11 +67,22 @@ def test_the_deliberate_differences():
         assert setting in compose
 
     helm = config_lines(render_target("helm"))
-    assert helm[-2:] == ["listener {{ .Values.mosquitto.port }}", "protocol mqtt"]
+    # the plain listener unless TLS drops it, and a TLS listener (broker.tls; the chart's helpers decide)
+    listeners = helm.index('{{- if include "edgetune.mosquitto.plainListener" . }}')
+    assert helm[listeners:] == [
+        '{{- if include "edgetune.mosquitto.plainListener" . }}', "listener {{ .Values.mosquitto.port }}",
+        "protocol mqtt", "{{- end }}",
+        "{{- if .Values.broker.tls.enabled }}", "listener {{ int .Values.broker.tls.port }}", "protocol mqtt",
+        "cafile /mosquitto/tls/ca.crt", "certfile /mosquitto/tls/tls.crt", "keyfile /mosquitto/tls/tls.key",
+        "tls_version tlsv1.2", "require_certificate {{ .Values.broker.tls.requireClientCertificate }}", "{{- end }}"]
     assert "max_queued_messages {{ int .Values.mosquitto.maxQueuedMessages }}" in helm
     # otherwise the chart's config is compose's
-    assert [x for x in helm if "{{" not in x] == [x for x in compose if x not in (
-        "listener 1883", f"max_packet_size {DEFAULT_MAX_PACKET_BYTES}", "max_queued_messages 1000")]
+    assert [x for x in helm[:listeners] if "{{" not in x] == [x for x in compose if x not in (
+        "listener 1883", "protocol mqtt", f"max_packet_size {DEFAULT_MAX_PACKET_BYTES}", "max_queued_messages 1000")]
+    # require_certificate is written only when given (Mosquitto's default is false)
+    mutual = config_lines(render_mosquitto_conf(secure_options(certs=TlsFiles("c", "s", "k", require_certificate=True))))
+    assert mutual[-6:] == ["protocol mqtt", "cafile c", "certfile s", "keyfile k", "tls_version tlsv1.2",
+                           "require_certificate true"]
 
 
 def test_the_packet_limit_is_written_from_the_setting():

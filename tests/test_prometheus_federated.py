@@ -36,29 +36,29 @@ FLEET = "promtest"
 # histogram with no observations has all its bucket rates at 0, and histogram_quantile of that is
 # NaN: Prometheus answers a series, Grafana draws nothing.
 EXPECTED_WITHOUT_DATA = {
-    "histogram_quantile(0.5, sum by (le) (rate(edgetune_agent_predict_seconds_bucket[1m])))":
+    'histogram_quantile(0.5, sum by (le) (rate(edgetune_agent_predict_seconds_bucket[1m]) * on(instance) group_left(fleet, agent) edgetune_agent_build_info{fleet=~".*", agent=~".*"}))':
         "no prediction is served during a training run (edgetune_agent_predict_seconds has no observations)",
-    "histogram_quantile(0.95, sum by (le) (rate(edgetune_agent_predict_seconds_bucket[1m])))":
+    'histogram_quantile(0.95, sum by (le) (rate(edgetune_agent_predict_seconds_bucket[1m]) * on(instance) group_left(fleet, agent) edgetune_agent_build_info{fleet=~".*", agent=~".*"}))':
         "no prediction is served during a training run (edgetune_agent_predict_seconds has no observations)",
-    "histogram_quantile(0.5, sum by (le) (rate(edgetune_aggregator_split_step_seconds_bucket[1m])))":
+    'histogram_quantile(0.5, sum by (fleet, le) (rate(edgetune_aggregator_split_step_seconds_bucket[1m]) * on(instance) group_left(fleet) edgetune_aggregator_build_info{fleet=~".*"}))':
         "split learning only (edgetune_aggregator_split_step_seconds has no observations in a federated run)",
-    "histogram_quantile(0.95, sum by (le) (rate(edgetune_aggregator_split_step_seconds_bucket[1m])))":
+    'histogram_quantile(0.95, sum by (fleet, le) (rate(edgetune_aggregator_split_step_seconds_bucket[1m]) * on(instance) group_left(fleet) edgetune_aggregator_build_info{fleet=~".*"}))':
         "split learning only (edgetune_aggregator_split_step_seconds has no observations in a federated run)",
-    "histogram_quantile(0.95, sum by (instance, le) (rate(edgetune_agent_split_round_trip_seconds_bucket[1m])))":
+    'histogram_quantile(0.95, sum by (agent, le) (rate(edgetune_agent_split_round_trip_seconds_bucket[1m]) * on(instance) group_left(fleet, agent) edgetune_agent_build_info{fleet=~".*", agent=~".*"}))':
         "split learning only (edgetune_agent_split_round_trip_seconds has no observations in a federated run)",
-    "histogram_quantile(0.5, sum by (le) (rate(edgetune_aggregator_split_microbatch_agents_bucket[1m])))":
+    'histogram_quantile(0.5, sum by (fleet, le) (rate(edgetune_aggregator_split_microbatch_agents_bucket[1m]) * on(instance) group_left(fleet) edgetune_aggregator_build_info{fleet=~".*"}))':
         "split learning only (edgetune_aggregator_split_microbatch_agents has no observations in a federated run)",
-    "histogram_quantile(0.95, sum by (le) (rate(edgetune_aggregator_split_microbatch_agents_bucket[1m])))":
+    'histogram_quantile(0.95, sum by (fleet, le) (rate(edgetune_aggregator_split_microbatch_agents_bucket[1m]) * on(instance) group_left(fleet) edgetune_aggregator_build_info{fleet=~".*"}))':
         "split learning only (edgetune_aggregator_split_microbatch_agents has no observations in a federated run)",
-    "edgetune_aggregator_dp_epsilon":
+    'edgetune_aggregator_dp_epsilon * on(instance) group_left(fleet) edgetune_aggregator_build_info{fleet=~".*"}':
         "differential privacy only (strategy dp_fedavg): epsilon stays NaN in a run without DP",
-    "histogram_quantile(0.95, sum by (le) (rate(edgetune_aggregator_update_staleness_versions_bucket[5m])))":
+    'histogram_quantile(0.95, sum by (fleet, le) (rate(edgetune_aggregator_update_staleness_versions_bucket[5m]) * on(instance) group_left(fleet) edgetune_aggregator_build_info{fleet=~".*"}))':
         "async aggregation only (edgetune_aggregator_update_staleness_versions has no observations in sync rounds)",
-    "edgetune_agent_serving_holdout_accuracy":
+    'edgetune_agent_serving_holdout_accuracy * on(instance) group_left(fleet, agent) edgetune_agent_build_info{fleet=~".*", agent=~".*"}':
         "agents with a state dir only: no model is exported and swapped in during this run, so it stays NaN",
-    "edgetune_aggregator_global_perplexity":
+    'edgetune_aggregator_global_perplexity * on(instance) group_left(fleet) edgetune_aggregator_build_info{fleet=~".*"}':
         "split learning only: perplexity stays NaN (not a made-up 0) while a classifier is trained",
-    "edgetune_aggregator_eval_perplexity":
+    'edgetune_aggregator_eval_perplexity * on(instance) group_left(fleet) edgetune_aggregator_build_info{fleet=~".*"}':
         "split learning only: perplexity stays NaN for both sources (central, federated) while a classifier is trained",
 }
 

@@ -82,11 +82,83 @@ app.kubernetes.io/component: mosquitto
 {{/* The broker URL the aggregator connects to (EDGETUNE_BROKER_URL). */}}
 {{- define "edgetune.brokerUrl" -}}
 {{- if .Values.mosquitto.enabled }}
+{{- include "edgetune.tls.check" . }}
+{{- if include "edgetune.aggregator.tls" . }}
+{{- printf "mqtts://%s:%d" (include "edgetune.mosquitto.fullname" .) (int .Values.broker.tls.port) }}
+{{- else if .Values.broker.tls.enabled }}
+{{- printf "mqtt://%s:%d" (include "edgetune.mosquitto.internalName" .) (int .Values.mosquitto.port) }}
+{{- else }}
 {{- printf "mqtt://%s:%d" (include "edgetune.mosquitto.fullname" .) (int .Values.mosquitto.port) }}
+{{- end }}
 {{- else if .Values.externalBroker.url }}
+{{- if .Values.broker.tls.enabled }}
+{{- fail "broker.tls is the chart's Mosquitto's TLS: with an external broker give externalBroker.url as mqtts://host:8883 (a private CA: mount it with aggregator.extraVolumes and point EDGETUNE_CA_FILE at it with aggregator.extraEnv)" }}
+{{- end }}
 {{- .Values.externalBroker.url }}
 {{- else }}
 {{- fail "set externalBroker.url (e.g. mqtts://mqtt.example.com:8883) when mosquitto.enabled is false" }}
+{{- end }}
+{{- end }}
+
+{{/*
+TLS of the chart's Mosquitto (broker.tls). Mosquitto's plain listener (mosquitto.port) stays
+without TLS, or with keepPlainListener; then only on the cluster-internal Service. The aggregator
+connects with mqtts:// and the CA unless it may use that plain listener.
+*/}}
+{{- define "edgetune.mosquitto.plainListener" -}}
+{{- if or (not .Values.broker.tls.enabled) .Values.broker.tls.keepPlainListener }}true{{ end }}
+{{- end }}
+
+{{/* "true" when the aggregator connects to the chart's Mosquitto over TLS. */}}
+{{- define "edgetune.aggregator.tls" -}}
+{{- if and .Values.mosquitto.enabled .Values.broker.tls.enabled (not .Values.broker.tls.keepPlainListener) }}true{{ end }}
+{{- end }}
+
+{{/* The cluster-internal Service of the plain listener, when TLS keeps one. */}}
+{{- define "edgetune.mosquitto.internalName" -}}
+{{- printf "%s-internal" (include "edgetune.mosquitto.fullname" .) }}
+{{- end }}
+
+{{/* The Secret with the broker's certificate: broker.tls.existingSecret or cert-manager's. */}}
+{{- define "edgetune.tls.secretName" -}}
+{{- if .Values.broker.tls.existingSecret }}
+{{- .Values.broker.tls.existingSecret }}
+{{- else }}
+{{- printf "%s-tls" (include "edgetune.mosquitto.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* Where the aggregator finds the broker's CA (EDGETUNE_CA_FILE). */}}
+{{- define "edgetune.caFile" -}}
+/etc/edgetune/tls/ca.crt
+{{- end }}
+
+{{/* The broker Service's names, which its certificate must hold. */}}
+{{- define "edgetune.tls.serviceNames" -}}
+{{- $svc := include "edgetune.mosquitto.fullname" . }}
+{{- $ns := .Release.Namespace }}
+{{- list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.broker.tls.certManager.clusterDomain) | toJson }}
+{{- end }}
+
+{{/* broker.tls values that cannot work together, refused with what to set. */}}
+{{- define "edgetune.tls.check" -}}
+{{- $tls := .Values.broker.tls }}
+{{- if $tls.enabled }}
+{{- $issuer := $tls.certManager.issuerRef | default dict }}
+{{- if and $tls.existingSecret $issuer.name }}
+{{- fail "broker.tls: give the certificate either as broker.tls.existingSecret or through broker.tls.certManager.issuerRef, not both" }}
+{{- end }}
+{{- if not (or $tls.existingSecret $issuer.name) }}
+{{- fail "broker.tls.enabled needs the broker's certificate: set broker.tls.certManager.issuerRef (e.g. {name: fleet-ca, kind: ClusterIssuer}) or broker.tls.existingSecret (a Secret with tls.crt, tls.key and ca.crt)" }}
+{{- end }}
+{{- if and $tls.requireClientCertificate (not $tls.keepPlainListener) }}
+{{- fail "broker.tls.requireClientCertificate: the aggregator presents no client certificate (EdgeTune's clients take only a CA, EDGETUNE_CA_FILE), so it cannot use the mutual-TLS listener; set broker.tls.keepPlainListener=true to connect it through the cluster-internal plain listener" }}
+{{- end }}
+{{- if and $tls.keepPlainListener (eq (int $tls.port) (int .Values.mosquitto.port)) }}
+{{- fail "broker.tls.port and mosquitto.port are the same port: give the TLS listener its own (8883)" }}
+{{- end }}
+{{- else if $tls.requireClientCertificate }}
+{{- fail "broker.tls.requireClientCertificate needs broker.tls.enabled (mutual TLS is a TLS listener's)" }}
 {{- end }}
 {{- end }}
 
