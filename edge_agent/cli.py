@@ -61,6 +61,7 @@ def run(
         eval_fraction=eval_fraction,
     )
     setup_logging(s.log_level, s.agent_id)
+    from broker.signing import KeyFileError
     from broker.transport import BrokerError
     from data.records import DataError
     from edge_agent.local_settings import DeviceSetupError
@@ -69,7 +70,7 @@ def run(
     from models.fingerprint import ModelNotFound
 
     with exit_codes({BrokerError: 3, DeviceSetupError: EXIT_STATE, DataError: EXIT_INPUT, ModelNotFound: EXIT_INPUT,
-                     UnsupportedModel: EXIT_INPUT}):
+                     UnsupportedModel: EXIT_INPUT, KeyFileError: EXIT_INPUT}):
         AgentRunner(s).run()
 
 

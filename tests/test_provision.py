@@ -262,3 +262,13 @@ def test_a_torch_less_serving_device_takes_the_signed_model_and_keeps_it_on_a_ba
             except subprocess.TimeoutExpired:
                 pass
         kill_all([server, agg])
+
+
+def test_an_agent_whose_fleet_keys_are_missing_stops_at_start_up_saying_where(tmp_path):
+    from tests.conftest import ROOT, child_env
+
+    r = subprocess.run([sys.executable, "-m", "edge_agent.cli", "run", "--broker", "mqtt://127.0.0.1:9"], cwd=ROOT,
+                       env=child_env(EDGETUNE_FLEET_KEYS=str(tmp_path / "nowhere.pem")), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "nowhere.pem do not exist" in r.stderr and "EDGETUNE_FLEET_KEYS" in r.stderr and "Traceback" not in r.stderr
