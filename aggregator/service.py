@@ -27,9 +27,9 @@ from aggregator.strategies import make_strategy
 from aggregator.tasks import make_task
 from broker import activations, artifacts, codec
 from broker.errors import WireError
-from broker.messages import (AgentState, AgentStatus, GlobalAdapter, ModelArtifact, ModelUpdate,
+from broker.messages import (AgentState, AgentStatus, FleetKeys, GlobalAdapter, ModelArtifact, ModelUpdate,
                              RoundAnnouncement, SplitGradient, TaskDefinition, parse)
-from broker.signing import Signer
+from broker.signing import Keyring, KeyFileError, Signer
 from broker.topics import Topics, TopicKind
 from broker.transport import Incoming, MqttTransport
 from common.metrics_http import linger
@@ -266,6 +266,19 @@ class AggregatorService(EvaluationMixin):
         if self.s.publish_model == "every":
             self._publish_model()
 
+    def _publish_keys(self) -> None:
+        """The keys agents are to trust, signed with ours (a key rotation, broker.signing)."""
+        if self.signer is None or not self.s.fleet_keys:
+            return
+        keyring = Keyring.from_file(self.s.fleet_keys)
+        if self.signer.key_id not in keyring.keys:
+            raise KeyFileError(f"fleet keys {self.s.fleet_keys} do not hold this aggregator's signing key "
+                               f"({self.signer.key_id.hex()}): agents that adopt them would refuse everything it "
+                               "signs; use the fleet-keys.pem of the same fleet folder as EDGETUNE_SIGNING_KEY")
+        msg = FleetKeys(keys=keyring.pems())
+        self.transport.publish(self.topics.keys, self._frame(self.topics.keys, msg), retain=True, wait=True)
+        log.info("published the fleet's signing keys: %s", ", ".join(keyring.ids()))
+
     def _publish_model(self) -> None:
         """The global as a signed int8 ONNX folder on the model topic, for devices that only serve
         (edge_agent.serving). QoS 1, not retained (it is larger than a packet: chunks cannot be
@@ -442,6 +455,7 @@ class AggregatorService(EvaluationMixin):
             if self.s.metrics_port is not None:
                 self.metrics_server, _ = serve(self.metrics.registry, self.s.metrics_port, self.s.metrics_addr)
             self._connect()
+            self._publish_keys()
             self.transport.publish(self.topics.task, self._frame(self.topics.task, self.task_def), retain=True,
                                    wait=True)
             log.info("task %s: %s %s (model %s), labels %s", self.task_def.hash[:12], self.task_def.mode,

@@ -52,6 +52,10 @@ class AggregatorSettings(EdgeTuneSettings, ConnectionSettings, ProcessSettings, 
     signing_key: str | None = Field(
         None, description="the fleet's Ed25519 signing key (PEM; `edgetune provision init` makes fleet/signing.key): "
         "the task, every announcement and every global are signed with it, for agents that check (EDGETUNE_FLEET_KEYS)")
+    fleet_keys: str | None = Field(
+        None, description="the public keys agents are to trust (PEM; the aggregator bundle's fleet-keys.pem): "
+        "published, signed, on the fleet's keys topic at start, so that a key rotation (`edgetune provision "
+        "rotate-key`) reaches every agent; it must hold the signing key's own public key")
     publish_model: Literal["off", "final", "every"] = Field(
         "off", description="federated mode: also publish the global as a signed int8 ONNX model (the model topic) "
         "for devices that only serve (edgetune-agent serve): after the last round, after every round, or never; "

@@ -154,6 +154,15 @@ class ModelArtifact(Message):
         return self
 
 
+class FleetKeys(Message):
+    """Retained on the keys topic: the public keys agents are to trust from now on (PEM), signed
+    with a key they trust now. How a signing key rotates without touching the devices
+    (broker.signing, edgetune.provision `rotate-key`)."""
+
+    kind: Literal["keys"] = "keys"
+    keys: list[str] = Field(min_length=1, max_length=8)
+
+
 MAX_EVAL_LABELS = 256  # a confusion matrix of at most 256 x 256 counts
 
 

@@ -144,6 +144,7 @@ def render_acl(aggregator_user: str = "aggregator", fleet: str = "+", header: st
         "#   edgetune/v1/<fleet>/round                  the aggregator writes, every agent reads",
         "#   edgetune/v1/<fleet>/global                 the aggregator writes, every agent reads",
         "#   edgetune/v1/<fleet>/model                  the aggregator writes, every agent reads",
+        "#   edgetune/v1/<fleet>/keys                   the aggregator writes, every agent reads",
         "#   edgetune/v1/<fleet>/agents/<agent>/...     that agent reads and writes; the aggregator too",
         "#",
         "# `pattern` lines apply to every client; %u is the client's username, so an agent logs in",
@@ -156,13 +157,14 @@ def render_acl(aggregator_user: str = "aggregator", fleet: str = "+", header: st
         "# every agent: its own subtree (status with last will, update, split/fwd, split/grad) ...",
         f"pattern write {base}/agents/%u/#",
         f"pattern read {base}/agents/%u/#",
-        "# ... and the fleet's task, round announcement, global adapter and ONNX model. (Mosquitto logs a warning that",
+        "# ... and the fleet's task, round announcement, global adapter, ONNX model and signing keys. (Mosquitto logs a warning that",
         "# these patterns hold no %u/%c: intended, they are the rules every client shares; a plain",
         "# `topic` line would only apply to one `user`, or to anonymous clients.)",
         f"pattern read {base}/task",
         f"pattern read {base}/round",
         f"pattern read {base}/global",
         f"pattern read {base}/model",
+        f"pattern read {base}/keys",
     ]
     return "\n".join(lines) + "\n"
 

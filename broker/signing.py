@@ -14,7 +14,13 @@ EDGETUNE_FLEET_KEYS: from its bundle, `edgetune provision`) checks each of those
                   or an older version's frame sent again
 
 The newest accepted (signing time, run id, version) of each kind is kept in the agent's state
-directory (`trust.json`), so a restart does not reopen the window. Signing times are the
+directory (`trust.json`), so a restart does not reopen the window.
+
+Rotation: the aggregator publishes the keys agents are to trust (FleetKeys, retained on the keys
+topic), signed with a key they trust now; an agent adopts them (`Verifier.adopt`) and keeps them
+in trust.json, where they take the place of the bundle's fleet-keys.pem. A rotation is two such
+messages: the current and the next key, signed with the current one; then, once the aggregator
+signs with the next key, the next key alone (edgetune.provision `rotate-key`). Signing times are the
 aggregator's clock, made strictly increasing within a process; an aggregator moved to a host
 whose clock is behind must wait it out or the agents' trust.json be reset (`edgetune-agent`
 says so in its rejection).
@@ -37,7 +43,7 @@ from broker.codec import Frame, signed_bytes
 from broker.errors import WireError
 
 KEY_ID_SIZE = 8
-SIGNED_KINDS = ("task", "round", "global", "model")  # what the aggregator signs and agents check
+SIGNED_KINDS = ("task", "round", "global", "model", "keys")  # what the aggregator signs and agents check
 
 
 class SignatureError(WireError):
@@ -175,6 +181,13 @@ class Keyring:
     def ids(self) -> list[str]:
         return sorted(k.hex() for k in self.keys)
 
+    def pems(self) -> list[str]:
+        """Each key as PEM, in key id order (what a FleetKeys message carries)."""
+        _, serialization, _ = _ed25519()
+        return [self.keys[k].public_bytes(serialization.Encoding.PEM,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+                for k in sorted(self.keys)]
+
 
 @dataclass
 class Accepted:
@@ -194,10 +207,14 @@ class Verifier:
         self.keyring = keyring
         self.state_path = Path(state_path) if state_path else None
         self.accepted: dict[str, Accepted] = {}
+        self.adopted: list[str] = []  # PEM keys from the fleet's keys topic, which replace the bundle's
         if self.state_path is not None and self.state_path.exists():
             try:
                 raw = json.loads(self.state_path.read_text())
                 self.accepted = {k: Accepted(**v) for k, v in raw.get("accepted", {}).items() if k in SIGNED_KINDS}
+                if raw.get("keys"):
+                    self.keyring = Keyring.from_pem("".join(raw["keys"]).encode(), str(self.state_path))
+                    self.adopted = list(raw["keys"])
             except (ValueError, TypeError, AttributeError) as e:
                 raise KeyFileError(f"{self.state_path} is unreadable ({e}); it holds the newest signed frames this "
                                    "agent accepted: restore it, or delete it to accept the fleet's current ones") from None
@@ -231,10 +248,17 @@ class Verifier:
             self.accepted[kind] = Accepted(sig.signed_at_ms, run_id, int(number or 0))
             self._save()
 
+    def adopt(self, pems: list[str]) -> None:
+        """Trust these keys from now on (a verified FleetKeys message's): they replace the keyring."""
+        keyring = Keyring.from_pem("".join(pems).encode(), "the fleet's keys message")
+        if keyring.ids() != self.keyring.ids():
+            self.keyring, self.adopted = keyring, list(pems)
+            self._save()
+
     def _save(self) -> None:
         if self.state_path is None:
             return
-        body = {"accepted": {k: vars(v) for k, v in self.accepted.items()}}
+        body = {"accepted": {k: vars(v) for k, v in self.accepted.items()}, "keys": self.adopted}
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(body, indent=1))

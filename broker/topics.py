@@ -3,6 +3,7 @@
     edgetune/v1/<fleet>/task                     retained task definition (aggregator)
     edgetune/v1/<fleet>/round                    retained round announcement (aggregator)
     edgetune/v1/<fleet>/global                   retained global adapter (aggregator)
+    edgetune/v1/<fleet>/keys                     retained: the fleet's public signing keys, signed (aggregator)
     edgetune/v1/<fleet>/model                    the global as a signed int8 ONNX model, for devices that only
                                                  serve (aggregator; QoS 1 to persistent sessions, not retained)
     edgetune/v1/<fleet>/agents/<agent>/status    retained agent status, last will "offline"
@@ -43,6 +44,7 @@ class TopicKind(str, Enum):
     round = "round"
     global_adapter = "global_adapter"
     model = "model"
+    keys = "keys"
     status = "status"
     update = "update"
     eval = "eval"
@@ -52,7 +54,7 @@ class TopicKind(str, Enum):
 
 # the topic below the fleet's base, or below agents/<agent>/, of each kind
 _FLEET_SUFFIX = {"task": TopicKind.task, "round": TopicKind.round, "global": TopicKind.global_adapter,
-                 "model": TopicKind.model}
+                 "model": TopicKind.model, "keys": TopicKind.keys}
 _AGENT_SUFFIX = {"status": TopicKind.status, "update": TopicKind.update, "eval": TopicKind.eval,
                  "split/fwd": TopicKind.split_forward, "split/grad": TopicKind.split_gradient}
 
@@ -85,6 +87,10 @@ class Topics:
     @property
     def global_adapter(self) -> str:
         return f"{self.base}/global"
+
+    @property
+    def keys(self) -> str:
+        return f"{self.base}/keys"
 
     @property
     def model(self) -> str:
@@ -141,5 +147,5 @@ class Topics:
                 raise TopicError(f"topic {topic!r} has no valid agent segment")
             if suffix in _AGENT_SUFFIX:
                 return ParsedTopic(_AGENT_SUFFIX[suffix], agent)
-        raise TopicError(f"nothing is expected on topic {topic!r}: expected {self.base}/task, /round, /global, /model or "
+        raise TopicError(f"nothing is expected on topic {topic!r}: expected {self.base}/task, /round, /global, /model, /keys or "
                          f"/agents/<agent>/{{{','.join(_AGENT_SUFFIX)}}}")

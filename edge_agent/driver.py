@@ -17,7 +17,8 @@ from typing import Any
 
 from broker import codec
 from broker.errors import WireError
-from broker.messages import AgentState, AgentStatus, GlobalAdapter, RoundAnnouncement, TaskDefinition, parse
+from broker.messages import (AgentState, AgentStatus, FleetKeys, GlobalAdapter, RoundAnnouncement, TaskDefinition,
+                             parse)
 from broker.signing import Keyring, Verifier
 from broker.topics import TopicKind, Topics
 from edge_agent.protocol import (Action, AgentProtocol, Finish, Idle, LoadGlobal, PublishStatus, SendUpdate, Skip,
@@ -150,10 +151,17 @@ class ProtocolDriver:
             return  # a cleared retained message
         try:
             kind = self.topics.parse(topic).kind
-            if kind not in (TopicKind.global_adapter, TopicKind.round, TopicKind.task):
+            if kind not in (TopicKind.global_adapter, TopicKind.round, TopicKind.task, TopicKind.keys):
                 return  # split gradients are answered through their Futures (edge_agent.split_rpc)
             frame = codec.decode(payload, as_torch=self.as_torch)
-            if kind is TopicKind.task:
+            if kind is TopicKind.keys:
+                if self.verifier is not None:  # an agent that checks no signatures has no keys to rotate
+                    keys = parse(frame.header, FleetKeys)
+                    self._verify(topic, "keys", frame, keys)
+                    self.verifier.adopt(keys.keys)
+                    self.log.info("%s: the fleet's signing keys are now %s", self.proto.agent_id,
+                                  ", ".join(self.verifier.keyring.ids()))
+            elif kind is TopicKind.task:
                 task = parse(frame.header, TaskDefinition)
                 self._verify(topic, "task", frame, task)
                 self.check_task(task.hash, task)
@@ -170,6 +178,11 @@ class ProtocolDriver:
                     self.act(self.proto.on_announcement(ann))
         except WireError as e:
             self.rejected(e.reason, f"{topic}: {e}")
+
+    def subscribe_fleet(self, transport) -> None:
+        """The fleet's topics every agent reads: the task, round announcements, globals, signing keys."""
+        for topic in (self.topics.task, self.topics.round, self.topics.global_adapter, self.topics.keys):
+            transport.subscribe(topic)
 
     def _verify(self, topic: str, kind: str, frame: codec.Frame, header: Any) -> None:
         if self.verifier is not None:

@@ -62,9 +62,7 @@ class LightAgent(ProtocolDriver):
             ca_file=ca_file, cert_file=cert_file, key_file=key_file,
             persistent_session=persistent, on_state=self._on_state,
             will=Will(self.topics.status(agent_id), self.status_frame(AgentState.offline)))
-        self.transport.subscribe(self.topics.task)
-        self.transport.subscribe(self.topics.round)
-        self.transport.subscribe(self.topics.global_adapter)
+        self.subscribe_fleet(self.transport)
 
     @property
     def global_version(self) -> int:

@@ -258,9 +258,7 @@ class AgentRunner(ProtocolDriver):
     def _connect(self) -> None:
         t = self.s.transport(f"edgetune-agent-{self.s.agent_id}", on_state=self._on_state,
                              will=Will(self.topics.status(self.s.agent_id), self.status_frame(AgentState.offline)))
-        t.subscribe(self.topics.task)
-        t.subscribe(self.topics.round)
-        t.subscribe(self.topics.global_adapter)
+        self.subscribe_fleet(t)
         if self.s.mode == "split":
             if self.s.mqtt_protocol != 5:
                 raise ValueError("split mode needs an MQTT 5 broker (request/response): set EDGETUNE_MQTT_PROTOCOL=5")

@@ -26,9 +26,13 @@ start still refuses the login.) What devices receive from the aggregator is sign
 Renewing: `renew NAME` (or `renew --within DAYS` for every device expiring soon) issues a new
 certificate and key into the device's bundle with the same password; copy client.crt and
 client.key to the device (config management, or the device's own update channel) and restart its
-agent. Rotating the signing key: `rotate-key` makes a new signing key and puts both public keys in
-fleet-keys.pem; push that file to the devices, switch the aggregator to the new signing.key, and
-after every device has it, `rotate-key --finish` drops the old public key.
+agent: renewal is the one step that still travels outside MQTT (a device's private key is made
+here, by the fleet's CA host). Rotating the signing key needs nothing on the devices: `rotate-key`
+makes the next key and puts both public keys in fleet-keys.pem (the aggregator's bundle too);
+the aggregator, still signing with the current key, publishes both on the keys topic
+(EDGETUNE_FLEET_KEYS) and every agent adopts them (broker.signing). `rotate-key --finish` makes the
+next key the aggregator's signing.key and fleet-keys.pem the next key alone: the aggregator's
+next start publishes it, signed with it, and agents drop the old key.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from pathlib import Path
 
 from broker.messages import AGENT_ID_PATTERN
 from broker.mosquitto_conf import TlsFiles, render_acl, render_mosquitto_conf, secure_options
-from broker.signing import Keyring, Signer
+from broker.signing import Signer
 from broker.transport import BrokerAddress
 from edgetune.dev_tls import _crypto, _write, issue, new_ca, pem_cert, pem_key
 
@@ -204,26 +208,34 @@ class Fleet:
                       if not d.get("revoked") and dt.datetime.fromisoformat(d["expires"]) <= limit)
 
     def rotate_key(self, finish: bool = False) -> None:
-        """Start a rotation (a new signing key; both public keys trusted) or finish it (only the new one)."""
-        keys = self.root / "fleet-keys.pem"
+        """Start a rotation: a next signing key, trusted beside the current one (fleet-keys.pem holds
+        both; the aggregator still signs with the current key and publishes both, so every agent
+        takes the next key over the wire). Finish it: the aggregator signs with the next key and
+        publishes it alone, so agents drop the old one."""
+        keys, nxt = self.root / "fleet-keys.pem", self.root / "signing.key.next"
         current = Signer.from_file(self.root / "signing.key")
         if finish:
-            _write(keys, current.public_pem(), 0o644)
-            self._copy_keys()
-            return
-        if len(Keyring.from_file(keys).keys) > 1:
-            raise ProvisionError("a rotation is under way (fleet-keys.pem holds two keys): finish it first with "
-                                 "`edgetune provision rotate-key --finish`")
-        new = Signer.generate()
-        _write(self.root / "signing.key.old", current.private_pem(), 0o600)
-        _write(self.root / "signing.key", new.private_pem(), 0o600)
-        _write(keys, new.public_pem() + current.public_pem(), 0o644)
-        _write(self.root / AGGREGATOR / "signing.key", new.private_pem(), 0o600)
+            if not nxt.exists():
+                raise ProvisionError("no rotation is under way: start one with `edgetune provision rotate-key`")
+            new = Signer.from_file(nxt)
+            os.replace(self.root / "signing.key", self.root / "signing.key.retired")
+            os.replace(nxt, self.root / "signing.key")
+            _write(keys, new.public_pem(), 0o644)
+        else:
+            if nxt.exists():
+                raise ProvisionError("a rotation is under way: finish it first with "
+                                     "`edgetune provision rotate-key --finish`")
+            new = Signer.generate()
+            _write(nxt, new.private_pem(), 0o600)
+            _write(keys, current.public_pem() + new.public_pem(), 0o644)
+        _write(self.root / AGGREGATOR / "signing.key", (self.root / "signing.key").read_bytes(), 0o600)
         self._copy_keys()
 
     def _copy_keys(self) -> None:
-        """fleet-keys.pem into every live device bundle."""
+        """fleet-keys.pem into the aggregator's bundle (what it publishes) and every live device's
+        (for devices provisioned or reset later: running agents take the keys over the wire)."""
         data = (self.root / "fleet-keys.pem").read_bytes()
+        _write(self.root / AGGREGATOR / "fleet-keys.pem", data, 0o644)
         for name, d in self.data["devices"].items():
             if not d.get("revoked"):
                 _write(self.root / "devices" / name / "fleet-keys.pem", data, 0o644)
@@ -272,8 +284,10 @@ def init_fleet(root: str | Path, fleet: str, broker_url: str, hosts: list[str], 
     agg = root / AGGREGATOR
     f.data["aggregator"] = f._member(AGGREGATOR, agg, days, {
         "EDGETUNE_CA_FILE": f"{install_dir}/ca.crt", "EDGETUNE_CERT_FILE": f"{install_dir}/client.crt",
-        "EDGETUNE_KEY_FILE": f"{install_dir}/client.key", "EDGETUNE_SIGNING_KEY": f"{install_dir}/signing.key"})
+        "EDGETUNE_KEY_FILE": f"{install_dir}/client.key", "EDGETUNE_SIGNING_KEY": f"{install_dir}/signing.key",
+        "EDGETUNE_FLEET_KEYS": f"{install_dir}/fleet-keys.pem"})
     _write(agg / "signing.key", signer.private_pem(), 0o600)
+    _write(agg / "fleet-keys.pem", signer.public_pem(), 0o644)
     f.save()
     f.write_broker()
     return f

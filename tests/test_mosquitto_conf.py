@@ -99,7 +99,8 @@ def test_the_acl():
     assert acl == ["user aggregator", "topic readwrite edgetune/#",
                    "pattern write edgetune/v1/+/agents/%u/#", "pattern read edgetune/v1/+/agents/%u/#",
                    "pattern read edgetune/v1/+/task", "pattern read edgetune/v1/+/round",
-                   "pattern read edgetune/v1/+/global", "pattern read edgetune/v1/+/model"]
+                   "pattern read edgetune/v1/+/global", "pattern read edgetune/v1/+/model",
+                   "pattern read edgetune/v1/+/keys"]
     one_fleet = config_lines(render_acl("agg", fleet="f1"))
     assert one_fleet[0] == "user agg" and "pattern read edgetune/v1/f1/round" in one_fleet
     assert config_lines(render_target("helm", acl=True))[0] == "user {{ .Values.broker.username }}"

@@ -224,6 +224,7 @@ def test_a_torch_less_serving_device_takes_the_signed_model_and_keeps_it_on_a_ba
                     or server.poll() is not None, 240), agg_log.read_text()[-3000:]
         assert "in service" in serve_log.read_text(), serve_log.read_text()[-3000:] + agg_log.read_text()[-3000:]
         assert learner.rejections == [] and learner.sent == 1
+        assert set(learner.verifier.accepted) == {"keys", "task", "round", "global"}  # all signed
         health = get_json(f"http://127.0.0.1:{http}/healthz")
         assert health["model_version"] == 1 and health["labels"] == ["negative", "positive"], health
         req = urllib.request.Request(f"http://127.0.0.1:{http}/predict", json.dumps({"text": "great, thanks"}).encode(),
@@ -251,6 +252,8 @@ def test_a_torch_less_serving_device_takes_the_signed_model_and_keeps_it_on_a_ba
         assert (tmp_path / "kiosk" / "models" / "current").resolve() == current
         assert get_json(f"http://127.0.0.1:{http}/healthz")["model_version"] == 1
         assert [p.name for p in (tmp_path / "kiosk" / "models").iterdir() if p.name.endswith(".incoming")] == []
+        for topic in (T.task, T.round, T.global_adapter, T.keys):  # the finished run's retained frames
+            pub.publish(topic, b"", retain=True, wait=True)
         pub.close()
     finally:
         learner.stop.set()
@@ -272,3 +275,60 @@ def test_an_agent_whose_fleet_keys_are_missing_stops_at_start_up_saying_where(tm
                        text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert "nowhere.pem do not exist" in r.stderr and "EDGETUNE_FLEET_KEYS" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_signing_key_rotates_over_the_wire_without_touching_the_devices(fleet, tmp_path):
+    """`rotate-key`: the aggregator, still signing with the current key, publishes both keys and the
+    agent adopts them; after `--finish` it signs with the next key and publishes it alone: the agent
+    drops the old key, and remembers that across a restart, whatever its bundle's file says."""
+    root, broker = fleet
+    env = member(root, "dev-3")
+    bundle_keys = tmp_path / "bundle-keys.pem"  # the device's file as provisioned, before any rotation
+    bundle_keys.write_bytes((root / "devices" / "dev-3" / "fleet-keys.pem").read_bytes())
+    agent = LightAgent("dev-3", env["EDGETUNE_BROKER_URL"], FLEET, username="dev-3",
+                       password=env["EDGETUNE_MQTT_PASSWORD"], ca_file=env["EDGETUNE_CA_FILE"],
+                       cert_file=env["EDGETUNE_CERT_FILE"], key_file=env["EDGETUNE_KEY_FILE"],
+                       fleet_keys=str(bundle_keys), state_dir=str(tmp_path / "state"))
+    runner = threading.Thread(target=agent.run, daemon=True)
+    runner.start()
+    agg = transport(member(root, "aggregator"), "agg-rotate")
+    agg.connect(timeout=10)
+    from broker.messages import FleetKeys
+    from broker.signing import Keyring
+
+    def publish_keys() -> Signer:
+        """What the aggregator does at start with its bundle (EDGETUNE_SIGNING_KEY, EDGETUNE_FLEET_KEYS)."""
+        signer = Signer.from_file(root / "aggregator" / "signing.key")
+        msg = FleetKeys(keys=Keyring.from_file(root / "aggregator" / "fleet-keys.pem").pems())
+        agg.publish(T.keys, codec.encode(msg, signer=signer, context=T.keys), retain=True, wait=True)
+        return signer
+
+    def publish_global(signer: Signer, version: int) -> None:
+        g = GlobalAdapter(version=version, round=version, run_id="rot")
+        agg.publish(T.global_adapter, codec.encode(g, {"w": np.full(4, version, np.float32)}, signer=signer,
+                                                   context=T.global_adapter), retain=True, wait=True)
+
+    old = Signer.from_file(root / "signing.key")
+    cli = [sys.executable, "-m", "edgetune.cli", "provision", "rotate-key", str(root)]
+    assert subprocess.run(cli, capture_output=True, text=True, timeout=60).returncode == 0
+    assert publish_keys().key_id == old.key_id  # still the current key during the rotation
+    assert wait(lambda: len(agent.verifier.keyring.keys) == 2), agent.rejections
+    nxt = Signer.from_file(root / "signing.key.next")
+    publish_global(nxt, 1)  # the next key is trusted already
+    assert wait(lambda: agent.global_version == 1), agent.rejections
+
+    r = subprocess.run([*cli, "--finish"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert publish_keys().key_id == nxt.key_id
+    assert wait(lambda: list(agent.verifier.keyring.keys) == [nxt.key_id]), agent.rejections
+    publish_global(old, 2)  # the retired key: refused
+    assert wait(lambda: [r for r, _ in agent.rejections] == ["unknown_key"]), agent.rejections
+    assert agent.global_version == 1
+    agent.stop.set()
+    runner.join(10)
+    again = LightAgent("dev-3", env["EDGETUNE_BROKER_URL"], FLEET, fleet_keys=str(bundle_keys),
+                       state_dir=str(tmp_path / "state"))
+    assert list(again.verifier.keyring.keys) == [nxt.key_id]  # trust.json, not the bundle's old file
+    for topic in (T.keys, T.global_adapter):
+        agg.publish(topic, b"", retain=True, wait=True)
+    agg.close()

@@ -44,7 +44,7 @@ def test_the_literal_scheme():
 
 def test_every_kind_is_covered():
     assert set(AGENT_KINDS) | {TopicKind.task, TopicKind.round, TopicKind.global_adapter,
-                               TopicKind.model} == set(TopicKind)
+                               TopicKind.model, TopicKind.keys} == set(TopicKind)
     assert T.parse(T.task) == ParsedTopic(TopicKind.task)
     assert T.parse(T.model) == ParsedTopic(TopicKind.model)
 
