@@ -54,6 +54,8 @@ class AgentStatus(Message):
     reason: str | None = Field(None, max_length=2000)  # with state "refused": why, and what to do
     task_hash: str = ""  # the task this agent's model fits ("": any; the light agent's)
     eval_examples: int = Field(0, ge=0)  # its held-out slice, on which it evaluates every global (EvalReport)
+    step: int | None = Field(None, ge=0)  # while training: the steps done in this round, of `steps` planned
+    steps: int | None = Field(None, ge=0)
 
 
 class TaskDefinition(Message):

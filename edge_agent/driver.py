@@ -42,6 +42,7 @@ class ProtocolDriver:
     as_torch = True  # decode tensors as torch (the real agent) or numpy (the light agent)
     transport: Any  # a broker.transport.MqttTransport, set by the subclass
     refusal: str | None = None  # why this agent does not train for the fleet's task (None: it does)
+    progress: tuple[int, int] | None = None  # while training: (steps done, steps planned), on its status
     _refused_task: str | None = None  # the task hash that refusal is about
 
     def _init_protocol(self, agent_id: str, fleet: str, verifier: Verifier | None = None) -> None:
@@ -120,7 +121,9 @@ class ProtocolDriver:
             state = AgentState.refused
         return codec.encode(AgentStatus(agent_id=self.proto.agent_id, state=state, reason=self.refusal,
                                         global_version=self.proto.global_version, num_examples=self.num_examples(),
-                                        task_hash=self.task_fit(), eval_examples=self.eval_examples()))
+                                        task_hash=self.task_fit(), eval_examples=self.eval_examples(),
+                                        **({"step": self.progress[0], "steps": self.progress[1]}
+                                           if self.progress and state is AgentState.training else {})))
 
     def publish_status(self, state: AgentState) -> None:
         self.transport.publish(self.topics.status(self.proto.agent_id), self.status_frame(state), retain=True)

@@ -211,8 +211,9 @@ class AgentRunner(ProtocolDriver):
         with self.metrics.local_train_seconds.time():
             upd = self.trainer.train(
                 examples, epochs=ann.local_epochs, max_steps=ann.max_local_steps, round_number=ann.round,
-                should_stop=lambda: self._stop,
+                should_stop=lambda: self._stop, on_step=self._step_reporter(),
             )
+        self.progress = None
         payload = None if self._stop else codec.encode(ModelUpdate(
             agent_id=self.s.agent_id, round=ann.round, base_version=ann.global_version,
             num_examples=max(upd.num_examples, 1), nonce=uuid.uuid4().hex,
@@ -227,6 +228,19 @@ class AgentRunner(ProtocolDriver):
             self.device.mark_used(new_ids)
         log.info("round %d: sent update (%d steps, loss %.4f, %.1fs, %d bytes)", ann.round, upd.result.steps,
                  upd.result.mean_loss, upd.result.seconds, len(payload))
+
+    def _step_reporter(self, every_s: float = 2.0):
+        """on_step for training: the status says how far the round's training is, at most every `every_s`."""
+        last = [0.0]
+
+        def on_step(done: int, planned: int) -> None:
+            self.progress = (done, planned)
+            now = time.monotonic()
+            if now - last[0] >= every_s or done == planned:
+                last[0] = now
+                self.publish_status(AgentState.training)
+
+        return on_step
 
     def send_update(self, a: SendUpdate) -> None:
         if a.resend:

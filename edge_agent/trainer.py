@@ -41,7 +41,8 @@ class Trainer:
 
     def train(self, examples: Sequence, *, epochs: int, max_steps: int, round_number: int,
               should_stop: Callable[[], bool] | None = None, lr: float | None = None,
-              batch_size: int | None = None, proximal: bool = True) -> LocalUpdate:
+              batch_size: int | None = None, proximal: bool = True,
+              on_step: Callable[[int, int], None] | None = None) -> LocalUpdate:
         """Train on `examples` from the model's current state; lr/batch_size override the trainer's.
 
         `proximal=False` leaves out the FedProx term (incremental learning between rounds).
@@ -50,6 +51,6 @@ class Trainer:
             self.model, self.tokenizer, examples, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size or self.batch_size, lr=lr or self.lr, max_length=self.spec.max_length,
             seed=self.seed * 100_003 + round_number, proximal=self._proximal() if proximal else None,
-            should_stop=should_stop,
+            should_stop=should_stop, on_step=on_step,
         )
         return LocalUpdate(self.state(), min(result.examples_seen, len(examples)), result)

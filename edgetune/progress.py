@@ -14,8 +14,8 @@ the aggregator's metrics rows; this model answers two ways:
 Plain lines come only on changes: a round starting, a global published, a version's evaluation
 complete, and agents changing state, net since the last call and grouped by state (one line for
 all the agents that started training), so a fleet of a hundred prints a few lines per round,
-not hundreds. A training step is shown only in the live view, where the status carries one: an
-optional `step`/`steps` pair on AgentStatus (read with getattr, absent today).
+not hundreds. A training step is shown only in the live view: a training agent's status carries
+`step`/`steps` (the steps done in the round, of those planned), refreshed every few seconds.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class AgentView:
     num_examples: int = 0
     eval_examples: int = 0
     reason: str | None = None  # why it refused
-    step: int | None = None  # where the status carries them (a later protocol): the step in this round
+    step: int | None = None  # a training agent's status: the steps done in this round, of `steps`
     steps: int | None = None
     train_loss: float | None = None  # its last round's mean training loss (from the metrics rows)
     reported: str = ""  # the state the plain lines last gave
@@ -83,7 +83,7 @@ class RunProgress:
         a.state = st.state.value if isinstance(st.state, AgentState) else str(st.state)
         a.global_version, a.num_examples, a.eval_examples = st.global_version, st.num_examples, st.eval_examples
         a.reason = st.reason
-        a.step, a.steps = getattr(st, "step", None), getattr(st, "steps", None)
+        a.step, a.steps = st.step, st.steps
         self._check_evaluation()  # an agent gone offline is no longer awaited
 
     def cleared(self, agent_id: str) -> None:

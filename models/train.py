@@ -73,16 +73,20 @@ def anchored_proximal(params: Sequence[torch.Tensor], mu: float) -> Callable[[],
 
 def sgd_loop(params, n: int, batch_loss: Callable[[list[int]], torch.Tensor], *, epochs: int = 1,
              max_steps: int = 0, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
-             should_stop: Callable[[], bool] | None = None) -> TrainResult:
+             should_stop: Callable[[], bool] | None = None,
+             on_step: Callable[[int, int], None] | None = None) -> TrainResult:
     """The one training loop: `epochs` passes over indices 0..n-1 shuffled by random.Random(seed),
     batches of `batch_size`, AdamW on `params` stepping on `batch_loss(indices)`, at most
-    `max_steps` steps (0: no cap), stopping early when `should_stop()` says so. The agent, its
+    `max_steps` steps (0: no cap), stopping early when `should_stop()` says so; `on_step(done, planned)`
+    hears of every step (the agent's status shows it). The agent, its
     incremental runs and the simulator (over cached features) all train through it."""
     opt = torch.optim.AdamW(params, lr=lr)
     rng = random.Random(seed)
     steps = seen = 0
     total = 0.0
     t0 = time.perf_counter()
+    planned = epochs * -(-n // batch_size)
+    planned = min(planned, max_steps) if max_steps else planned
     for _ in range(epochs):
         order = list(range(n))
         rng.shuffle(order)
@@ -95,6 +99,8 @@ def sgd_loop(params, n: int, batch_loss: Callable[[list[int]], torch.Tensor], *,
             steps += 1
             seen += len(idx)
             total += float(loss.detach())
+            if on_step is not None:
+                on_step(steps, planned)
             if (max_steps and steps >= max_steps) or (should_stop and should_stop()):
                 return TrainResult(steps, seen, total / max(steps, 1), time.perf_counter() - t0)
     return TrainResult(steps, seen, total / max(steps, 1), time.perf_counter() - t0)
@@ -113,6 +119,7 @@ def train_local(
     seed: int = 0,
     proximal: Callable[[], torch.Tensor] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
     extra_loss: Callable[[torch.Tensor, list[int]], torch.Tensor | None] | None = None,
 ) -> TrainResult:
     """`epochs` passes over `examples` (shuffled by `seed`), at most `max_steps` steps (0: no cap).
@@ -138,7 +145,7 @@ def train_local(
     model.train()
     try:
         return sgd_loop(trainable_parameters(model), len(examples), batch_loss, epochs=epochs, max_steps=max_steps,
-                        batch_size=batch_size, lr=lr, seed=seed, should_stop=should_stop)
+                        batch_size=batch_size, lr=lr, seed=seed, should_stop=should_stop, on_step=on_step)
     finally:
         model.eval()
 

@@ -367,3 +367,28 @@ def test_an_agent_that_outlives_a_run_takes_part_in_the_next_from_its_round_1():
     # messages without a run id (an aggregator that sends none) leave the run as it is
     p.on_announcement(ann(2, 0))
     assert p.run_id == "run-b" and p.global_version == 0
+
+
+def test_a_training_status_says_how_far_the_round_is():
+    """sgd_loop reports every step against the steps planned (epochs x batches, capped); the status of an
+    agent that is training carries them, any other status none."""
+    import torch
+
+    from broker import codec
+    from broker.messages import AgentStatus, parse
+    from edge_agent.light import LightAgent
+    from models.train import sgd_loop
+
+    w = torch.zeros(3, requires_grad=True)
+    heard: list[tuple[int, int]] = []
+    sgd_loop([w], 10, lambda idx: (w.sum() - len(idx)) ** 2, epochs=2, batch_size=4, on_step=lambda *a: heard.append(a))
+    assert heard == [(i, 6) for i in range(1, 7)]  # 2 epochs of 3 batches
+    heard.clear()
+    sgd_loop([w], 10, lambda idx: w.sum() ** 2, epochs=2, batch_size=4, max_steps=4, on_step=lambda *a: heard.append(a))
+    assert heard[-1] == (4, 4)
+    agent = LightAgent("a-1", "mqtt://127.0.0.1:9")
+    agent.progress = (12, 40)
+    st = parse(codec.decode(agent.status_frame(AgentState.training)).header, AgentStatus)
+    assert (st.step, st.steps) == (12, 40)
+    st = parse(codec.decode(agent.status_frame(AgentState.idle)).header, AgentStatus)
+    assert (st.step, st.steps) == (None, None)
