@@ -21,6 +21,7 @@ from broker.topics import Topics
 from broker.transport import BrokerError, MqttTransport
 from edge_agent.light import LightAgent
 from edgetune.local_broker import free_port, start_fleet_broker
+from edgetune.provision import Fleet
 
 FLEET = "prov"
 T = Topics(FLEET)
@@ -309,16 +310,14 @@ def test_a_signing_key_rotates_over_the_wire_without_touching_the_devices(fleet,
                                                    context=T.global_adapter), retain=True, wait=True)
 
     old = Signer.from_file(root / "signing.key")
-    cli = [sys.executable, "-m", "edgetune.cli", "provision", "rotate-key", str(root)]
-    assert subprocess.run(cli, capture_output=True, text=True, timeout=60).returncode == 0
+    Fleet.open(root).rotate_key()  # `edgetune provision rotate-key` (the CLI's other commands run above)
     assert publish_keys().key_id == old.key_id  # still the current key during the rotation
     assert wait(lambda: len(agent.verifier.keyring.keys) == 2), agent.rejections
     nxt = Signer.from_file(root / "signing.key.next")
     publish_global(nxt, 1)  # the next key is trusted already
     assert wait(lambda: agent.global_version == 1), agent.rejections
 
-    r = subprocess.run([*cli, "--finish"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
+    Fleet.open(root).rotate_key(finish=True)
     assert publish_keys().key_id == nxt.key_id
     assert wait(lambda: list(agent.verifier.keyring.keys) == [nxt.key_id]), agent.rejections
     publish_global(old, 2)  # the retired key: refused
@@ -332,3 +331,42 @@ def test_a_signing_key_rotates_over_the_wire_without_touching_the_devices(fleet,
     for topic in (T.keys, T.global_adapter):
         agg.publish(topic, b"", retain=True, wait=True)
     agg.close()
+
+
+def test_the_provision_commands_renew_list_rotate_and_refuse_what_cannot_be_done(tmp_path):
+    """In process (typer's runner): renewal gives a new certificate and keeps the password, `list`
+    shows every device, and mistakes exit 2 with one line that says what to do."""
+    from typer.testing import CliRunner
+
+    from edgetune.provision_cli import provision_app
+
+    run = lambda *a: CliRunner().invoke(provision_app, [str(x) for x in a])  # noqa: E731
+    root = tmp_path / "f"
+    assert run("init", root, "--fleet", "f", "--broker-url", "mqtt://b:1883").exit_code == 2  # not TLS
+    assert run("init", root, "--fleet", "f", "--broker-url", "mqtts://b:8883").exit_code == 0
+    r = run("init", root, "--fleet", "f", "--broker-url", "mqtts://b:8883")
+    assert r.exit_code == 2 and "already holds a fleet" in r.output
+    assert run("device", root, "a-1", "a-2").exit_code == 0
+    r = run("device", root, "a-1")
+    assert r.exit_code == 2 and "renew" in r.output
+    assert run("device", root, "aggregator").exit_code == 2 and run("device", root, "bad/name").exit_code == 2
+    before = (root / "devices/a-1/client.crt").read_bytes(), (root / "devices/a-1/agent.env").read_bytes()
+    r = run("renew", root, "--within", "10000")
+    assert r.exit_code == 0 and "renewed a-1" in r.output and "renewed a-2" in r.output
+    assert (root / "devices/a-1/client.crt").read_bytes() != before[0]
+    assert (root / "devices/a-1/agent.env").read_bytes() == before[1]  # same password
+    assert run("revoke", root, "a-2").exit_code == 0
+    r = run("revoke", root, "a-2")
+    assert r.exit_code == 2 and "already revoked" in r.output
+    assert run("revoke", root, "nobody").exit_code == 2
+    assert "a-2:" not in (root / "broker/passwd").read_text() and "a-1:" in (root / "broker/passwd").read_text()
+    r = run("list", root)
+    assert "a-1" in r.output and "active" in r.output and "REVOKED" in r.output
+    r = run("rotate-key", root, "--finish")
+    assert r.exit_code == 2 and "no rotation" in r.output
+    assert run("rotate-key", root).exit_code == 0
+    r = run("rotate-key", root)
+    assert r.exit_code == 2 and "under way" in r.output
+    assert run("rotate-key", root, "--finish").exit_code == 0
+    assert (root / "devices/a-1/fleet-keys.pem").read_bytes() == (root / "fleet-keys.pem").read_bytes()
+    assert run("list", tmp_path / "nowhere").exit_code == 2
