@@ -241,12 +241,26 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "networkPolicy": {"enabled": True},
     },
     "tls-existing-secret": {"broker": {"tls": {"enabled": True, "existingSecret": "fleet-broker-tls"}}},
-    # mutual TLS: the aggregator (no client certificate) on the plain listener's internal Service
+    # mutual TLS, the aggregator on the plain listener's internal Service (no client certificate)
     "tls-mutual": {
         "broker": {"tls": {"enabled": True, "existingSecret": "fleet-broker-tls", "requireClientCertificate": True,
                            "keepPlainListener": True}},
         "mosquitto": {"service": {"type": "NodePort"}},
         "networkPolicy": {"enabled": True, "mqttFrom": [{"ipBlock": {"cidr": "10.20.0.0/16"}}]},
+    },
+    # mutual TLS only: the aggregator presents a client certificate from the broker's issuer ...
+    "tls-mutual-cert-manager": {
+        "broker": {"tls": {"enabled": True, "requireClientCertificate": True, "certManager": {
+            "issuerRef": {"name": "fleet-ca", "kind": "ClusterIssuer"}, "duration": "2160h"}}},
+        "networkPolicy": {"enabled": True},
+    },
+    # ... or a provisioned fleet's (`edgetune provision init`): the broker's certificate, the
+    # aggregator's and the fleet's signing key in existing Secrets, models for serving devices
+    "tls-mutual-existing-secret": {
+        "broker": {"tls": {"enabled": True, "existingSecret": "fleet-broker-tls", "requireClientCertificate": True}},
+        "aggregator": {"tls": {"existingSecret": "fleet-aggregator-tls"}, "signing": {"existingSecret": "fleet-signing"},
+                       "publishModel": "final"},
+        "mosquitto": {"service": {"type": "LoadBalancer"}},
     },
     "everything": {
         "serviceMonitor": {"enabled": True},
@@ -554,12 +568,16 @@ def _mosquitto_conf(kinds) -> list[str]:
     ("tls-cert-manager", f"{RELEASE}-edgetune-mosquitto-tls", False),
     ("tls-existing-secret", "fleet-broker-tls", False),
     ("tls-mutual", "fleet-broker-tls", True),
+    ("tls-mutual-cert-manager", f"{RELEASE}-edgetune-mosquitto-tls", True),
+    ("tls-mutual-existing-secret", "fleet-broker-tls", True),
 ])
 def test_tls(chart, scenario, secret, mutual):
     """broker.tls: Mosquitto's TLS listener with the certificate Secret mounted (and
     require_certificate for mutual TLS), the broker's Service carrying mqtts only, and the
-    aggregator on mqtts:// with the CA, or, with keepPlainListener, on the plain listener of a
-    cluster-internal Service; devices are told to use mqtts://."""
+    aggregator on mqtts:// with the CA (and, for mutual TLS, its client certificate: cert-manager's
+    from the broker's issuer, or aggregator.tls.existingSecret), or, with keepPlainListener, on the
+    plain listener of a cluster-internal Service; devices are told to use mqtts:// (and a client
+    certificate of their own)."""
     rendered = render(chart, SCENARIOS[scenario])
     kinds = by_kind(manifests(rendered))
     plain = SCENARIOS[scenario]["broker"]["tls"].get("keepPlainListener", False)
@@ -605,6 +623,10 @@ def test_tls(chart, scenario, secret, mutual):
         [mount] = [m for m in job_pod["containers"][0]["volumeMounts"] if m["name"] == "broker-ca"]
         assert settings["EDGETUNE_CA_FILE"] == f"{mount['mountPath']}/{ca['secret']['items'][0]['path']}"
         assert ca["secret"]["items"][0]["key"] == "ca.crt"
+    client_secret = SCENARIOS[scenario].get("aggregator", {}).get("tls", {}).get(
+        "existingSecret", f"{RELEASE}-edgetune-aggregator-tls")
+    _assert_mounted(job_pod, "client-tls", client_secret if mutual and not plain else None,
+                    {"EDGETUNE_CERT_FILE": "tls.crt", "EDGETUNE_KEY_FILE": "tls.key"})
 
     if "NetworkPolicy" in kinds:
         policies = {p["metadata"]["name"]: p["spec"] for p in kinds["NetworkPolicy"]}
@@ -617,22 +639,72 @@ def test_tls(chart, scenario, secret, mutual):
         _, to_broker = policies[f"{RELEASE}-edgetune-aggregator"]["egress"]
         assert to_broker["ports"] == [{"port": 1883 if plain else 8883, "protocol": "TCP"}]
 
+    certs = {c["metadata"]["name"]: c["spec"] for c in kinds.get("Certificate", [])}
     if scenario == "tls-cert-manager":
-        [cert] = kinds["Certificate"]
-        spec = cert["spec"]
+        assert list(certs) == [secret]
+        spec = certs[secret]
         assert spec["secretName"] == secret
         assert spec["issuerRef"] == {"name": "fleet-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
         assert spec["dnsNames"] == [broker, f"{broker}.{NAMESPACE}", f"{broker}.{NAMESPACE}.svc",
                                     f"{broker}.{NAMESPACE}.svc.cluster.local", "mqtt.example.com"]
         assert spec["ipAddresses"] == ["203.0.113.9"] and "server auth" in spec["usages"]
+    elif scenario == "tls-mutual-cert-manager":
+        # the aggregator's from the broker's issuer, named after its broker login
+        assert sorted(certs) == sorted([secret, client_secret])
+        client = certs[client_secret]
+        assert client["secretName"] == client_secret and client["issuerRef"] == certs[secret]["issuerRef"]
+        assert client["commonName"] == "aggregator" and "dnsNames" not in client
+        assert client["usages"] == ["client auth", "digital signature"] and client["duration"] == "2160h"
     else:
-        assert "Certificate" not in kinds
+        assert not certs
 
     notes = rendered[NOTES]
     assert "EDGETUNE_BROKER_URL=mqtts://<broker address>:8883  EDGETUNE_CA_FILE=" in notes
     assert f"get secret {secret} -o jsonpath='{{.data.ca\\.crt}}'" in notes
     assert "WARNING" not in notes and "mqtt://<broker address>" not in notes
     assert ("Mutual TLS" in notes) is mutual
+    # devices present a certificate of their own from the same CA
+    assert ("EDGETUNE_CERT_FILE=" in notes and "edgetune provision device" in notes) is mutual
+
+
+def _assert_mounted(pod, volume: str, secret: str | None, files: dict[str, str]) -> None:
+    """The aggregator pod mounts `secret` read-only as `volume`, and each env variable in `files`
+    names the file of that Secret key; secret None: neither the volume nor the variables."""
+    [container] = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    if secret is None:
+        assert not [v for v in pod["volumes"] if v["name"] == volume]
+        assert not [m for m in container["volumeMounts"] if m["name"] == volume]
+        assert not set(files) & set(env)
+        return
+    [vol] = [v for v in pod["volumes"] if v["name"] == volume]
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == volume]
+    assert vol["secret"]["secretName"] == secret and mount["readOnly"] is True
+    assert vol["secret"]["defaultMode"] == 0o440  # the group's (fsGroup) only
+    paths = {i["key"]: f"{mount['mountPath']}/{i['path']}" for i in vol["secret"]["items"]}
+    assert {name: paths[key] for name, key in files.items()} == {name: env[name] for name in files}
+    assert len(set(paths.values())) == len(paths) == len(files)
+
+
+def test_signing_and_published_models(chart):
+    """aggregator.signing.existingSecret: signing.key and fleet-keys.pem mounted read-only as
+    EDGETUNE_SIGNING_KEY and EDGETUNE_FLEET_KEYS, and NOTES tells devices to take the fleet's
+    keys; aggregator.publishModel is EDGETUNE_PUBLISH_MODEL (a bare YAML `off`, false, is off)."""
+    files = {"EDGETUNE_SIGNING_KEY": "signing.key", "EDGETUNE_FLEET_KEYS": "fleet-keys.pem"}
+    rendered = render(chart, SCENARIOS["tls-mutual-existing-secret"])
+    kinds = by_kind(manifests(rendered))
+    _assert_mounted(kinds["Job"][0]["spec"]["template"]["spec"], "signing", "fleet-signing", files)
+    assert _settings(kinds)["EDGETUNE_PUBLISH_MODEL"] == "final"
+    notes = rendered[NOTES]
+    assert "EDGETUNE_FLEET_KEYS=/etc/edgetune/fleet-keys.pem" in notes and "fleet-keys.pem, as" in notes
+    assert "signed int8 ONNX model on the fleet's model topic after the last round" in notes
+
+    for values in ({}, {"aggregator": {"publishModel": False}}):
+        rendered = render(chart, values)
+        kinds = by_kind(manifests(rendered))
+        _assert_mounted(kinds["Job"][0]["spec"]["template"]["spec"], "signing", None, files)
+        assert _settings(kinds)["EDGETUNE_PUBLISH_MODEL"] == "off"
+        assert "EDGETUNE_FLEET_KEYS" not in rendered[NOTES] and "ONNX" not in rendered[NOTES]
 
 
 def test_tls_refuses_what_cannot_work(chart, helm):
@@ -640,7 +712,8 @@ def test_tls_refuses_what_cannot_work(chart, helm):
     for values, why in (
         ({"enabled": True}, "needs the broker's certificate: set broker.tls.certManager.issuerRef"),
         ({**tls, "certManager": {"issuerRef": {"name": "fleet-ca"}}}, "either as broker.tls.existingSecret or"),
-        ({**tls, "requireClientCertificate": True}, "the aggregator presents no client certificate"),
+        # mutual TLS with neither cert-manager nor the aggregator's own certificate
+        ({**tls, "requireClientCertificate": True}, "the aggregator connects to the mutual-TLS listener and needs"),
         ({"requireClientCertificate": True}, "requireClientCertificate needs broker.tls.enabled"),
         ({**tls, "keepPlainListener": True, "port": 1883}, "the same port"),
     ):
@@ -648,6 +721,29 @@ def test_tls_refuses_what_cannot_work(chart, helm):
             render(chart, {"broker": {"tls": values}})
     with pytest.raises(helm.HelmError, match="with an external broker give externalBroker.url as mqtts://"):
         render(chart, {**SCENARIOS["external-broker"], "broker": {"tls": tls}})
+    # a client certificate on a plain connection (ConnectionSettings would refuse it at start)
+    client = {"aggregator": {"tls": {"existingSecret": "fleet-aggregator-tls"}}}
+    for values, why in (
+        ({**SCENARIOS["tls-mutual"], **client}, "with broker.tls.keepPlainListener it uses the plain listener"),
+        (client, "enable broker.tls (or give an mqtts:// externalBroker.url)"),
+        ({**client, "mosquitto": {"enabled": False}, "externalBroker": {"url": "mqtt://mqtt.example.com:1883"}},
+         "connects without TLS (mqtt://mqtt.example.com:1883)"),
+        # models for serving devices: signed, and from the federated mode
+        ({"aggregator": {"publishModel": "every"}}, "take only signed models: give the fleet's signing key"),
+        ({"aggregator": {"publishModel": "final", "signing": {"existingSecret": "s"},
+                         "extraSettings": {"EDGETUNE_MODE": "split"}}}, "only the federated mode publishes"),
+        # settings the chart sets from its own values
+        ({"aggregator": {"extraSettings": {"EDGETUNE_PUBLISH_MODEL": "final"}}}, "use aggregator.publishModel"),
+        ({**SCENARIOS["tls-mutual-existing-secret"], "aggregator": {
+            **SCENARIOS["tls-mutual-existing-secret"]["aggregator"], "extraSettings": {"EDGETUNE_KEY_FILE": "/k"}}},
+         "the chart sets EDGETUNE_KEY_FILE itself: use aggregator.tls"),
+    ):
+        with pytest.raises(helm.HelmError, match=re.escape(why)):
+            render(chart, values)
+    # an external broker that requires a client certificate gets the aggregator's over mqtts://
+    pod = by_kind(manifests(render(chart, {**SCENARIOS["external-broker"], **client})))["Job"][0]["spec"]["template"]
+    _assert_mounted(pod["spec"], "client-tls", "fleet-aggregator-tls",
+                    {"EDGETUNE_CERT_FILE": "tls.crt", "EDGETUNE_KEY_FILE": "tls.key"})
 
 
 def test_notes_warn_of_plain_mqtt_outside_the_cluster(chart):
@@ -762,6 +858,8 @@ def test_grafana_dashboard(chart):
     ({"broker": {"tls": {"enabled": "yes"}}}, "/broker/tls/enabled", "want boolean"),
     ({"broker": {"tls": {"certManager": {"issuerRef": {"nmae": "ca"}}}}}, "/broker/tls/certManager/issuerRef",
      "'nmae' not allowed"),
+    ({"aggregator": {"publishModel": "always"}}, "/aggregator/publishModel", "must be one of"),
+    ({"aggregator": {"signing": {"secret": "fleet-signing"}}}, "/aggregator/signing", "'secret' not allowed"),
 ])
 def test_values_schema_refuses_wrong_values(chart, helm, values, where, why):
     """values.schema.json: Helm refuses a value of the wrong type, an unknown choice or a

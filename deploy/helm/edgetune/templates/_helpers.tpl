@@ -133,6 +133,60 @@ connects with mqtts:// and the CA unless it may use that plain listener.
 /etc/edgetune/tls/ca.crt
 {{- end }}
 
+{{/*
+The aggregator's client certificate (mutual TLS): the Secret it comes from, or nothing when the
+aggregator presents none. aggregator.tls.existingSecret, else, with the chart's Mosquitto on
+mutual TLS and its certificate from cert-manager, the Certificate <fullname>-aggregator-tls from
+the same issuer. Only over TLS (ConnectionSettings refuses a client certificate on mqtt://).
+*/}}
+{{- define "edgetune.aggregator.clientCertSecret" -}}
+{{- $tls := .Values.broker.tls }}
+{{- $issuer := $tls.certManager.issuerRef | default dict }}
+{{- $overTls := or (include "edgetune.aggregator.tls" .) (and (not .Values.mosquitto.enabled) (hasPrefix "mqtts://" (toString .Values.externalBroker.url))) }}
+{{- if .Values.aggregator.tls.existingSecret }}
+{{- if not $overTls }}
+{{- fail (printf "aggregator.tls.existingSecret: the aggregator connects without TLS (%s), where it cannot present a client certificate: %s" (include "edgetune.brokerUrl" .) (ternary "with broker.tls.keepPlainListener it uses the plain listener; set keepPlainListener=false for mutual TLS, or drop aggregator.tls.existingSecret" "enable broker.tls (or give an mqtts:// externalBroker.url), or drop aggregator.tls.existingSecret" (and .Values.mosquitto.enabled $tls.enabled))) }}
+{{- end }}
+{{- .Values.aggregator.tls.existingSecret }}
+{{- else if and (include "edgetune.aggregator.tls" .) $tls.requireClientCertificate (not $tls.existingSecret) $issuer.name }}
+{{- include "edgetune.aggregator.certificateName" . }}
+{{- end }}
+{{- end }}
+
+{{/* The Certificate (and its Secret) of the aggregator's client certificate from cert-manager. */}}
+{{- define "edgetune.aggregator.certificateName" -}}
+{{- printf "%s-tls" (include "edgetune.aggregator.fullname" .) }}
+{{- end }}
+
+{{/* Where the aggregator's client certificate and key are mounted (EDGETUNE_CERT_FILE/KEY_FILE). */}}
+{{- define "edgetune.aggregator.clientCertDir" -}}
+/etc/edgetune/client
+{{- end }}
+
+{{/* Where the fleet's signing key and public keys are mounted (EDGETUNE_SIGNING_KEY/FLEET_KEYS). */}}
+{{- define "edgetune.aggregator.signingDir" -}}
+/etc/edgetune/signing
+{{- end }}
+
+{{/*
+What the aggregator publishes for devices that only serve (aggregator.publishModel, its
+EDGETUNE_PUBLISH_MODEL), checked: a bare `off` in a values file is YAML's false.
+*/}}
+{{- define "edgetune.publishModel" -}}
+{{- $publish := .Values.aggregator.publishModel | default "off" | toString }}
+{{- if ne $publish "off" }}
+{{- $envNames := list }}
+{{- range .Values.aggregator.extraEnv }}{{ $envNames = append $envNames .name }}{{ end }}
+{{- if not (or .Values.aggregator.signing.existingSecret (has "EDGETUNE_SIGNING_KEY" $envNames) (hasKey .Values.aggregator.extraSettings "EDGETUNE_SIGNING_KEY")) }}
+{{- fail (printf "aggregator.publishModel=%s: devices that serve (edgetune-agent serve) take only signed models: give the fleet's signing key in aggregator.signing.existingSecret (signing.key and fleet-keys.pem)" $publish) }}
+{{- end }}
+{{- if eq (toString (index .Values.aggregator.extraSettings "EDGETUNE_MODE" | default "federated")) "split" }}
+{{- fail "aggregator.publishModel: only the federated mode publishes a model for serving devices; set it to off with EDGETUNE_MODE=split" }}
+{{- end }}
+{{- end }}
+{{- $publish }}
+{{- end }}
+
 {{/* The broker Service's names, which its certificate must hold. */}}
 {{- define "edgetune.tls.serviceNames" -}}
 {{- $svc := include "edgetune.mosquitto.fullname" . }}
@@ -151,8 +205,8 @@ connects with mqtts:// and the CA unless it may use that plain listener.
 {{- if not (or $tls.existingSecret $issuer.name) }}
 {{- fail "broker.tls.enabled needs the broker's certificate: set broker.tls.certManager.issuerRef (e.g. {name: fleet-ca, kind: ClusterIssuer}) or broker.tls.existingSecret (a Secret with tls.crt, tls.key and ca.crt)" }}
 {{- end }}
-{{- if and $tls.requireClientCertificate (not $tls.keepPlainListener) }}
-{{- fail "broker.tls.requireClientCertificate: the aggregator presents no client certificate (EdgeTune's clients take only a CA, EDGETUNE_CA_FILE), so it cannot use the mutual-TLS listener; set broker.tls.keepPlainListener=true to connect it through the cluster-internal plain listener" }}
+{{- if and $tls.requireClientCertificate (not $tls.keepPlainListener) (not .Values.aggregator.tls.existingSecret) (not $issuer.name) }}
+{{- fail "broker.tls.requireClientCertificate: the aggregator connects to the mutual-TLS listener and needs a client certificate signed by the broker's CA: set aggregator.tls.existingSecret (a Secret with tls.crt and tls.key, e.g. `kubectl create secret tls fleet-aggregator --cert=fleet/aggregator/client.crt --key=fleet/aggregator/client.key` from `edgetune provision init`), or give the broker's certificate through broker.tls.certManager.issuerRef (the chart then asks the same issuer for the aggregator's), or set broker.tls.keepPlainListener=true to connect it through the cluster-internal plain listener" }}
 {{- end }}
 {{- if and $tls.keepPlainListener (eq (int $tls.port) (int .Values.mosquitto.port)) }}
 {{- fail "broker.tls.port and mosquitto.port are the same port: give the TLS listener its own (8883)" }}
