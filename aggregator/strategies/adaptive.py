@@ -57,7 +57,18 @@ class FedOpt(StrategyBase):
     def _second_moment(self, v: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def tree_weighted(self) -> bool:
+        """How a tree of replicas (aggregator/tree.py) weighs the deltas it sums: as this strategy does."""
+        return self.options.weighted
+
     def aggregate(self, current: Mapping[str, torch.Tensor], updates: Iterable[ClientUpdate]) -> StateDict:
+        require_current(current, self.name)
+        return self.step_from_mean(current, mean_delta(current, updates, weighted=self.options.weighted))
+
+    def step_from_mean(self, current: Mapping[str, torch.Tensor], g: Mapping[str, torch.Tensor]) -> StateDict:
+        """The server step on the mean client delta `g` (float64): what aggregate() does after averaging,
+        and what the master of a tree of replicas does with their combined partial sums."""
         require_current(current, self.name)
         if self.m and set(self.m) != set(current):
             diff = sorted(set(self.m) ^ set(current))[:3]
@@ -66,7 +77,6 @@ class FedOpt(StrategyBase):
                 f"({diff}); call reset() to start the server optimiser afresh"
             )
         o = self.options
-        g = mean_delta(current, updates, weighted=o.weighted)
         v0 = o.tau**2 if o.v0 is None else o.v0
         new_m, new_v, out = {}, {}, {}
         for k, c in current.items():

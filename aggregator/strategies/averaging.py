@@ -49,6 +49,20 @@ class WeightedMean:
         self.total_weight += weight
         self.count += 1
 
+    def merge(self, other: "WeightedMean") -> None:
+        """Add another mean's sums and weights (a replica's partial, aggregator/tree.py): the same as
+        having added its states here, to float64 rounding."""
+        if self._sum and other._sum and set(other._sum) != set(self._sum):
+            raise ValueError(f"partial sums name different tensors: {sorted(set(self._sum) ^ set(other._sum))[:3]}")
+        for k, s in other._sum.items():
+            if k in self._sum:
+                self._sum[k].add_(s)
+            else:
+                self._sum[k] = s.clone()
+                self._dtypes[k] = other._dtypes[k]
+        self.total_weight += other.total_weight
+        self.count += other.count
+
     def result(self) -> StateDict:
         if not self.count:
             raise ValueError("no updates to average")
@@ -95,3 +109,10 @@ class FedAvg(StrategyBase):
 
     def aggregate(self, current: Mapping[str, torch.Tensor], updates: Iterable[ClientUpdate]) -> StateDict:
         return fedavg(checked_updates(current, updates))
+
+    # a tree of replicas (aggregator/tree.py): they sum the deltas, this takes their mean
+    tree_weighted = True
+
+    def step_from_mean(self, current: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> StateDict:
+        """The new global from the mean client delta (float64): current + delta."""
+        return {k: (c.detach().to(torch.float64) + delta[k]).to(c.dtype) for k, c in current.items()}
