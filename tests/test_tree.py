@@ -79,3 +79,37 @@ def test_strategies_that_need_every_update_are_refused_on_replicas(name):
         {"bound": 1.0} if name == "clip" else {}
     with pytest.raises(TreeUnsupported, match="every update"):
         tree_step(make_strategy(name, **options), {"w": torch.zeros(2)}, [Partial("r0", 1)])
+
+
+def test_a_round_aggregates_in_agent_id_order_whatever_order_the_updates_arrive_in():
+    """The round engine hands the strategy its updates in agent-id order, so two runs whose updates race
+    differently give the same global to the bit (the demo's determinism), whatever the strategy sums in."""
+    from aggregator.coordinator import SyncCoordinator
+    from aggregator.strategies.averaging import FedAvg
+    from broker.messages import ModelUpdate
+
+    class Recording(FedAvg):
+        def aggregate(self, current, updates):
+            updates = list(updates)
+            self.order = [u.agent_id for u in updates]
+            return super().aggregate(current, updates)
+
+    g = torch.Generator().manual_seed(1)
+    current = {k_: torch.randn(s, generator=g) for k_, s in SHAPES.items()}
+    updates = _updates(current, 7, seed=3)
+    results = []
+    for order_seed in (0, 1, 2):
+        strategy = Recording()
+        coord = SyncCoordinator(strategy, current, quorum=7, timeout_s=60, seed=0, selection_size=lambda n: n)
+        coord.open_round([u.agent_id for u in updates], now=0.0)
+        arrival = list(updates)
+        random.Random(order_seed).shuffle(arrival)
+        for u in arrival:
+            meta = ModelUpdate(agent_id=u.agent_id, round=1, base_version=0, num_examples=u.num_examples,
+                               nonce=u.nonce)
+            assert coord.offer(meta, dict(u.tensors), now=1.0).accepted
+        rec = coord.poll(now=2.0)
+        assert rec is not None and rec.outcome == "complete"
+        assert strategy.order == sorted(u.agent_id for u in updates), (order_seed, strategy.order)
+        results.append(rec.new_state)
+    assert all(torch.equal(results[0][k_], r[k_]) for r in results[1:] for k_ in SHAPES)
