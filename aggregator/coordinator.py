@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from aggregator.async_buffer import AsyncBuffer
-from aggregator.rounds import Outcome, Rejection, Round, select_agents
+from aggregator.rounds import Outcome, Rejection, Round, over_selected, select_agents
 from aggregator.strategies import ClientUpdate, InvalidUpdate, report
 from broker.messages import ModelUpdate
 
@@ -110,10 +110,11 @@ class _Coordinator:
     """What both coordinators share: selection, replay protection, the record of refusals and losses."""
 
     def __init__(self, *, quorum: int, timeout_s: float, seed: int, selection_size: Callable[[int], int],
-                 round_number: int = 0, task_hash: str = "") -> None:
+                 round_number: int = 0, task_hash: str = "", over_selection: float = 1.0) -> None:
         self.quorum, self.timeout_s, self.seed = quorum, timeout_s, seed
         self.task_hash = task_hash  # updates must carry it ("": no task check)
-        self.selection_size = selection_size
+        self.selection_size = selection_size  # the updates a round needs, of this many online (0: all)
+        self.over_selection = over_selection  # ask this many times as many agents; the first ones complete it
         self.round_number = round_number
         self._seen: set[tuple[str, int, str]] = set()
         self._rejected: list[dict] = []
@@ -123,7 +124,13 @@ class _Coordinator:
         """The agents a round (by default the next one) asks, from those online: seeded by (seed, round)."""
         online = list(online)
         number = self.round_number + 1 if number is None else number
-        return select_agents(online, self.selection_size(len(online)), number, self.seed)
+        k = over_selected(self.selection_size(len(online)), len(online), self.over_selection)
+        return select_agents(online, k, number, self.seed)
+
+    def target(self, online: int) -> int:
+        """Updates that complete a round (0: every agent selected); below the selection with over-selection."""
+        k = self.selection_size(online)
+        return k if self.over_selection > 1 and k and k < online else 0
 
     def _refuse(self, agent_id: str, reason: str, message: str) -> Verdict:
         self._rejected.append({"agent_id": agent_id, "reason": reason})
@@ -151,9 +158,9 @@ class SyncCoordinator(_Coordinator):
 
     def __init__(self, strategy, global_state: Mapping[str, torch.Tensor], *, quorum: int, timeout_s: float,
                  seed: int, selection_size: Callable[[int], int], version: int = 0, round_number: int = 0,
-                 task_hash: str = "") -> None:
+                 task_hash: str = "", over_selection: float = 1.0) -> None:
         super().__init__(quorum=quorum, timeout_s=timeout_s, seed=seed, selection_size=selection_size,
-                         round_number=round_number, task_hash=task_hash)
+                         round_number=round_number, task_hash=task_hash, over_selection=over_selection)
         self.strategy = strategy
         self.global_state: StateDict = dict(global_state)
         self.version = version
@@ -167,8 +174,10 @@ class SyncCoordinator(_Coordinator):
         """Open the next round for the agents `select(online)` picks; updates for it that came
         early are offered now (their verdicts are returned with the round)."""
         number = self.round_number + 1
+        online = list(online)
         selected = self.select(online, number)
-        self.round = Round(number, selected, now + self.timeout_s, self.version, self.quorum, self.global_state)
+        self.round = Round(number, selected, now + self.timeout_s, self.version, self.quorum, self.global_state,
+                           target=self.target(len(online)))
         early, self._early = self._early, {}
         return self.round, [self.offer(meta, tensors, now) for meta, tensors in early.values() if meta.round == number]
 

@@ -89,7 +89,8 @@ class AggregatorService(EvaluationMixin):
                                  max_staleness=s.async_max_staleness, version=version)
             self.coord: SyncCoordinator | AsyncCoordinator = AsyncCoordinator(buffer, **common)
         else:
-            self.coord = SyncCoordinator(self.strategy, self.task.global_state(), version=version, **common)
+            self.coord = SyncCoordinator(self.strategy, self.task.global_state(), version=version,
+                                         over_selection=s.over_selection, **common)
 
     def _connect(self) -> None:
         t = self.s.transport(f"edgetune-aggregator-{self.s.fleet}",

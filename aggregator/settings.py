@@ -23,6 +23,10 @@ class AggregatorSettings(EdgeTuneSettings, ConnectionSettings, ProcessSettings, 
     agents_per_round: int = Field(0, ge=0, description="agents selected per round (0: every online agent)")
     agents_fraction: float = Field(0.0, ge=0, le=1, description="or this fraction of the online agents per round, "
                                    "at least min_agents (seeded by seed and round; 0: see agents_per_round)")
+    over_selection: float = Field(
+        1.0, ge=1.0, le=3.0, description="sync rounds with agents_per_round or agents_fraction: ask this many times "
+        "as many agents and complete the round with the first agents_per_round updates (e.g. 1.3 absorbs a few "
+        "percent of dropouts without waiting for the deadline; the rest are refused as surplus)")
     round_timeout_s: float = Field(600, gt=0, description="deadline of a round, from its announcement")
     local_epochs: int = Field(1, ge=1)
     max_local_steps: int = Field(0, ge=0, description="cap on an agent's steps per round (0: none)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import random
 import socket
 import ssl
 import struct
@@ -202,7 +203,10 @@ class MqttTransport:
             c.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file, cert_reqs=ssl.CERT_REQUIRED)
         if will is not None:
             c.will_set(will.topic, will.payload, qos=1, retain=will.retain)
-        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        # reconnect backoff: doubling from min_delay to max_delay, both drawn per client, so that a fleet
+        # that lost its broker at once does not come back in lockstep (a connect storm in waves)
+        jitter = random.Random(f"{client_id}:{os.getpid()}:{time.time_ns()}")
+        c.reconnect_delay_set(min_delay=jitter.uniform(1.0, 3.0), max_delay=jitter.uniform(20.0, 40.0))
         c.max_inflight_messages_set(100)
         c.max_queued_messages_set(0)
         c.on_connect = self._on_connect

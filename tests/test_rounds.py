@@ -89,3 +89,29 @@ def test_selection_size_by_count_fraction_and_minimum():
     picks = [select_agents(online, selection_size(10, fraction=0.3), r, seed=7) for r in range(1, 6)]
     assert all(len(p) == 3 for p in picks) and len(set(picks)) > 1
     assert picks == [select_agents(online, 3, r, seed=7) for r in range(1, 6)]  # seeded: the same again
+
+
+def test_over_selection_asks_more_agents_and_completes_with_the_first_target_updates():
+    """agents_per_round 4 of 10 online with over_selection 1.5: 6 asked; the round completes with the
+    first 4 updates (two agents that never answer cost no deadline) and refuses a fifth as surplus."""
+    from aggregator.coordinator import SyncCoordinator
+    from aggregator.strategies import make_strategy
+
+    online = [f"a{i}" for i in range(10)]
+    coord = SyncCoordinator(make_strategy("fedavg"), EXPECTED, quorum=2, timeout_s=100, seed=0,
+                            selection_size=lambda n: 4, over_selection=1.5)
+    rnd, _ = coord.open_round(online, now=0.0)
+    assert len(rnd.selected) == 6 and rnd.target == 4
+    for i, agent in enumerate(rnd.selected[:4]):
+        assert coord.offer(upd(agent, nonce=f"{i}" * 16), good(), now=1.0).accepted
+        assert (rnd.status(1.0) is Outcome.complete) == (i == 3)
+    v = coord.offer(upd(rnd.selected[4], nonce="5" * 16), good(), now=1.5)
+    assert not v.accepted and v.reason == "surplus"
+    rec = coord.poll(now=2.0)  # long before the deadline
+    assert rec.outcome == "complete" and len(rec.answered) == 4 and len(rec.dropped) == 2
+    assert {"agent_id": rnd.selected[4], "reason": "surplus"} in rec.rejected
+    # without over-selection the same round asks 4 and waits for all of them
+    plain = SyncCoordinator(make_strategy("fedavg"), EXPECTED, quorum=2, timeout_s=100, seed=0,
+                            selection_size=lambda n: 4)
+    rnd, _ = plain.open_round(online, now=0.0)
+    assert len(rnd.selected) == 4 and rnd.target == 0

@@ -130,7 +130,8 @@ def test_serve_install_predicts(serve_venv, tmp_path):
 
 
 def test_serve_install_feedback_and_run(serve_venv, tmp_path):
-    """feedback stores a sample (SQLite, no torch); run, which trains, exits 2 saying what to install."""
+    """feedback stores a sample (SQLite, no torch); run, which trains, exits 2 saying what to install; serve
+    (signed models only) starts without torch and refuses a missing keys file."""
     join_demo_task(tmp_path)
     r = _run([serve_venv.agent, "feedback", "a fine film", "--label", "positive", "--state-dir", tmp_path],
              "edgetune-agent feedback", 60)
@@ -139,3 +140,7 @@ def test_serve_install_feedback_and_run(serve_venv, tmp_path):
                        env=_env(), timeout=60)
     assert r.returncode == 2, r.stderr
     assert "needs torch" in r.stderr and "pip install 'edgetune[agent]'" in r.stderr
+    # serve, the device that only serves, starts here (its imports need no torch) and checks its keys first
+    r = subprocess.run([serve_venv.agent, "serve", "--state-dir", tmp_path, "--fleet-keys", tmp_path / "none.pem",
+                        "--broker", "mqtt://127.0.0.1:9"], capture_output=True, text=True, env=_env(), timeout=60)
+    assert r.returncode == 2 and "none.pem do not exist" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -138,3 +138,13 @@ def test_the_packet_limit_reaches_the_broker_and_the_transport(tmp_path):
         for t in made:
             t.close()
         broker.close()
+
+
+def test_reconnect_backoff_is_drawn_per_client():
+    """A fleet that lost its broker at once comes back spread out, not in lockstep."""
+    from broker.transport import MqttTransport
+
+    delays = {(t._client._reconnect_min_delay, t._client._reconnect_max_delay)
+              for t in (MqttTransport(f"c-{i}", "mqtt://127.0.0.1:9") for i in range(20))}
+    assert len(delays) == 20
+    assert all(1.0 <= lo <= 3.0 and 20.0 <= hi <= 40.0 for lo, hi in delays)
