@@ -67,6 +67,8 @@ class AggregatorMetrics:
                                  registry=r)
         self.eval_reports = Counter(p + "eval_reports", "Agents' evaluation reports accepted", registry=r)
         self.rejected = Counter(p + "rejected_messages", "Messages refused, by reason", ["reason"], registry=r)
+        self.broker_dropped = Gauge(p + "broker_dropped_messages", "Messages the broker dropped since it started "
+                                    "(a client's queue or inflight window was full: Mosquitto's $SYS count)", registry=r)
         self.broker_connected = Gauge(p + "broker_connected", "1 while connected to the MQTT broker", registry=r)
         self.dp_epsilon = Gauge(
             p + "dp_epsilon", "Client-level DP: epsilon spent so far at the configured delta (NaN without DP)", registry=r

@@ -30,7 +30,7 @@ from broker.errors import WireError
 from broker.messages import (AgentState, AgentStatus, FleetKeys, GlobalAdapter, ModelArtifact, ModelUpdate,
                              RoundAnnouncement, SplitGradient, TaskDefinition, parse)
 from broker.signing import Keyring, KeyFileError, Signer
-from broker.topics import Topics, TopicKind
+from broker.topics import BROKER_DROPPED, Topics, TopicKind
 from broker.transport import Incoming, MqttTransport
 from common.metrics_http import linger
 from common.settings import dump_settings
@@ -98,6 +98,7 @@ class AggregatorService(EvaluationMixin):
         t.subscribe(self.topics.all_status)
         t.subscribe(self.topics.all_updates)
         t.subscribe(self.topics.all_eval)
+        t.subscribe(BROKER_DROPPED, qos=0)
         if self.s.mode == "split":
             if self.s.mqtt_protocol != 5:
                 raise ValueError("split mode needs an MQTT 5 broker (request/response): set EDGETUNE_MQTT_PROTOCOL=5")
@@ -115,7 +116,12 @@ class AggregatorService(EvaluationMixin):
             t = self.topics.parse(m.topic)
         except WireError as e:
             return self._reject(e.reason, str(e))
-        if t.kind is TopicKind.status:
+        if t.kind is TopicKind.broker_dropped:
+            try:
+                self.metrics.broker_dropped.set(int(m.payload.decode().strip() or 0))
+            except (UnicodeDecodeError, ValueError):
+                self._reject("bad_schema", f"{m.topic}: not a count: {m.payload[:40]!r}")
+        elif t.kind is TopicKind.status:
             self._handle_status(t.agent_id, m)
         elif t.kind is TopicKind.update:
             self.metrics.update_bytes_received.inc(len(m.payload))

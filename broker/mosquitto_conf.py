@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker.topics import BROKER_DROPPED
 from broker.transport import DEFAULT_MAX_PACKET_BYTES
 
 GENERATED = "Generated from broker/mosquitto_conf.py by `python -m broker.mosquitto_conf write`: edit that."
@@ -153,6 +154,8 @@ def render_acl(aggregator_user: str = "aggregator", fleet: str = "+", header: st
         "# the aggregator: the whole EdgeTune tree, every fleet",
         f"user {aggregator_user}",
         "topic readwrite edgetune/#",
+        "# ... and the broker's count of messages it dropped (a full queue): a metric of the aggregator's",
+        f"topic read {BROKER_DROPPED}",
         "",
         "# every agent: its own subtree (status with last will, update, split/fwd, split/grad) ...",
         f"pattern write {base}/agents/%u/#",

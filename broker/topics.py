@@ -12,6 +12,9 @@
     edgetune/v1/<fleet>/agents/<agent>/split/fwd split-learning activations (request)
     edgetune/v1/<fleet>/agents/<agent>/split/grad split-learning gradients (response)
 
+and one of the broker's own: BROKER_DROPPED, Mosquitto's count of messages it dropped on a full
+client queue or inflight window (the aggregator reads it into a metric; other brokers send nothing).
+
 `Topics.parse(topic)` reads one back: a `ParsedTopic` of a `TopicKind` and the agent id, or a
 TopicError for anything else. The ACL (broker.mosquitto_conf.render_acl) relies on every
 per-agent topic living under `agents/<agent>/`.
@@ -27,6 +30,7 @@ from broker.errors import TopicError
 
 TOPIC_ROOT = "edgetune"
 TOPIC_VERSION = "v1"
+BROKER_DROPPED = "$SYS/broker/publish/messages/dropped"
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -45,6 +49,7 @@ class TopicKind(str, Enum):
     global_adapter = "global_adapter"
     model = "model"
     keys = "keys"
+    broker_dropped = "broker_dropped"
     status = "status"
     update = "update"
     eval = "eval"
@@ -135,6 +140,8 @@ class Topics:
         """What a topic of this fleet is, and whose. Raises TopicError for another fleet's topic,
         an invalid agent segment, or a topic that is none of the kinds."""
         prefix = f"{self.base}/"
+        if topic == BROKER_DROPPED:
+            return ParsedTopic(TopicKind.broker_dropped)
         if not topic.startswith(prefix):
             raise TopicError(f"topic {topic!r} is not in fleet {self.fleet!r} ({prefix}...)")
         rest = topic[len(prefix) :]

@@ -96,7 +96,7 @@ def test_the_packet_limit_is_written_from_the_setting():
 
 def test_the_acl():
     acl = config_lines(render_acl())
-    assert acl == ["user aggregator", "topic readwrite edgetune/#",
+    assert acl == ["user aggregator", "topic readwrite edgetune/#", "topic read $SYS/broker/publish/messages/dropped",
                    "pattern write edgetune/v1/+/agents/%u/#", "pattern read edgetune/v1/+/agents/%u/#",
                    "pattern read edgetune/v1/+/task", "pattern read edgetune/v1/+/round",
                    "pattern read edgetune/v1/+/global", "pattern read edgetune/v1/+/model",

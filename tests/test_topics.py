@@ -44,9 +44,10 @@ def test_the_literal_scheme():
 
 def test_every_kind_is_covered():
     assert set(AGENT_KINDS) | {TopicKind.task, TopicKind.round, TopicKind.global_adapter,
-                               TopicKind.model, TopicKind.keys} == set(TopicKind)
+                               TopicKind.model, TopicKind.keys, TopicKind.broker_dropped} == set(TopicKind)
     assert T.parse(T.task) == ParsedTopic(TopicKind.task)
     assert T.parse(T.model) == ParsedTopic(TopicKind.model)
+    assert T.parse("$SYS/broker/publish/messages/dropped") == ParsedTopic(TopicKind.broker_dropped)
 
 
 @given(agent=st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"), kind=st.sampled_from(list(AGENT_KINDS)))
