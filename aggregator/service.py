@@ -155,7 +155,7 @@ class AggregatorService(EvaluationMixin):
         self.metrics.agents_refusing.set(len(self.refused))
         fleet_task = self.task_def.hash if self.task_def is not None else ""
         wrong_task = st is not None and st.task_hash not in ("", fleet_task)  # its model does not fit
-        if st is None or st.state in (AgentState.offline, AgentState.refused) or wrong_task:
+        if st is None or st.state in (AgentState.offline, AgentState.refused, AgentState.serving) or wrong_task:
             if self.online.pop(agent, None) is not None:
                 self.coord.agent_offline(agent, time.time())
         else:

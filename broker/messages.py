@@ -40,6 +40,7 @@ class AgentState(str, enum.Enum):
     idle = "idle"
     offline = "offline"
     refused = "refused"  # the agent's local model does not fit the fleet's task: it stays out (see reason)
+    serving = "serving"  # a device that only serves predictions (edgetune-agent serve): never selected
 
 
 class AgentStatus(Message):

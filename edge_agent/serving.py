@@ -81,6 +81,10 @@ class ServingAgent:
             f"edgetune-serve-{agent_id}", will=Will(self.topics.status(agent_id), self._status(AgentState.offline)))
         self.transport.subscribe(self.topics.model)
 
+    def _in_service(self, folder: Path) -> bool:
+        current = self.models / CURRENT
+        return current.exists() and current.resolve() == folder.resolve()
+
     def _status(self, state: AgentState) -> bytes:
         return codec.encode(AgentStatus(agent_id=self.id, state=state, global_version=self.version))
 
@@ -98,6 +102,8 @@ class ServingAgent:
             header = parse(frame.header, ModelArtifact)
             self.verifier.check(topic, "model", frame, header)
             final = self.models / f"v{header.version:06d}-{header.files[sorted(header.files)[0]][:8]}"
+            if self._in_service(final):  # the same model again (a QoS 1 redelivery): nothing to do
+                return True
             staging = final.with_name(final.name + ".incoming")
             shutil.rmtree(staging, ignore_errors=True)
             try:
@@ -114,7 +120,7 @@ class ServingAgent:
             self.version = header.version
             log.info("model v%d (round %d) in service%s: %s", header.version, header.round,
                      "" if had else " (the first)", final)
-            self.transport.publish(self.topics.status(self.id), self._status(AgentState.idle), retain=True)
+            self.transport.publish(self.topics.status(self.id), self._status(AgentState.serving), retain=True)
             self.swapped.set()
             return True
         except WireError as e:
@@ -129,7 +135,7 @@ class ServingAgent:
 
     def run(self) -> None:
         self.transport.connect()
-        self.transport.publish(self.topics.status(self.id), self._status(AgentState.idle), retain=True)
+        self.transport.publish(self.topics.status(self.id), self._status(AgentState.serving), retain=True)
         while not self.stop.is_set():
             m = self.transport.get(timeout=0.5)
             if m is not None and m.payload:

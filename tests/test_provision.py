@@ -84,7 +84,8 @@ def test_bundles_mutual_tls_revocation_and_signed_globals(fleet, tmp_path):
     for name in DEVICES:
         folder = root / "devices" / name
         assert {p.name for p in folder.iterdir()} >= {"ca.crt", "client.crt", "client.key", "fleet-keys.pem",
-                                                       "agent.env"}
+                                                       "agent.env", "edgetune-agent.service"}
+        assert "ExecStart=" in (folder / "edgetune-agent.service").read_text()
         assert (folder / "client.key").stat().st_mode & 0o077 == 0
         env = read_env(folder / "agent.env")
         assert env["EDGETUNE_AGENT_ID"] == name and env["EDGETUNE_BROKER_URL"].startswith("mqtts://")
@@ -235,7 +236,12 @@ def test_a_torch_less_serving_device_takes_the_signed_model_and_keeps_it_on_a_ba
 
         # a model signed by another key, then one signed by the fleet whose graph is garbage: both refused
         pub = transport(agg_env, "agg-test")
+        pub.subscribe(T.status("kiosk-9"))
         pub.connect(timeout=10)
+        from broker.messages import AgentStatus, parse
+
+        st = parse(codec.decode(pub.get(timeout=5).payload).header, AgentStatus)  # retained: it serves v1
+        assert (st.state.value, st.global_version) == ("serving", 1)
         signer = Signer.from_file(agg_env["EDGETUNE_SIGNING_KEY"])
         from broker.artifacts import pack
         from broker.messages import ModelArtifact
