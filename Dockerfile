@@ -115,7 +115,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 FROM ${PYTHON_IMAGE} AS agent-serve
 LABEL org.opencontainers.image.title="edgetune-agent-serve" \
-      org.opencontainers.image.description="EdgeTune predictions on a device: an exported int8 ONNX model with ONNX Runtime, no torch" \
+      org.opencontainers.image.description="EdgeTune predictions on a device: the fleet's signed int8 ONNX models with ONNX Runtime, no torch" \
       org.opencontainers.image.licenses="Apache-2.0"
 RUN groupadd --system --gid 10001 edgetune \
  && useradd --system --uid 10001 --gid edgetune --home-dir /var/lib/edgetune --create-home \
@@ -131,8 +131,11 @@ WORKDIR /var/lib/edgetune
 USER 10001:10001
 RUN mkdir -p /var/lib/edgetune/state
 VOLUME ["/var/lib/edgetune"]
+EXPOSE 9101
+# a device that only serves: each signed model the aggregator publishes (EDGETUNE_PUBLISH_MODEL),
+# verified with the fleet's keys (EDGETUNE_FLEET_KEYS) and swapped in; predictions on EDGETUNE_HTTP_PORT
 ENTRYPOINT ["edgetune-agent"]
-CMD ["predict", "--help"]
+CMD ["serve"]
 
 
 # --- aggregator: Python 3.11 on the CUDA runtime base -----------------------------------------
