@@ -21,7 +21,7 @@ from edge_agent.trainer import LocalUpdate
 from models.classifier import adapter_state, check_adapter_state, load_adapter_state
 from models.split import (DecoderSpec, add_split_lora, causal_lm_labels, load_full_model, load_tokenizer, lora_seed,
                           lora_targets, split_model)
-from models.train import TrainResult
+from models.train import TrainResult, planned_steps
 
 RequestFn = Callable[..., tuple]  # (step, encoding, tensors, evaluate=False) -> (SplitGradient, tensors)
 
@@ -98,8 +98,10 @@ class SplitTrainer:
         return total / max(tokens, 1), tokens
 
     def train(self, blocks: torch.Tensor, *, epochs: int, max_steps: int, round_number: int,
-              should_stop: Callable[[], bool] | None = None) -> LocalUpdate:
-        """Split steps over this agent's (N, T) token blocks, at most `max_steps`."""
+              should_stop: Callable[[], bool] | None = None,
+              on_step: Callable[[int, int], None] | None = None) -> LocalUpdate:
+        """Split steps over this agent's (N, T) token blocks, at most `max_steps`; `on_step(done, planned)`
+        hears of every step (the agent's status shows it)."""
         self.model.train()
         opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.lr)
         g = torch.Generator().manual_seed(self.seed * 100_003 + round_number)
@@ -107,6 +109,7 @@ class SplitTrainer:
         total = 0.0
         t0 = time.perf_counter()
         done = False
+        planned = planned_steps(len(blocks), self.batch_size, epochs, max_steps)
         for _ in range(epochs):
             order = torch.randperm(len(blocks), generator=g)
             for i in range(0, len(order), self.batch_size):
@@ -114,6 +117,8 @@ class SplitTrainer:
                 total += self.split_step(ids, opt)
                 steps += 1
                 seen += len(ids)
+                if on_step is not None:
+                    on_step(steps, planned)
                 if (max_steps and steps >= max_steps) or (should_stop and should_stop()):
                     done = True
                     break

@@ -71,6 +71,12 @@ def anchored_proximal(params: Sequence[torch.Tensor], mu: float) -> Callable[[],
     return lambda: proximal_term(params, anchors, mu)
 
 
+def planned_steps(n: int, batch_size: int, epochs: int, max_steps: int = 0) -> int:
+    """The steps a training run will take: epochs x batches of n, capped at max_steps (0: no cap)."""
+    planned = epochs * -(-n // batch_size)
+    return min(planned, max_steps) if max_steps else planned
+
+
 def sgd_loop(params, n: int, batch_loss: Callable[[list[int]], torch.Tensor], *, epochs: int = 1,
              max_steps: int = 0, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
              should_stop: Callable[[], bool] | None = None,
@@ -85,8 +91,7 @@ def sgd_loop(params, n: int, batch_loss: Callable[[list[int]], torch.Tensor], *,
     steps = seen = 0
     total = 0.0
     t0 = time.perf_counter()
-    planned = epochs * -(-n // batch_size)
-    planned = min(planned, max_steps) if max_steps else planned
+    planned = planned_steps(n, batch_size, epochs, max_steps)
     for _ in range(epochs):
         order = list(range(n))
         rng.shuffle(order)
