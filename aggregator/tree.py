@@ -6,8 +6,8 @@ round's global into a `Partial`: float64 sums of weight x delta, the sum of weig
 (agent, round, nonce) of every update in it. At the deadline it hands the partial to the master,
 which refuses a partial that repeats an update another one holds (`DuplicateUpdate`), adds the
 sums (`combine`: float64, so the order and the split change nothing beyond rounding) and applies
-the strategy's server step once (`tree_step`: FedAvg's mean, FedAdam/FedYogi's optimiser on the
-mean delta). The result equals the single aggregator's to float rounding (tests/test_tree.py).
+the strategy's server step once on the mean delta (`tree_step`: FedAvg's global + mean delta,
+FedAdam/FedYogi's optimiser). The result equals the single aggregator's to float rounding (tests/test_tree.py).
 
 Strategies whose server step needs the mean of the deltas only (fedavg, fedadam, fedyogi) run in
 a tree. Those that need every update at once (median, trimmed_mean, krum), clip's per-update
@@ -48,7 +48,7 @@ def require_tree(strategy) -> None:
 
 @dataclass
 class Partial:
-    """One replica's share of a round: float64 sums of weight x delta, their weight, the ids."""
+    """One replica's share of a round: float64 sums of weight x state, their weight, the ids."""
 
     replica: str
     round: int
@@ -57,12 +57,12 @@ class Partial:
 
     def fold(self, current: Mapping[str, torch.Tensor], update: ClientUpdate, *, weighted: bool = True,
              round_number: int | None = None) -> None:
-        """Check the update against the round's global and add its delta (weight: its examples, or 1)."""
+        """Check the update against the round's global and add its state (weight: its examples, or 1)."""
         key = (update.agent_id, self.round if round_number is None else round_number, update.nonce or "")
         if key in set(self.ids):
             raise DuplicateUpdate(f"update {key} folded twice into replica {self.replica}'s partial")
         ensure_checked(current, update)
-        self.mean.add(delta_of(current, update.tensors), float(update.num_examples) if weighted else 1.0)
+        self.mean.add({k: update.tensors[k] for k in current}, float(update.num_examples) if weighted else 1.0)
         self.ids.append(key)
 
     @property
@@ -90,4 +90,4 @@ def tree_step(strategy, current: Mapping[str, torch.Tensor], partials: Iterable[
     total, _ = combine(partials)
     if not total.count:
         raise ValueError("no updates in any partial: nothing to aggregate")
-    return strategy.step_from_mean(current, total.result64())
+    return strategy.step_from_mean(current, delta_of(current, total.result64()))

@@ -126,15 +126,20 @@ class OnnxPredictor:
         return {k: feeds[k] for k in self.input_names}
 
     def logits(self, texts: str | Sequence[str]) -> np.ndarray:
-        """float32 [N, num_labels]; runs in batches of `batch_size`."""
+        """float32 [N, num_labels], in the order of `texts`; runs in batches of `batch_size` texts
+        of similar length (a batch pads to its longest: see models.train.predict_logits)."""
         items = self._as_list(texts)
         if not items:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
+        order = sorted(range(len(items)), key=lambda i: len(items[i]))
         parts = []
-        for i in range(0, len(items), self.batch_size):
-            (out,) = self.session.run(["logits"], self.encode(items[i : i + self.batch_size]))
+        for i in range(0, len(order), self.batch_size):
+            (out,) = self.session.run(["logits"], self.encode([items[j] for j in order[i : i + self.batch_size]]))
             parts.append(out)
-        return np.concatenate(parts).astype(np.float32, copy=False)
+        by_length = np.concatenate(parts).astype(np.float32, copy=False)
+        logits = np.empty_like(by_length)
+        logits[order] = by_length
+        return logits
 
     def predict(self, texts: str | Sequence[str]) -> tuple[list[int], np.ndarray]:
         """(label indices, probabilities float32 [N, num_labels]); `self.labels[i]` names index i."""

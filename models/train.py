@@ -157,12 +157,22 @@ def train_local(
 
 @torch.no_grad()
 def predict_logits(model, tokenizer, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 64) -> torch.Tensor:
+    """Logits of `texts`, in their order. Batches are of texts of similar length (sorted by
+    characters, stable): a batch pads to its longest text, so mixed lengths pay for padding
+    (about 2x on the VADER test split). Each text's logits are its own whatever its batch (the
+    attention mask hides the padding), to float rounding."""
     model.eval()
+    if not texts:
+        return torch.empty(0, 2)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     outs = []
-    for i in range(0, len(texts), batch_size):
-        enc = _encode(tokenizer, texts[i : i + batch_size], max_length)
+    for i in range(0, len(order), batch_size):
+        enc = _encode(tokenizer, [texts[j] for j in order[i : i + batch_size]], max_length)
         outs.append(model(**enc).logits.float())
-    return torch.cat(outs) if outs else torch.empty(0, 2)
+    sorted_logits = torch.cat(outs)
+    logits = torch.empty_like(sorted_logits)
+    logits[torch.tensor(order)] = sorted_logits
+    return logits
 
 
 @dataclass
