@@ -51,6 +51,59 @@ class Listener:
     condition: str | None = None
 
 
+ROUND_AGENTS = 1000  # the largest round a broker is sized for unless told (--round-agents)
+UPDATE_BYTES = 256 * 1024  # an update frame: the demo adapter's is ~204 KB (MiniLM-4L, LoRA r=8)
+SMALL_PER_AGENT = 3  # besides its update, an agent sends the aggregator per round: an eval report, 2 status changes
+SMALL_BYTES = 4096  # the most a status or eval report frame takes
+
+
+@dataclass(frozen=True)
+class QueueSizing:
+    """Per-client queue limits sized for one round, so that the broker never drops an update: when
+    every selected agent sends at once, the aggregator's queue holds them all (Mosquitto drops QoS 1
+    messages beyond max_queued_messages or max_queued_bytes for a client, silently for the sender;
+    10,000 updates sent at once against a queue of 1,000 reached a subscriber 4,056 times).
+
+    messages = round_agents x (chunks of an update + SMALL_PER_AGENT)
+    bytes    = round_agents x (update_bytes + SMALL_PER_AGENT x SMALL_BYTES)
+
+    The limits are per client and the same for every client (Mosquitto 2 has no per-client limit):
+    a device away with a persistent session may queue as much, though only a round announcement
+    and a global a round are published to it (a global and its chunks: update_bytes)."""
+
+    round_agents: int = ROUND_AGENTS  # agents selected in a round, over-selection included
+    update_bytes: int = UPDATE_BYTES
+    max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES
+
+    def __post_init__(self) -> None:
+        if self.round_agents < 1 or self.update_bytes < 1 or self.max_packet_bytes < 1:
+            raise ValueError(f"queue sizing needs positive numbers, got {self}")
+
+    @property
+    def chunks(self) -> int:
+        """Packets of one update: the transport chunks frames above max_packet_bytes."""
+        return -(-self.update_bytes // self.max_packet_bytes)
+
+    @property
+    def messages(self) -> int:
+        return self.round_agents * (self.chunks + SMALL_PER_AGENT)
+
+    @property
+    def bytes(self) -> int:
+        return self.round_agents * (self.update_bytes + SMALL_PER_AGENT * SMALL_BYTES)
+
+    def directives(self) -> list[str]:
+        return [f"# Sized for a round of {self.round_agents} agents (broker.mosquitto_conf.QueueSizing), so that",
+                "# the aggregator's queue holds every update sent at once and none is dropped:",
+                f"#   messages: {self.round_agents} agents x ({self.chunks} packet(s) of a {self.update_bytes}-byte "
+                f"update + {SMALL_PER_AGENT} small) = {self.messages}",
+                f"#   bytes:    {self.round_agents} x ({self.update_bytes} + {SMALL_PER_AGENT} x {SMALL_BYTES}) = "
+                f"{self.bytes} ({self.bytes / 2**20:.0f} MiB at most, per client that falls behind)",
+                "# A message the broker still drops is counted ($SYS/broker/publish/messages/dropped, which the",
+                "# aggregator exports as edgetune_aggregator_broker_dropped_messages).",
+                f"max_queued_messages {self.messages}", f"max_queued_bytes {self.bytes}"]
+
+
 @dataclass(frozen=True)
 class MosquittoOptions:
     listeners: tuple[Listener, ...]
@@ -58,7 +111,9 @@ class MosquittoOptions:
     acl_file: str | None = None
     persistence_location: str = "/var/lib/mosquitto/"
     max_packet_size: int | str = DEFAULT_MAX_PACKET_BYTES
-    max_queued_messages: int | str = 1000
+    max_queued_messages: int | str = 1000  # where queue is None (the chart: its values)
+    max_queued_bytes: int | str | None = None  # where queue is None; None: not written (no limit)
+    queue: QueueSizing | None = None  # limits sized for a round, with their arithmetic in the file
     log_stdout: bool = False
     user: str | None = None  # run as this user (a broker started by whoever runs the tests)
     header: str = ""
@@ -123,8 +178,12 @@ def render_mosquitto_conf(o: MosquittoOptions) -> str:
          "set_tcp_nodelay true"],
         ["# Retained round / global messages and persistent sessions survive a broker restart.",
          "persistence true", f"persistence_location {o.persistence_location}", "autosave_interval 30"],
-        ["# Per-client queue while a persistent-session agent is away; inflight window.",
-         f"max_queued_messages {o.max_queued_messages}", "max_inflight_messages 100", "max_keepalive 120"],
+        (o.queue.directives() if o.queue is not None else
+         ["# Per-client queue while a persistent-session agent is away, or the aggregator falls behind",
+          "# (sized for a round: broker.mosquitto_conf.QueueSizing).", f"max_queued_messages {o.max_queued_messages}"]
+         + ([f"max_queued_bytes {o.max_queued_bytes}"] if o.max_queued_bytes is not None else []))
+        + ["# Inflight window per client; the longest keepalive a client may ask for.",
+           "max_inflight_messages 100", "max_keepalive 120"],
         (["log_dest stdout"] if o.log_stdout else [])
         + ["log_type error", "log_type warning", "log_type notice", "connection_messages true"],
         o.extra.strip("\n").splitlines(),
@@ -176,11 +235,12 @@ def render_acl(aggregator_user: str = "aggregator", fleet: str = "+", header: st
 
 def local_options(port: int = 1883, persistence_location: str = "/var/lib/mosquitto/", *,
                   max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES, user: str | None = None,
-                  extra: str = "") -> MosquittoOptions:
+                  extra: str = "", round_agents: int = ROUND_AGENTS) -> MosquittoOptions:
     """Anonymous, on loopback: the one-machine runner and the tests (edgetune.local_broker)."""
     return MosquittoOptions(
         (Listener(port, "127.0.0.1", comment="loopback only: no login"),), persistence_location=persistence_location,
         max_packet_size=max_packet_bytes, user=user, extra=extra,
+        queue=QueueSizing(round_agents, max_packet_bytes=max_packet_bytes),
         header="EdgeTune's Mosquitto configuration (Mosquitto 2.x) for one machine: the one-machine runner\n"
                "and the tests render it at start (edgetune.local_broker) with their port and folder.")
 
@@ -188,7 +248,7 @@ def local_options(port: int = 1883, persistence_location: str = "/var/lib/mosqui
 def secure_options(port: int = 1883, tls_port: int | None = 8883, *, files: str = "/etc/mosquitto/edgetune",
                    password_file: str | None = None, acl_file: str | None = None, certs: TlsFiles | None = None,
                    persistence_location: str = "/var/lib/mosquitto/", max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES,
-                   user: str | None = None, extra: str = "") -> MosquittoOptions:
+                   user: str | None = None, extra: str = "", round_agents: int = ROUND_AGENTS) -> MosquittoOptions:
     """Every client logs in, the ACL applies, remote devices come in over TLS (tls_port None: no
     TLS listener). File paths default to `files`/passwd, acl and certs/{ca.crt,server.crt,server.key}."""
     certs = certs or TlsFiles(f"{files}/certs/ca.crt", f"{files}/certs/server.crt", f"{files}/certs/server.key")
@@ -202,6 +262,7 @@ def secure_options(port: int = 1883, tls_port: int | None = 8883, *, files: str 
     return MosquittoOptions(
         tuple(listeners), password_file=password_file or f"{files}/passwd", acl_file=acl_file or f"{files}/acl",
         persistence_location=persistence_location, max_packet_size=max_packet_bytes, user=user, extra=extra,
+        queue=QueueSizing(round_agents, max_packet_bytes=max_packet_bytes),
         header="EdgeTune's secure Mosquitto configuration (Mosquitto 2.x): every client logs in, the ACL\n"
                "keeps each agent in its own topics, and remote devices come in over TLS. Make the files with:\n"
                '  mosquitto_passwd -c -b passwd aggregator "$(openssl rand -base64 24)"   # then -b for each agent\n'
@@ -214,6 +275,7 @@ def compose_options(max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES) -> Mosquit
         (Listener(1883, comment="all interfaces: the other containers, and real devices through the published port"),),
         password_file="/mosquitto/auth/passwd", acl_file="/mosquitto/auth/acl",
         persistence_location="/mosquitto/data/", max_packet_size=max_packet_bytes, log_stdout=True,
+        queue=QueueSizing(max_packet_bytes=max_packet_bytes),
         header=f"{GENERATED}\n\n"
                "Mosquitto 2.x configuration for the EdgeTune compose demo (deploy/compose.yaml); the test\n"
                "tests/test_deploy_docker_compose.py starts a real Mosquitto with this file and its ACL.\n"
@@ -236,7 +298,8 @@ def helm_options() -> MosquittoOptions:
         (plain, tls),
         password_file="/mosquitto/auth/passwd", acl_file="/mosquitto/auth/acl",
         persistence_location="/mosquitto/data/", max_packet_size='{{ include "edgetune.maxPacketBytes" . }}',
-        max_queued_messages="{{ int .Values.mosquitto.maxQueuedMessages }}", log_stdout=True,
+        max_queued_messages="{{ int .Values.mosquitto.maxQueuedMessages }}",
+        max_queued_bytes="{{ int .Values.mosquitto.maxQueuedBytes }}", log_stdout=True,
         header=f"{GENERATED}\n\n"
                "The chart's Mosquitto (templates/mosquitto-configmap.yaml renders this with `tpl`); the init\n"
                "container writes passwd (hashed) and acl to /mosquitto/auth.")

@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker.mosquitto_conf import TlsFiles, local_options, render_acl, render_mosquitto_conf, secure_options
+from broker.mosquitto_conf import (ROUND_AGENTS, TlsFiles, local_options, render_acl, render_mosquitto_conf,
+                                   secure_options)
 from broker.transport import DEFAULT_MAX_PACKET_BYTES, BrokerAddress
 
 
@@ -127,16 +128,17 @@ def _launch(binary: str, workdir: Path, conf: str, ports: list[int | None],
 
 def start_mosquitto(port: int | None = None, workdir: Path | None = None, *,
                     max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES, extra_conf: str = "",
-                    timeout: float = 10) -> LocalBroker:
+                    round_agents: int = ROUND_AGENTS, timeout: float = 10) -> LocalBroker:
     """Mosquitto with the "local" config (anonymous, loopback) on `port` (default: a free one),
-    its persistence in `workdir` (default: a temporary folder removed by close())."""
+    its persistence in `workdir` (default: a temporary folder removed by close()), its queues sized
+    for rounds of `round_agents` (broker.mosquitto_conf.QueueSizing)."""
     binary = _need_mosquitto()
     owned = workdir is None
     workdir = Path(workdir or tempfile.mkdtemp(prefix="edgetune-mosquitto-"))
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     conf = render_mosquitto_conf(local_options(
-        port, f"{workdir}/", max_packet_bytes=max_packet_bytes, user=_me(), extra=extra_conf))
+        port, f"{workdir}/", max_packet_bytes=max_packet_bytes, user=_me(), extra=extra_conf, round_agents=round_agents))
     proc, conf_path, log = _launch(binary, workdir, conf, [port], timeout)
     return LocalBroker(port, proc, "mosquitto", workdir, conf_path, log, owned)
 

@@ -551,7 +551,7 @@ def test_mosquitto_config_matches_compose(chart):
     compose_conf = config_lines((MOSQUITTO_DIR / "mosquitto.conf").read_text())
     assert chart_conf == compose_conf
     for setting in ("max_packet_size 4194304", "set_tcp_nodelay true", "persistence true", "allow_anonymous false",
-                    "max_queued_messages 1000", "password_file /mosquitto/auth/passwd", "acl_file /mosquitto/auth/acl"):
+                    "max_queued_messages 4000", "password_file /mosquitto/auth/passwd", "acl_file /mosquitto/auth/acl"):
         assert setting in chart_conf
     assert config_lines(cm["data"]["acl"]) == config_lines((MOSQUITTO_DIR / "acl").read_text())
 

@@ -63,7 +63,7 @@ def test_the_deliberate_differences():
     compose = config_lines(render_target("compose"))
     assert compose[-2:] == ["listener 1883", "protocol mqtt"]  # every interface: the containers, devices
     for setting in ("allow_anonymous false", "password_file /mosquitto/auth/passwd", "acl_file /mosquitto/auth/acl",
-                    "persistence_location /mosquitto/data/", "log_dest stdout", "max_queued_messages 1000"):
+                    "persistence_location /mosquitto/data/", "log_dest stdout", "max_queued_messages 4000"):
         assert setting in compose
 
     helm = config_lines(render_target("helm"))
@@ -78,7 +78,9 @@ def test_the_deliberate_differences():
     assert "max_queued_messages {{ int .Values.mosquitto.maxQueuedMessages }}" in helm
     # otherwise the chart's config is compose's
     assert [x for x in helm[:listeners] if "{{" not in x] == [x for x in compose if x not in (
-        "listener 1883", "protocol mqtt", f"max_packet_size {DEFAULT_MAX_PACKET_BYTES}", "max_queued_messages 1000")]
+        "listener 1883", "protocol mqtt", f"max_packet_size {DEFAULT_MAX_PACKET_BYTES}", "max_queued_messages 4000",
+        "max_queued_bytes 274432000")]
+    assert "max_queued_bytes {{ int .Values.mosquitto.maxQueuedBytes }}" in helm
     # require_certificate is written only when given (Mosquitto's default is false)
     mutual = config_lines(render_mosquitto_conf(secure_options(certs=TlsFiles("c", "s", "k", require_certificate=True))))
     assert mutual[-6:] == ["protocol mqtt", "cafile c", "certfile s", "keyfile k", "tls_version tlsv1.2",
@@ -131,3 +133,18 @@ def test_the_cli(capsys, tmp_path):
         assert (tmp_path / rel).read_text() == render_target(target, acl)
     with pytest.raises(SystemExit):
         main(["write", "--root", str(tmp_path / "nowhere")])
+
+
+def test_queue_limits_are_sized_for_a_round_with_their_arithmetic_in_the_file():
+    """A round of N agents sending at once fits the aggregator's queue: N x (packets of an update
+    + 3 small messages), and as many bytes; the file states the arithmetic."""
+    from broker.mosquitto_conf import QueueSizing, local_options, render_mosquitto_conf
+
+    q = QueueSizing(10_000, update_bytes=204_000, max_packet_bytes=64 * 1024)
+    assert q.chunks == 4 and q.messages == 10_000 * (4 + 3) and q.bytes == 10_000 * (204_000 + 3 * 4096)
+    conf = render_mosquitto_conf(local_options(1883, round_agents=10_000))
+    lines = config_lines(conf)
+    assert "max_queued_messages 40000" in lines and "max_queued_bytes 2744320000" in lines
+    assert "10000 agents x (1 packet(s) of a 262144-byte update + 3 small) = 40000" in conf
+    with pytest.raises(ValueError, match="positive"):
+        QueueSizing(0)
