@@ -4,7 +4,7 @@
     python -m bench.own_task --record            # also write bench/recorded/own_task.json (the test's figure)
 
 The task is the Brown corpus genre of a sentence (data/genres.py: press reportage, learned,
-adventure; 300 sentences each), one file per agent (CSV, JSONL, Parquet), written twice:
+adventure; 150 sentences each), one file per agent (CSV, JSONL, Parquet), written twice:
 
 - `iid`: an even random split;
 - `skewed`: each agent takes 60% of its rows from one genre (label skew).
@@ -19,7 +19,8 @@ file by hash, data.sources.holdout_split, never trained on):
   rows as `--eval-data`, so the aggregator evaluates every global itself; the two must agree
   (same model, same rows; only batch composition differs, so at most a near-tie prediction);
 - **centralized**: one model (same base, LoRA, head seed) trained in this process on the union of
-  the agents' training rows with the same examples seen: agents x rounds x steps x batch.
+  the agents' training rows with the same examples seen: each agent's rows once a round (the
+  runner's one local epoch, capped at max_local_steps batches), summed over agents and rounds.
 
 Macro-F1 is the headline (3 balanced classes; accuracy too). Ratios are within one run, so the
 machine's speed does not enter; seconds are reported for scale.
@@ -50,12 +51,19 @@ RECORDED = ROOT / "bench" / "recorded" / "own_task.json"
 def held_out_union(files: list[Path], labels: list[str], fraction: float):
     from data.sources import holdout_split, load_source
 
-    train, held = [], []
+    train, held, per_file = [], [], []
     for f in files:
         t, h = holdout_split(load_source(str(f), labels=labels).examples, fraction)
         train += t
         held += h
-    return train, held
+        per_file.append(len(t))
+    return train, held, per_file
+
+
+def examples_seen(per_agent: list[int], rounds: int, max_local_steps: int, batch_size: int) -> int:
+    """What the federated run's agents train on: each round one pass over its rows (the runner's
+    one local epoch), capped at max_local_steps batches."""
+    return rounds * sum(min(n, max_local_steps * batch_size) for n in per_agent)
 
 
 def federated(files: list[Path], heldout_file: Path, out: Path, args) -> tuple[list[dict], float]:
@@ -94,14 +102,15 @@ def run_partition(name: str, work: Path, args) -> dict:
 
     labels = label_names(GENRES)
     files = write_agent_files(work / name / "data", GENRES, args.per_class, 3, SKEW[name], args.seed)
-    train, held = held_out_union(files, labels, 0.2)
+    train, held, per_agent = held_out_union(files, labels, 0.2)
     heldout_file = write_rows(work / name / "heldout.csv", held)
     print(f"{name}: {len(train)} training rows, {len(held)} held out, files {[f.name for f in files]}", flush=True)
     rows, fed_s = federated(files, heldout_file, work / name / "run", args)
     fed = {r["version"]: r for r in rows if r.get("eval") == "federated"}
     central = {r["version"]: r for r in rows if r.get("eval") == "central"}
     last = max(fed)
-    steps = 3 * args.rounds * args.max_local_steps
+    seen = examples_seen(per_agent, args.rounds, args.max_local_steps, args.batch_size)
+    steps = -(-seen // args.batch_size)  # the same examples seen, in full batches
     cen = centralized(train, held, labels, steps, args)
     agree = max(abs(fed[v]["macro_f1"] - central[v]["macro_f1"]) for v in fed if v in central)
     return {
@@ -109,7 +118,8 @@ def run_partition(name: str, work: Path, args) -> dict:
         "federated_macro_f1": fed[last]["macro_f1"], "central_eval_macro_f1": central[last]["macro_f1"],
         "centralized_macro_f1": cen["macro_f1"], "gap": cen["macro_f1"] - fed[last]["macro_f1"],
         "federated_accuracy": fed[last]["accuracy"], "centralized_accuracy": cen["accuracy"],
-        "fed_vs_central_eval_max_diff": agree, "examples_seen": steps * args.batch_size,
+        "fed_vs_central_eval_max_diff": agree, "examples_seen": seen,
+        "centralized_steps": steps,
         "federated_s": fed_s, "centralized_s": cen["seconds"],
         "federated_per_round": [fed[v]["macro_f1"] for v in sorted(fed)],
     }
@@ -120,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--partitions", nargs="+", default=list(SKEW), choices=list(SKEW))
-    p.add_argument("--per-class", type=int, default=300)
+    p.add_argument("--per-class", type=int, default=150)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--max-local-steps", type=int, default=10)
     p.add_argument("--lr", type=float, default=RunOptions.lr, help="the agents' (and centralized) AdamW lr")
