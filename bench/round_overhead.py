@@ -29,7 +29,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,6 +56,19 @@ class FleetRun:
     agent_logs: list[Path]
     aggregator_log: Path
     sent: int  # updates the agents say they published
+    connect_s: float | None = None  # swarm: from its start until every agent had connected once
+    usage: dict | None = None  # Linux: CPU seconds and peak RSS (MB) of "broker", "aggregator", "agents"
+
+
+def proc_usage(pid: int) -> tuple[float, float] | None:
+    """(CPU seconds, peak RSS in MB) of a live process from /proc (None where there is no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    hwm = next((int(x.split()[1]) for x in status.splitlines() if x.startswith("VmHWM:")), 0)
+    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK"), hwm / 1024
 
 
 def _env(**extra) -> dict:
@@ -73,11 +85,15 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 def run_fleet(agents: int, rounds: int, workdir: Path, *, train_seconds: float = 0.0, eval_limit: int = 20,
               per_process: int = 100, round_timeout: float = 120.0, timeout: float = 600.0, wait_for_agents: float = 120.0,
-              fleet: str = "load") -> FleetRun:
-    """One aggregator and `agents` light agents for `rounds` rounds; raises FleetError on failure."""
+              fleet: str = "load", swarm: bool = False, round_agents: int | None = None) -> FleetRun:
+    """One aggregator and `agents` light agents for `rounds` rounds; raises FleetError on failure.
+
+    swarm: the agents run in one asyncio process (edge_agent.swarm, ids s-0 .. s-N-1) instead of
+    light agents' threads, `per_process` to a process (ids p<process>-<i>). round_agents: the
+    rounds the broker's queues are sized for (default: `agents`)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    broker = start_mosquitto(workdir=workdir / "mosquitto")
+    broker = start_mosquitto(workdir=workdir / "mosquitto", round_agents=round_agents or agents)
     out = workdir / "aggregator"
     agg_log = workdir / "aggregator.log"
     procs: list[subprocess.Popen] = []
@@ -91,7 +107,14 @@ def run_fleet(agents: int, rounds: int, workdir: Path, *, train_seconds: float =
              "--output-dir", str(out)],
             cwd=ROOT, env=_env(EDGETUNE_WAIT_FOR_AGENTS_S=wait_for_agents), stdout=open(agg_log, "w"),
             stderr=subprocess.STDOUT))
-        n_proc = max(1, math.ceil(agents / per_process))
+        if swarm:
+            if train_seconds:
+                raise ValueError("swarm agents train at once (train_seconds 0)")
+            logs.append(workdir / "swarm.log")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "edge_agent.swarm", "--id", "s", "--count", str(agents), "--broker", broker.url,
+                 "--fleet", fleet], cwd=ROOT, env=_env(), stdout=open(logs[0], "w"), stderr=subprocess.STDOUT))
+        n_proc = 0 if swarm else max(1, math.ceil(agents / per_process))
         sizes = [agents // n_proc + (1 if i < agents % n_proc else 0) for i in range(n_proc)]
         for i, size in enumerate(sizes):
             log = workdir / f"agents-{i}.log"
@@ -100,7 +123,17 @@ def run_fleet(agents: int, rounds: int, workdir: Path, *, train_seconds: float =
                 [sys.executable, "-m", "edge_agent.light", "--id", f"p{i}", "--count", str(size), "--broker",
                  broker.url, "--fleet", fleet, "--train-seconds", str(train_seconds)],
                 cwd=ROOT, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT))
-        _wait(procs[0], procs[1:], agg_log, logs, t0 + timeout, f"{agents} agents, {rounds} rounds")
+        usage: dict[str, tuple[float, float]] = {}
+        watched = {"broker": broker.proc, "aggregator": procs[0], **{f"agents-{i}": p for i, p in enumerate(procs[1:])}}
+
+        def sample() -> None:  # the last reading before each process exits
+            for name, proc in watched.items():
+                u = proc_usage(proc.pid) if proc.poll() is None else None
+                if u is not None:
+                    usage[name] = u
+
+        _wait(procs[0], procs[1:], agg_log, logs, t0 + timeout, f"{agents} agents, {rounds} rounds", sample=sample)
+        sample()
         wall = time.monotonic() - t0
     finally:
         for p in procs:
@@ -109,22 +142,25 @@ def run_fleet(agents: int, rounds: int, workdir: Path, *, train_seconds: float =
                 p.wait()
         broker.close()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    sent = 0
+    sent, connect_s = 0, None
     for log in logs:
         for line in log.read_text(errors="replace").splitlines():
             if line.startswith("sent ") and line.endswith(" updates"):
                 sent += int(line.split()[1])
+            elif line.startswith("connected ") and line.endswith(" s"):  # the swarm's connect storm
+                connect_s = float(line.split()[-2])
     startup = _startup_seconds(agg_log, started)
     return FleetRun(agents, [r for r in rows if r["round"] >= 1], next((r for r in rows if r["round"] == 0), {}),
-                    wall, startup, logs, agg_log, sent)
+                    wall, startup, logs, agg_log, sent, connect_s, usage or None)
 
 
 def _wait(agg: subprocess.Popen, agent_procs: list[subprocess.Popen], agg_log: Path, logs: list[Path],
-          deadline: float, what: str, grace: float = 60.0) -> None:
+          deadline: float, what: str, grace: float = 60.0, sample=lambda: None) -> None:
     """Wait for every process; fail early on a crash, a traceback in an agent log, agents that
     all left while the aggregator still runs, or agents still running after it finished."""
     agents_done_at = agg_done_at = None
     while True:
+        sample()
         now = time.monotonic()
         if agg.poll() is not None:
             if agg.returncode != 0:
@@ -172,6 +208,22 @@ def percentile(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
+def done_with(base: Path, keep: bool) -> None:
+    """A bench's working folder at the end: kept (and said where) or removed."""
+    if keep:
+        print(f"kept: {base}")
+    else:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def per_agent_vs_baseline(rows: list[dict]) -> dict:
+    """Each row's overhead per agent as a ratio to the first row's (the baseline, which it returns)."""
+    baseline = rows[0]
+    for r in rows:
+        r["per_agent_vs_baseline"] = r["overhead_per_agent_ms"] / baseline["overhead_per_agent_ms"]
+    return baseline
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--agents", type=int, nargs="+", default=[10, 50, 200], help="fleet sizes; the first is the baseline")
@@ -211,13 +263,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{n} agents: overhead p50 {rows[-1]['overhead_p50_s']:.3f}s p95 {rows[-1]['overhead_p95_s']:.3f}s "
                   f"({run.wall_s:.0f}s wall)", flush=True)
     finally:
-        if args.keep:
-            print(f"kept: {base}")
-        else:
-            shutil.rmtree(base, ignore_errors=True)
-    baseline = rows[0]
+        done_with(base, args.keep)
+    baseline = per_agent_vs_baseline(rows)
     for r in rows:
-        r["per_agent_vs_baseline"] = r["overhead_per_agent_ms"] / baseline["overhead_per_agent_ms"]
         r["p50_vs_baseline"] = r["overhead_p50_s"] / baseline["overhead_p50_s"]
     report("round_overhead", rows, columns=[
         "agents", "rounds", "duration_p50_s", "eval_p50_s", "overhead_p50_s", "overhead_p95_s", "collect_p50_s",
