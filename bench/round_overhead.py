@@ -126,11 +126,12 @@ def run_fleet(agents: int, rounds: int, workdir: Path, *, train_seconds: float =
         usage: dict[str, tuple[float, float]] = {}
         watched = {"broker": broker.proc, "aggregator": procs[0], **{f"agents-{i}": p for i, p in enumerate(procs[1:])}}
 
-        def sample() -> None:  # the last reading before each process exits
-            for name, proc in watched.items():
+        def sample() -> None:  # the largest reading before each process exits (an exited, unreaped
+            for name, proc in watched.items():  # process still shows its CPU, but no longer its peak RSS)
                 u = proc_usage(proc.pid) if proc.poll() is None else None
                 if u is not None:
-                    usage[name] = u
+                    prev = usage.get(name, (0.0, 0.0))
+                    usage[name] = (max(u[0], prev[0]), max(u[1], prev[1]))
 
         _wait(procs[0], procs[1:], agg_log, logs, t0 + timeout, f"{agents} agents, {rounds} rounds", sample=sample)
         sample()
