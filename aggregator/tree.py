@@ -1,13 +1,16 @@
 """A tree of aggregators: replicas fold updates into partial sums, a master combines them exactly.
 
 Each replica takes its share of a round's updates (a shared subscription splits the stream),
-checks each one as the single aggregator does (`ensure_checked`), and folds its delta from the
-round's global into a `Partial`: float64 sums of weight x delta, the sum of weights, and the
-(agent, round, nonce) of every update in it. At the deadline it hands the partial to the master,
-which refuses a partial that repeats an update another one holds (`DuplicateUpdate`), adds the
-sums (`combine`: float64, so the order and the split change nothing beyond rounding) and applies
-the strategy's server step once on the mean delta (`tree_step`: FedAvg's global + mean delta,
-FedAdam/FedYogi's optimiser). The result equals the single aggregator's to float rounding (tests/test_tree.py).
+checks each one as the single aggregator does (`ensure_checked`), and folds its state into a
+`Partial`: float64 sums of weight x state, the sum of weights, and the (agent, round, nonce) of
+every update in it. States, not deltas: a replica then spends per update what one aggregator's
+FedAvg does (no subtraction per value), and the master subtracts the round's global once from the
+mean (mean state - global = mean delta, the weights summing to one). At the deadline a replica
+hands its partial to the master, which refuses a partial that repeats an update another one holds
+(`DuplicateUpdate`), adds the sums (`combine`: float64, so the order and the split change nothing
+beyond rounding) and applies the strategy's server step once on the mean delta (`tree_step`:
+FedAvg's global + mean delta, FedAdam/FedYogi's optimiser). The result equals the single
+aggregator's to float rounding (tests/test_tree.py).
 
 Strategies whose server step needs the mean of the deltas only (fedavg, fedadam, fedyogi) run in
 a tree. Those that need every update at once (median, trimmed_mean, krum), clip's per-update

@@ -13,6 +13,7 @@ The broker's packet limit is the wire's one setting EDGETUNE_MAX_PACKET_BYTES (t
 chunks above it); every target writes it as max_packet_size (the chart: its value maxPacketBytes).
 
     python -m broker.mosquitto_conf render --target secure [--acl]   # print one
+    python -m broker.mosquitto_conf render --target secure --round-agents 10000   # queues for rounds of 10,000
     python -m broker.mosquitto_conf write                            # regenerate the checked-in files
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from broker.topics import BROKER_DROPPED
@@ -51,7 +52,7 @@ class Listener:
     condition: str | None = None
 
 
-ROUND_AGENTS = 1000  # the largest round a broker is sized for unless told (--round-agents)
+ROUND_AGENTS = 1000  # the largest round a broker is sized for unless told (render --round-agents)
 UPDATE_BYTES = 256 * 1024  # an update frame: the demo adapter's is ~204 KB (MiniLM-4L, LoRA r=8)
 SMALL_PER_AGENT = 3  # besides its update, an agent sends the aggregator per round: an eval report, 2 status changes
 SMALL_BYTES = 4096  # the most a status or eval report frame takes
@@ -309,17 +310,22 @@ TARGETS = {"local": local_options, "secure": secure_options, "compose": compose_
 HELM_ACL_USER = "{{ .Values.broker.username }}"
 
 
-def render_target(target: str, acl: bool = False, max_packet_bytes: int | None = None) -> str:
+def render_target(target: str, acl: bool = False, max_packet_bytes: int | None = None,
+                  round_agents: int | None = None) -> str:
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}: one of {', '.join(TARGETS)}")
     if acl:
         generated = GENERATED if target in ("compose", "helm") else ""
         return render_acl(HELM_ACL_USER if target == "helm" else "aggregator", header=generated)
-    if max_packet_bytes is None:
-        return render_mosquitto_conf(TARGETS[target]())
-    if target == "helm":
+    if target == "helm" and max_packet_bytes is not None:
         raise ValueError("the chart's packet limit is its value maxPacketBytes (helm --set maxPacketBytes=N)")
-    return render_mosquitto_conf(TARGETS[target](max_packet_bytes=max_packet_bytes))
+    if target == "helm" and round_agents is not None:
+        raise ValueError("the chart's queue limits are its values mosquitto.maxQueuedMessages and maxQueuedBytes")
+    kw = {} if max_packet_bytes is None else {"max_packet_bytes": max_packet_bytes}
+    o = TARGETS[target](**kw)
+    if round_agents is not None:
+        o = replace(o, queue=QueueSizing(round_agents, max_packet_bytes=o.queue.max_packet_bytes))
+    return render_mosquitto_conf(o)
 
 
 # the checked-in files (paths from the repository root) and what each is rendered from
@@ -340,12 +346,14 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--max-packet-bytes", type=int, default=None,
                    help=f"max_packet_size (default {DEFAULT_MAX_PACKET_BYTES}; give clients the same "
                         "EDGETUNE_MAX_PACKET_BYTES)")
+    r.add_argument("--round-agents", type=int, default=None,
+                   help=f"size the queues for rounds of this many agents (default {ROUND_AGENTS}; QueueSizing)")
     w = sub.add_parser("write", help="regenerate the checked-in files: " + ", ".join(CHECKED_IN))
     w.add_argument("--root", type=Path, default=Path("."), help="the repository root (default: here)")
     args = ap.parse_args(argv)
     if args.command == "render":
         try:
-            sys.stdout.write(render_target(args.target, args.acl, args.max_packet_bytes))
+            sys.stdout.write(render_target(args.target, args.acl, args.max_packet_bytes, args.round_agents))
         except ValueError as e:
             ap.error(str(e))
         return

@@ -148,3 +148,7 @@ def test_queue_limits_are_sized_for_a_round_with_their_arithmetic_in_the_file():
     assert "10000 agents x (1 packet(s) of a 262144-byte update + 3 small) = 40000" in conf
     with pytest.raises(ValueError, match="positive"):
         QueueSizing(0)
+    # `render --round-agents N` (render_target): any target but the chart, whose values hold them
+    assert "max_queued_messages 40000" in config_lines(render_target("secure", round_agents=10_000))
+    with pytest.raises(ValueError, match="maxQueuedMessages"):
+        render_target("helm", round_agents=10_000)
