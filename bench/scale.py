@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import resource
 import sys
 import tempfile
 import time
@@ -41,18 +40,9 @@ if str(ROOT) not in sys.path:
 from bench.common import report  # noqa: E402
 from bench.round_overhead import FleetError, done_with, per_agent_vs_baseline, percentile, run_fleet  # noqa: E402
 from broker.mosquitto_conf import QueueSizing  # noqa: E402
+from edge_agent.swarm import raise_open_files  # noqa: E402
 
 OLD_LIMIT_AGENTS = 250  # QueueSizing(250).messages == 1000, the max_queued_messages of before
-
-
-def raise_open_files(agents: int) -> None:
-    need = agents + 512  # each process holds a socket per agent: the broker (our child) and the swarm
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= need:
-        return
-    if hard != resource.RLIM_INFINITY and hard < need:
-        raise SystemExit(f"{agents} agents need {need} open files; this process may have {hard} (ulimit -n {need})")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 def contrast(n: int, work: Path, round_agents: int, wait_s: float) -> dict:
@@ -110,7 +100,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="seconds the contrast's aggregator waits for its agents to come online")
     ap.add_argument("--keep", action="store_true", help="keep the working folder (logs, metrics.jsonl)")
     args = ap.parse_args(argv)
-    raise_open_files(max(args.agents + [args.old_limit]))
+    try:
+        raise_open_files(max(args.agents + [args.old_limit]))  # the broker, our child, inherits it
+    except OSError as e:
+        raise SystemExit(str(e)) from None
     base = Path(tempfile.mkdtemp(prefix="edgetune-scale-"))
     rows, t0 = [], time.monotonic()
     try:

@@ -36,6 +36,13 @@ def synthetic_update(global_tensors: dict[str, np.ndarray], agent_id: str, round
                 * scale).astype(global_tensors[k].dtype) for k in sorted(global_tensors)}
 
 
+def light_update(agent_id: str, a: Train, global_tensors: dict[str, np.ndarray], num_examples: int) -> bytes:
+    """The update frame a light agent sends for the round `a` announces: the synthetic adapter."""
+    upd = ModelUpdate(agent_id=agent_id, round=a.round, base_version=a.base_version, num_examples=num_examples,
+                      nonce=uuid.uuid4().hex, task_hash=a.announcement.task_hash)
+    return codec.encode(upd, synthetic_update(global_tensors, agent_id, a.round))
+
+
 class LightAgent(ProtocolDriver):
     """The protocol machine (edge_agent.protocol) driven like the real agent; training is a wait."""
 
@@ -82,10 +89,7 @@ class LightAgent(ProtocolDriver):
     def train(self, a: Train) -> None:
         if self.train_seconds:
             self.stop.wait(self.train_seconds)  # stands in for training
-        upd = ModelUpdate(agent_id=self.id, round=a.round, base_version=a.base_version,
-                          num_examples=self.example_count, nonce=uuid.uuid4().hex,
-                          task_hash=a.announcement.task_hash)
-        if self.trained(a.round, codec.encode(upd, synthetic_update(self.global_tensors, self.id, a.round))):
+        if self.trained(a.round, light_update(self.id, a, self.global_tensors, self.example_count)):
             self.sent += 1
             self.sent_updates.append((a.round, a.base_version))
 

@@ -23,17 +23,14 @@ import asyncio
 import logging
 import random
 import signal
-import sys
 import time
-import uuid
 from collections import deque
 from typing import Any
 
-from broker import codec
-from broker.messages import AgentState, ModelUpdate
+from broker.messages import AgentState
 from broker.transport import BrokerAddress
 from edge_agent.driver import ProtocolDriver
-from edge_agent.light import synthetic_update
+from edge_agent.light import light_update
 from edge_agent.protocol import LoadGlobal, SendUpdate, Train
 
 log = logging.getLogger("edgetune.swarm")
@@ -47,6 +44,20 @@ def _aiomqtt():
     except ImportError:
         raise SystemExit("the swarm needs aiomqtt: pip install 'edgetune[swarm]' (or aiomqtt)") from None
     return aiomqtt
+
+
+def raise_open_files(agents: int) -> None:
+    """Raise this process's soft limit on open files to a socket per agent and some to spare (a
+    broker started from here inherits it), or raise OSError saying what to do."""
+    import resource
+
+    need = agents + 512
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise OSError(f"{agents} agents need {need} open files; this process may have {hard}: raise it (ulimit -n {need})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 class _Outbox:
@@ -97,9 +108,7 @@ class SwarmAgent(ProtocolDriver):
         return True
 
     def train(self, a: Train) -> None:
-        upd = ModelUpdate(agent_id=self.proto.agent_id, round=a.round, base_version=a.base_version,
-                          num_examples=self.example_count, nonce=uuid.uuid4().hex, task_hash=a.announcement.task_hash)
-        self.trained(a.round, codec.encode(upd, synthetic_update(self.global_tensors, self.proto.agent_id, a.round)))
+        self.trained(a.round, light_update(self.proto.agent_id, a, self.global_tensors, self.example_count))
 
     def send_update(self, a: SendUpdate) -> None:
         self.transport.publish(self.topics.update(self.proto.agent_id), a.update)  # counted in `sent` once acknowledged
@@ -250,15 +259,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level="WARNING", format="%(asctime)s %(name)s: %(message)s")
     _aiomqtt()
-    if sys.platform != "win32":
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < args.count + 64 <= hard or (hard == resource.RLIM_INFINITY and soft < args.count + 64):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (args.count + 64, hard))
-        elif soft < args.count + 64:
-            raise SystemExit(f"{args.count} agents need {args.count + 64} open files; this process may have {hard}: "
-                             f"raise it (ulimit -n {args.count + 64})")
+    try:
+        raise_open_files(args.count)
+    except OSError as e:
+        raise SystemExit(str(e)) from None
     swarm = Swarm(args.broker, args.fleet, args.count, prefix=args.id, num_examples=args.examples,
                   protocol=args.protocol, connect_concurrency=args.connect_concurrency)
 

@@ -11,6 +11,7 @@ import resource
 import pytest
 
 from bench.round_overhead import run_fleet
+from edge_agent.swarm import raise_open_files
 
 AGENTS = 2000
 ROUNDS = 2
@@ -18,15 +19,13 @@ ROUNDS = 2
 
 @pytest.fixture(autouse=True)
 def open_files():
-    """The swarm and the broker each hold a socket per agent: raise this process's soft limit (the
-    broker, its child, inherits it) or say what to do."""
-    need = AGENTS + 512
+    """The swarm and the broker each hold a socket per agent: this process's limit is raised (the
+    broker, its child, inherits it), or the test fails saying what to do."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < need:
-        if hard != resource.RLIM_INFINITY and hard < need:
-            pytest.fail(f"{AGENTS} agents need {need} open files in this process, which may have {hard}: "
-                        f"run the tests with a higher limit (ulimit -n {need})")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    try:
+        raise_open_files(AGENTS)
+    except OSError as e:
+        pytest.fail(f"{e}: run the tests with a higher limit")
     yield
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
